@@ -1,0 +1,1 @@
+"""echo-megatron: Spectral Koopman Attention for Megatron-Core."""

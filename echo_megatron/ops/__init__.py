@@ -1,0 +1,97 @@
+"""Spectral Koopman Attention operator: one dispatching API over reference, torch and Triton paths.
+
+Shapes: q, k [B, T, H, r]; v [B, T, H, P]; eta, gamma [H]; y [B, T, H, P]. See SPEC §2–4.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import decode as _decode
+from .chunked import ska_chunked
+from .decode import SKAState
+from .reference import ska_reference
+from .validation import DECODE_NORMS, check_heads, check_options, check_sequence_inputs
+
+__all__ = ["ska", "ska_prefill", "ska_step", "SKAState", "ska_chunked", "ska_reference"]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ska(
+    q: Tensor, k: Tensor, v: Tensor, *, eta: Tensor, gamma: Tensor, chunk_size: int = 64, power: int = 2,
+    eps: float = 1e-3, norm: str = "causal_max", mode: str = "chunk_causal", mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None, power_iters: int = 6, backend: str = "auto",
+) -> Tensor:
+    """Spectral Koopman Attention.
+
+    Args:
+        q, k: queries and keys [B, T, H, r]; v: values [B, T, H, P].
+        eta: output scale η per head [H]; gamma: effective γ̂ per head [H] (1 + 0.5·sigmoid(ρ) in a layer).
+        chunk_size: S >= 1; a query in chunk c reads the tokens of chunks < c (chunk_causal).
+        power: K >= 0, power of the whitened Koopman operator in the readout.
+        eps: ridge > 0 (λ = eps·m² with a max-norm, eps with norm="none").
+        norm: "causal_max" (m over the visible tokens), "sequence_max" (m over the whole sequence:
+            non-causal in chunk_causal mode, warns) or "none".
+        mode: "chunk_causal" (training, causal) or "prefix" (one readout over all visible tokens).
+        mask: [B, T] of 0/1; tokens with 0 add nothing to the statistics (they still get an output).
+        cu_seqlens: [N+1] int offsets of packed sequences (B must be 1); each sequence is independent.
+        power_iters: power-iteration steps for the spectral-norm estimate σ (no gradient).
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "reference" (slow loops),
+            "triton" (on CPU tensors it runs the kernels under the Triton interpreter).
+    Returns:
+        y [B, T, H, P] in the dtype of q; statistics are computed in fp32 (fp64 for fp64 inputs).
+    """
+    check_sequence_inputs(q, k, v, eta, gamma, chunk_size=chunk_size, power=power, eps=eps, norm=norm, mode=mode,
+                          mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters, backend=backend)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    options = dict(chunk_size=chunk_size, power=power, eps=eps, norm=norm, mode=mode, mask=mask,
+                   cu_seqlens=cu_seqlens, power_iters=power_iters)
+    if backend == "reference":
+        return ska_reference(q, k, v, eta, gamma, **options)
+    if backend == "triton":
+        from .triton import ska_triton
+
+        return ska_triton(q, k, v, eta, gamma, **options)
+    return ska_chunked(q, k, v, eta, gamma, **options)
+
+
+def ska_prefill(
+    q: Tensor, k: Tensor, v: Tensor, *, eta: Tensor, gamma: Tensor, chunk_size: int = 64, power: int = 2,
+    eps: float = 1e-3, norm: str = "causal_max", power_iters: int = 6,
+) -> tuple[Tensor, SKAState]:
+    """chunk_causal SKA over a prompt, plus the constant-size decode state after it.
+
+    q, k: [B, T0, H, r]; v: [B, T0, H, P] (T0 may be 0) -> (y [B, T0, H, P], state).
+    norm must be "causal_max" or "none" (decoding cannot see the future).
+    """
+    check_heads(q, k, v, eta, gamma, token_axes=2)
+    check_options(chunk_size=chunk_size, power=power, eps=eps, norm=norm, power_iters=power_iters,
+                  norms=DECODE_NORMS)
+    return _decode.prefill(q, k, v, eta, gamma, chunk_size=chunk_size, power=power, eps=eps, norm=norm,
+                           power_iters=power_iters)
+
+
+def ska_step(
+    q: Tensor, k: Tensor, v: Tensor, state: SKAState, *, eta: Tensor, gamma: Tensor
+) -> tuple[Tensor, SKAState]:
+    """One decode step: q, k [B, H, r]; v [B, H, P] -> (y [B, H, P], new state of the same size).
+
+    prefill(T0) followed by n steps equals `ska(..., mode="chunk_causal")` over T0 + n tokens.
+    """
+    if not isinstance(state, SKAState):
+        raise TypeError(f"state must be an SKAState from ska_prefill, got {type(state).__name__}")
+    check_heads(q, k, v, eta, gamma, token_axes=1)
+    expected = tuple(state.readout.shape[:2]) + (state.readout.shape[3],)
+    if tuple(q.shape) != expected or v.shape[-1] != state.readout.shape[2]:
+        raise ValueError(f"q, k must have shape [B, H, r] = {expected} and v [B, H, P] with P = "
+                         f"{state.readout.shape[2]} to match the state, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    return _decode.step(q, k, v, state, eta=eta, gamma=gamma)

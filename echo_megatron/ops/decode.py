@@ -1,0 +1,107 @@
+"""Constant-memory SKA decoding (SPEC §4): prefill + n steps == the chunked forward over T0 + n tokens.
+
+The state holds raw sums over completed chunks, the same sums over the current partial chunk,
+the last key (for the lag pair), the readout matrix R of the current chunk and the position in
+the chunk. A step reads `y = η R q`, then writes the token into the partial sums; when the
+chunk completes the partial sums are folded in and R is recomputed (O(r³), once per S tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from .chunked import Statistics, forward_with_statistics, readout_matrices, work_dtype
+
+
+@dataclass(frozen=True)
+class SKAState:
+    """Decode state of one SKA layer, per (batch, head); tensors in fp32 (fp64 for fp64 inputs).
+
+    Floats held per head: 4r² + 3Pr + r + 2, plus one Python int (`position`) for the batch.
+    """
+
+    chunk_size: int
+    power: int
+    eps: float
+    norm: str
+    power_iters: int
+    completed: Statistics  # sums over completed chunks: G, M [B, H, r, r]; C [B, H, P, r]; m [B, H]
+    partial: Statistics  # the same sums over the current, partial chunk
+    last_key: Tensor  # [B, H, r] (zeros before the first token)
+    readout: Tensor  # R of the current chunk [B, H, P, r]
+    position: int  # tokens already in the current chunk, 0 <= position < chunk_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data held (independent of the number of tokens seen)."""
+        tensors = [*self.completed, *self.partial, self.last_key, self.readout]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def options(self) -> dict:
+        names = ("chunk_size", "power", "eps", "norm", "power_iters")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
+
+
+def _zero_statistics(batch: int, heads: int, rank: int, value_dim: int, like: Tensor) -> Statistics:
+    return Statistics(like.new_zeros(batch, heads, rank, rank), like.new_zeros(batch, heads, rank, rank),
+                      like.new_zeros(batch, heads, value_dim, rank), like.new_zeros(batch, heads))
+
+
+def _outer(a: Tensor, b: Tensor) -> Tensor:
+    """[..., m], [..., n] -> [..., m, n]."""
+    return a[..., :, None] * b[..., None, :]
+
+
+def _readout(stats: Statistics, gamma: Tensor, options: dict) -> Tensor:
+    return readout_matrices(stats, gamma.view(1, -1), power=options["power"], eps=options["eps"],
+                            norm=options["norm"], power_iters=options["power_iters"])
+
+
+def prefill(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, power: int, eps: float,
+    norm: str, power_iters: int,
+) -> tuple[Tensor, SKAState]:
+    """chunk_causal forward over a prompt plus the state after it. q, k: [B, T0, H, r]; v: [B, T0, H, P]."""
+    batch, prompt_len, heads, rank = q.shape
+    value_dim = v.shape[-1]
+    out_dtype, work = q.dtype, work_dtype(q.dtype)
+    q, k, v, eta, gamma = (x.to(work) for x in (q, k, v, eta, gamma))
+    options = dict(chunk_size=chunk_size, power=power, eps=eps, norm=norm, power_iters=power_iters)
+    full_chunks, position = divmod(prompt_len, chunk_size)
+    zeros = _zero_statistics(batch, heads, rank, value_dim, k)
+    if prompt_len == 0:
+        y = v.new_zeros(batch, 0, heads, value_dim)
+        completed, partial, last_key = zeros, zeros, k.new_zeros(batch, heads, rank)
+    else:
+        y, per_chunk = forward_with_statistics(q, k, v, eta, gamma, mode="chunk_causal", mask=None, cu_seqlens=None, **options)
+        completed = Statistics(*(x[:, :, :full_chunks].sum(dim=2) for x in per_chunk[:3]),
+                               per_chunk.max_norm[:, :, :full_chunks].amax(dim=2) if full_chunks else zeros.max_norm)
+        partial = Statistics(*(x[:, :, full_chunks] for x in per_chunk)) if position else zeros
+        last_key = k[:, -1]
+    state = SKAState(**options, completed=completed, partial=partial, last_key=last_key,
+                     readout=_readout(completed, gamma, options), position=position)
+    return y.to(out_dtype), state
+
+
+def step(q: Tensor, k: Tensor, v: Tensor, state: SKAState, *, eta: Tensor, gamma: Tensor) -> tuple[Tensor, SKAState]:
+    """One token. q, k: [B, H, r]; v: [B, H, P] -> (y [B, H, P] in q's dtype, new state)."""
+    work = state.readout.dtype
+    q32, k32, v32 = q.to(work), k.to(work), v.to(work)
+    y = torch.einsum("bhpr,bhr->bhp", state.readout, q32) * eta.to(work)[:, None]
+    p = state.partial
+    partial = Statistics(p.gram + _outer(k32, k32), p.lag + _outer(k32, state.last_key), p.cross + _outer(v32, k32),
+                         torch.maximum(p.max_norm, torch.linalg.vector_norm(k32, dim=-1)))
+    position = state.position + 1
+    if position < state.chunk_size:
+        return y.to(q.dtype), replace(state, partial=partial, last_key=k32, position=position)
+    c = state.completed
+    completed = Statistics(c.gram + partial.gram, c.lag + partial.lag, c.cross + partial.cross,
+                           torch.maximum(c.max_norm, partial.max_norm))
+    zeros = Statistics(*(torch.zeros_like(x) for x in partial))
+    readout = _readout(completed, gamma.to(work), state.options)
+    return y.to(q.dtype), replace(state, completed=completed, partial=zeros, last_key=k32, readout=readout,
+                                  position=0)
