@@ -23,7 +23,7 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --ignore-requires-python --no-deps megatron-core==0.19.2
 "${pip[@]}" einops numpy "typing_extensions>=4.12" "transformers>=4.46,<5" safetensors \
   tqdm matplotlib pyyaml "huggingface_hub" pytest pytest-timeout "hypothesis>=6" \
-  nvidia-ml-py wrapt
+  psutil
 # Mamba-2 layers: pure-Python install, no CUDA extension build (the CPU mode supplies the kernels' CPU paths).
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
   "${pip[@]}" --no-build-isolation --no-deps mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0

@@ -1,0 +1,227 @@
+"""FLOP accounting for SKA layers and whole Echo hybrid models (Megatron's MFU code would count SKA as
+quadratic softmax attention).
+
+Conventions (those of Megatron-LM's `num_floating_point_operations`):
+- a multiply-add is 2 FLOPs; a [m, n] × [n, k] matmul costs 2·m·n·k;
+- backward = 2 × forward (data gradient + weight gradient), so a training step is 3 × forward;
+  SKA's power iteration runs without gradient and adds nothing to the backward;
+- elementwise work (norms, activations, residuals, softmax, the Koopman pair rotation, scalings) is
+  not counted; the embedding lookup is free; the logits cost 2·tokens·d·V;
+- counts are for the whole model (all tensor-parallel ranks together) and unpadded tokens.
+Dense linear algebra uses the LAPACK counts: Cholesky of an n×n matrix n³/3, a triangular solve with
+m right-hand sides n²·m.
+
+Pattern symbols are Megatron's (`megatron.core.models.hybrid.hybrid_layer_allocation.Symbols`):
+'M' Mamba-2, '*' attention (SKA or softmax), '-' MLP (plain or Koopman), 'G' Gated DeltaNet,
+'E' MoE; '|' pipeline separators are ignored and '/'-separated MTP depths are counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron.core.models.hybrid.hybrid_layer_allocation import (
+    Symbols,
+    get_hybrid_layer_counts,
+    parse_hybrid_pattern,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .koopman_mlp import koopman_width
+
+ATTENTION_KINDS = ("ska", "softmax")
+FFN_KINDS = ("mlp", "koopman")
+MAMBA_EXPAND = 2  # MambaMixer's default expand (d_inner = 2·d unless mamba_num_heads is set)
+MAMBA_SCAN_FLOPS_PER_STATE = 7  # Megatron's SSD-scan estimate: 7 · tokens · d_inner · d_state
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward and backward FLOPs of one training step's worth of work."""
+
+    forward: float
+    backward: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+    def __add__(self, other: "FlopCount") -> "FlopCount":
+        return FlopCount(self.forward + other.forward, self.backward + other.backward)
+
+    def __mul__(self, times: int) -> "FlopCount":
+        return FlopCount(self.forward * times, self.backward * times)
+
+    __rmul__ = __mul__
+
+
+def _trained(forward: float) -> FlopCount:
+    """Work with gradients: backward = 2 × forward."""
+    return FlopCount(forward, 2 * forward)
+
+
+def ska_operator_flops(
+    *, seq_length: int, batch_size: int, num_heads: int, rank: int, value_dim: int,
+    chunk_size: int, power: int, power_iters: int,
+) -> FlopCount:
+    """The SKA operator of SPEC §2–3 (chunk_causal), without projections, for `batch_size` sequences.
+
+    Per head, with n = ceil(T/S) chunks:
+      statistics  G, M: 2·T·r² each; C: 2·T·P·r
+      prefix sums over chunks: n·(2r² + P·r) additions
+      per chunk: Cholesky r³/3; W = L⁻¹ M L⁻ᵀ two solves 2·r³; power iteration (no gradient)
+        (4·n_pi + 2)·r²; R = C L⁻ᵀ W^K L⁻¹: two solves 2·P·r² and K matmuls 2·K·P·r²
+      readout Y = η R_c Q_c: 2·T·P·r
+    """
+    t, r, p = seq_length, rank, value_dim
+    chunks = math.ceil(t / chunk_size)
+    statistics = 2 * t * r * r * 2 + 2 * t * p * r
+    prefix = chunks * (2 * r * r + p * r)
+    algebra = chunks * (r**3 / 3 + 2 * r**3 + (2 + 2 * power) * p * r * r)
+    readout = 2 * t * p * r
+    power_iteration = chunks * (4 * power_iters + 2) * r * r
+    per_sequence = _trained(statistics + prefix + algebra + readout) + FlopCount(power_iteration, 0)
+    return per_sequence * (batch_size * num_heads)
+
+
+def ska_layer_flops(config: TransformerConfig, seq_length: int, batch_size: int = 1) -> FlopCount:
+    """An SKA layer (SPEC §5): fused q/k/v projection 2·T·d·H(2r+P), the operator, output 2·T·H·P·d.
+
+    config: an SKAConfig (reads hidden_size and ska_num_heads, ska_rank, ska_value_dim,
+    ska_chunk_size, ska_power, ska_power_iters).
+    """
+    d, h, r, p = config.hidden_size, config.ska_num_heads, config.ska_rank, config.ska_value_dim
+    tokens = seq_length * batch_size
+    projections = _trained(2 * tokens * d * h * (2 * r + p) + 2 * tokens * h * p * d)
+    return projections + ska_operator_flops(
+        seq_length=seq_length, batch_size=batch_size, num_heads=h, rank=r, value_dim=p,
+        chunk_size=config.ska_chunk_size, power=config.ska_power,
+        power_iters=config.ska_power_iters,
+    )
+
+
+def softmax_attention_layer_flops(
+    config: TransformerConfig, seq_length: int, batch_size: int = 1
+) -> FlopCount:
+    """Causal softmax attention as Megatron counts it: q/k/v/output projections (GQA-aware) plus
+    QKᵀ and AV, 4·T²·H·d_h per sequence, halved by the causal mask."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    head_dim = config.kv_channels
+    groups = config.num_query_groups or heads
+    tokens = seq_length * batch_size
+    projections = 2 * tokens * d * head_dim * (2 * heads + 2 * groups)
+    core = 2 * batch_size * seq_length**2 * heads * head_dim
+    return _trained(projections + core)
+
+
+def mamba_layer_flops(config: TransformerConfig, tokens: int) -> FlopCount:
+    """A Mamba-2 layer as Megatron counts it: in_proj d → 2·d_in + 2·G·N + heads, the SSD scan
+    estimate 7·tokens·d_in·N, out_proj d_in → d (d_in, heads as MambaMixer derives them)."""
+    d, state, groups = config.hidden_size, config.mamba_state_dim, config.mamba_num_groups
+    if config.mamba_num_heads is not None:
+        heads = config.mamba_num_heads
+        inner = heads * config.mamba_head_dim
+    else:
+        inner = MAMBA_EXPAND * d
+        heads = inner // config.mamba_head_dim
+    in_proj = 2 * tokens * d * (2 * inner + 2 * groups * state + heads)
+    scan = MAMBA_SCAN_FLOPS_PER_STATE * tokens * inner * state
+    out_proj = 2 * tokens * inner * d
+    return _trained(in_proj + scan + out_proj)
+
+
+def _dense_ffn(tokens: int, hidden_size: int, ffn_hidden_size: int, gated: bool) -> float:
+    """fc1 d → ffn (2·ffn if gated) and fc2 ffn → d."""
+    return 2 * tokens * hidden_size * ffn_hidden_size * (3 if gated else 2)
+
+
+def mlp_layer_flops(config: TransformerConfig, tokens: int) -> FlopCount:
+    """Megatron's MLP: fc1 (doubled with gated_linear_unit) and fc2 of width ffn_hidden_size."""
+    return _trained(
+        _dense_ffn(tokens, config.hidden_size, config.ffn_hidden_size, config.gated_linear_unit)
+    )
+
+
+def koopman_mlp_flops(hidden_size: int, tokens: int, gate: bool) -> FlopCount:
+    """Spectral Koopman MLP (SPEC §7): lift (and gate) d → d_k, readout d_k → d."""
+    return _trained(_dense_ffn(tokens, hidden_size, koopman_width(hidden_size), gate))
+
+
+def gdn_layer_flops(config: TransformerConfig, tokens: int) -> FlopCount:
+    """Gated DeltaNet as Megatron counts it: in_proj, conv1d, the delta rule 4·Hv·dv² per token,
+    out_proj."""
+    qk_dim = config.linear_key_head_dim * config.linear_num_key_heads
+    v_dim = config.linear_value_head_dim * config.linear_num_value_heads
+    v_heads = config.linear_num_value_heads
+    per_token = (
+        config.hidden_size * (2 * qk_dim + 2 * v_dim + 2 * v_heads)
+        + config.linear_conv_kernel_dim * (2 * qk_dim + v_dim)
+        + v_heads * config.linear_value_head_dim**2 * 4
+        + config.hidden_size * v_dim
+    )
+    return _trained(2 * tokens * per_token)
+
+
+def moe_layer_flops(config: TransformerConfig, tokens: int) -> FlopCount:
+    """MoE: router 2·tokens·d·E, top-k routed experts of moe_ffn_hidden_size, optional shared expert."""
+    if config.moe_latent_size is not None:
+        raise ValueError("moe_layer_flops: moe_latent_size is not supported (must be None)")
+    d, gated = config.hidden_size, config.gated_linear_unit
+    routed = config.moe_router_topk * _dense_ffn(tokens, d, config.moe_ffn_hidden_size, gated)
+    shared_size = config.moe_shared_expert_intermediate_size or 0
+    router = 2 * tokens * d * config.num_moe_experts
+    return _trained(router + routed + _dense_ffn(tokens, d, shared_size, gated))
+
+
+def layer_flops(
+    symbol: str, config: TransformerConfig, *, seq_length: int, batch_size: int = 1,
+    attention: str = "ska", ffn: str = "mlp", koopman_gate: bool = False,
+) -> FlopCount:
+    """One layer of a hybrid pattern: symbol in 'M' '*' '-' 'G' 'E' (see `hybrid_model_flops`)."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if ffn not in FFN_KINDS:
+        raise ValueError(f"ffn must be one of {FFN_KINDS}, got {ffn!r}")
+    tokens = seq_length * batch_size
+    if symbol == Symbols.MAMBA:
+        return mamba_layer_flops(config, tokens)
+    if symbol == Symbols.ATTENTION:
+        if attention == "ska":
+            return ska_layer_flops(config, seq_length, batch_size)
+        return softmax_attention_layer_flops(config, seq_length, batch_size)
+    if symbol == Symbols.MLP:
+        if ffn == "koopman":
+            return koopman_mlp_flops(config.hidden_size, tokens, koopman_gate)
+        return mlp_layer_flops(config, tokens)
+    if symbol == Symbols.GDN:
+        return gdn_layer_flops(config, tokens)
+    if symbol == Symbols.MOE:
+        return moe_layer_flops(config, tokens)
+    raise ValueError(f"layer symbol must be one of M * - G E for FLOP counting, got {symbol!r}")
+
+
+def hybrid_model_flops(
+    pattern: str, config: TransformerConfig, *, seq_length: int, vocab_size: int,
+    batch_size: int = 1, attention: str = "ska", ffn: str = "mlp", koopman_gate: bool = False,
+) -> FlopCount:
+    """FLOPs of a hybrid model (Megatron `HybridModel`) for `batch_size` sequences of `seq_length`.
+
+    pattern: Megatron hybrid pattern, e.g. "M*M-" ('|' ignored; each MTP depth after '/' adds its
+        layers, an eh_proj 2d → d and a logits GEMM). attention: what '*' layers are ("ska" |
+        "softmax"); ffn: what '-' layers are ("mlp" | "koopman"); koopman_gate: gated Koopman MLPs.
+    config: the model's TransformerConfig (an SKAConfig when '*' layers are SKA).
+    """
+    total = FlopCount(0, 0)
+    for symbol, count in get_hybrid_layer_counts(pattern).items():
+        if count:
+            total = total + count * layer_flops(
+                symbol, config, seq_length=seq_length, batch_size=batch_size,
+                attention=attention, ffn=ffn, koopman_gate=koopman_gate,
+            )
+    tokens = seq_length * batch_size
+    d = config.hidden_size
+    mtp_depths = parse_hybrid_pattern(pattern).mtp_num_depths
+    logits = 2 * tokens * d * vocab_size * (1 + mtp_depths)
+    mtp_projections = 2 * tokens * (2 * d) * d * mtp_depths
+    return total + _trained(logits + mtp_projections)

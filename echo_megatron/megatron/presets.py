@@ -1,0 +1,85 @@
+"""Named Echo model presets (SPEC §8): `echo-50m`, `echo-180m` and the CPU-sized `echo-tiny`.
+
+The paper counts a block as a mixer plus its feed-forward; in Megatron's hybrid pattern each is a
+layer, so "16 layers with SKA at {3, 7, 11, 15}" is the 32-symbol pattern "M-M-M-*-…". With the
+Koopman MLP (no gate) in every '-', Mamba-2 d_state 64, head width 64, one group, RMSNorm, no linear
+biases and tied embeddings this gives 50.1M (echo-50m) and 184.7M (echo-180m) parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import torch.nn.functional as F
+
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+from .config import SKAConfig
+from .koopman_mlp import koopman_width
+from .specs import build_hybrid_model
+
+
+def echo_pattern(blocks: int, ska_blocks: set[int]) -> str:
+    """Hybrid pattern of `blocks` (mixer, FFN) pairs: SKA ('*') at the 0-based `ska_blocks`, else Mamba-2."""
+    return "".join(("*" if i in ska_blocks else "M") + "-" for i in range(blocks))
+
+
+@dataclass(frozen=True)
+class HybridPreset:
+    """A named model: pattern, vocabulary, default FFN kind and `SKAConfig` fields."""
+
+    name: str
+    pattern: str
+    vocab_size: int
+    ffn: str
+    config_fields: Mapping[str, object] = field(default_factory=dict)
+
+    def make_config(self, **overrides) -> SKAConfig:
+        """The preset's `SKAConfig`; `overrides` replace or add any `SKAConfig` field."""
+        fields = dict(num_layers=len(self.pattern), add_bias_linear=False, normalization="RMSNorm",
+                      hidden_dropout=0.0, attention_dropout=0.0)
+        fields.update(self.config_fields)
+        fields.update(overrides)
+        return SKAConfig(**fields)
+
+    def build(self, config: SKAConfig, seq_length: int, *, spec: str = "local", ffn: str | None = None,
+              attention: str = "ska", **model_kwargs) -> HybridModel:
+        """`build_hybrid_model` with the preset's pattern and vocabulary (tied embeddings by default)."""
+        model_kwargs.setdefault("share_embeddings_and_output_weights", True)
+        return build_hybrid_model(config, self.pattern, self.vocab_size, seq_length, spec=spec,
+                                  ffn=ffn or self.ffn, attention=attention, **model_kwargs)
+
+
+def _mamba(state_dim: int, head_dim: int, groups: int) -> dict:
+    return dict(mamba_state_dim=state_dim, mamba_head_dim=head_dim, mamba_num_groups=groups)
+
+
+PRESETS: Mapping[str, HybridPreset] = MappingProxyType({
+    "echo-50m": HybridPreset(
+        name="echo-50m", pattern=echo_pattern(16, {3, 7, 11, 15}), vocab_size=32000, ffn="koopman",
+        config_fields=dict(hidden_size=448, num_attention_heads=7, ska_num_heads=7, ska_rank=56, ska_value_dim=64,
+                           ska_chunk_size=64, **_mamba(64, 64, 1)),
+    ),
+    "echo-180m": HybridPreset(
+        name="echo-180m", pattern=echo_pattern(24, {8, 16}), vocab_size=32000, ffn="koopman",
+        config_fields=dict(hidden_size=768, num_attention_heads=12, ska_num_heads=12, ska_rank=48, ska_value_dim=64,
+                           ska_chunk_size=64, **_mamba(64, 64, 1)),
+    ),
+    # SPEC §8 synthetic size: d=128, 2 Mamba-2 + 2 SKA blocks, r=24, 4 heads, d_state 16, vocab 128,
+    # SwiGLU; 2 Mamba groups so that it also runs at tensor-parallel size 2.
+    "echo-tiny": HybridPreset(
+        name="echo-tiny", pattern=echo_pattern(4, {1, 3}), vocab_size=128, ffn="mlp",
+        config_fields=dict(hidden_size=128, num_attention_heads=4, ska_num_heads=4, ska_rank=24, ska_value_dim=32,
+                           ska_chunk_size=64, ffn_hidden_size=koopman_width(128), gated_linear_unit=True,
+                           activation_func=F.silu, **_mamba(16, 32, 2)),
+    ),
+})
+
+
+def get_preset(name: str) -> HybridPreset:
+    """The preset called `name` (one of `PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]
