@@ -5,7 +5,6 @@ Shapes: q, k [B, T, H, r]; v [B, T, H, P]; eta, gamma [H]; y [B, T, H, P]. See S
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import decode as _decode

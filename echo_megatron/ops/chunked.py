@@ -149,7 +149,8 @@ def _sequence_max_norm(k: Tensor, layout: ChunkLayout) -> Tensor:
 
 
 def cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Tensor:
-    """Batched cholesky(G̃); a matrix where it fails is retried alone with G̃ + 1e-4·s·I (×10 per round)."""
+    """Batched cholesky(G̃); a matrix where it fails is retried alone with G̃ + 1e-4·s·I (×10 per round),
+    and as a last resort with a further 1e-4·max_i G̃_ii (rounding in G at a scale far above m²)."""
     chol, info = torch.linalg.cholesky_ex(g_ridge)
     eye = torch.eye(g_ridge.shape[-1], dtype=g_ridge.dtype, device=g_ridge.device)
     added = torch.zeros_like(scale)
@@ -161,6 +162,11 @@ def cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Tensor:
         added = torch.where(failed, jitter * scale, added)
         chol, info = torch.linalg.cholesky_ex(g_ridge + added[..., None, None] * eye)
         jitter *= 10.0
+    failed = info > 0
+    if bool(failed.any()):
+        largest = g_ridge.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+        added = torch.where(failed, added + JITTER * largest, added)
+        chol, info = torch.linalg.cholesky_ex(g_ridge + added[..., None, None] * eye)
     if bool((info > 0).any()):
         raise torch.linalg.LinAlgError("SKA: G̃ is not positive definite even with jitter")
     return chol

@@ -29,18 +29,16 @@ def ridge_and_jitter_scale(max_key_norm: Tensor, norm: str, eps: float) -> tuple
 
 
 def _cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Tensor:
-    """cholesky(G̃), retried with G̃ + 1e-4·s·I (then ×10 per round) while it fails."""
+    """cholesky(G̃), retried with G̃ + 1e-4·s·I (then ×10 per round) while it fails, and at last
+    with a further 1e-4·max_i G̃_ii."""
     eye = torch.eye(g_ridge.shape[-1], dtype=g_ridge.dtype, device=g_ridge.device)
-    jitter = JITTER
-    try:
-        return torch.linalg.cholesky(g_ridge)
-    except torch.linalg.LinAlgError:
-        pass
-    for _ in range(MAX_JITTER_ROUNDS):
+    jitters = [0.0] + [JITTER * 10.0**i * scale for i in range(MAX_JITTER_ROUNDS)]
+    jitters.append(jitters[-1] + JITTER * g_ridge.diagonal().max())
+    for jitter in jitters:
         try:
-            return torch.linalg.cholesky(g_ridge + jitter * scale * eye)
+            return torch.linalg.cholesky(g_ridge + jitter * eye)
         except torch.linalg.LinAlgError:
-            jitter *= 10.0
+            continue
     raise torch.linalg.LinAlgError("SKA reference: G̃ is not positive definite even with jitter")
 
 

@@ -7,9 +7,8 @@ import torch
 
 from echo_megatron.ops import ska
 
-from .common import make_inputs, rel_err
+from .common import GRAD_NAMES, forward_and_grads, make_inputs, rel_err
 
-GRAD_NAMES = ("q", "k", "v", "eta", "gamma")
 
 # (B, T, H, r, P, S, K): awkward sizes, B·H > 1, r not a power of two.
 CASES = [
@@ -25,18 +24,9 @@ CASES = [
 ]
 
 
-def _forward_and_grads(inputs: dict, backend: str, **options) -> list[torch.Tensor]:
-    y = ska(inputs["q"], inputs["k"], inputs["v"], eta=inputs["eta"], gamma=inputs["gamma"], backend=backend,
-            **options)
-    weights = torch.linspace(-1.0, 2.0, y.numel(), dtype=y.dtype).view_as(y)
-    grads = torch.autograd.grad((y * weights).sum(), [inputs[n] for n in GRAD_NAMES], allow_unused=True,
-                                materialize_grads=True)
-    return [y.detach(), *grads]
-
-
 def _compare_to_reference(inputs: dict, tolerance: float, **options) -> None:
-    fast = _forward_and_grads(inputs, "torch", **options)
-    slow = _forward_and_grads(inputs, "reference", **options)
+    fast = forward_and_grads(inputs, "torch", **options)
+    slow = forward_and_grads(inputs, "reference", **options)
     for name, a, b in zip(("y",) + GRAD_NAMES, fast, slow):
         assert rel_err(a, b) <= tolerance, f"{name}: rel err {rel_err(a, b):.3e} ({options})"
 
@@ -82,8 +72,8 @@ def test_fp32_matches_fp64_reference(case):
     exact = make_inputs(batch, seq_len, heads, rank, value_dim, requires_grad=True, seed=11)
     single = {n: x.detach().float().requires_grad_() for n, x in exact.items()}
     options = dict(chunk_size=chunk, power=power)
-    fast = _forward_and_grads(single, "torch", **options)
-    slow = _forward_and_grads(exact, "reference", **options)
+    fast = forward_and_grads(single, "torch", **options)
+    slow = forward_and_grads(exact, "reference", **options)
     assert fast[0].dtype == torch.float32
     for name, a, b in zip(("y",) + GRAD_NAMES, fast, slow):
         assert rel_err(a, b) <= 1e-4, name

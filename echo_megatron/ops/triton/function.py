@@ -1,0 +1,381 @@
+"""Host side of the Triton SKA: chunk table, kernel launches, one autograd Function per stage.
+
+Pipeline (SPEC §3), every stage a Triton kernel forward and backward:
+
+    k, v ──ChunkStatistics──▶ (G_j, M_j, C_j) [B, H, NC, D], max ‖z‖ per chunk [B, H, NC]
+         ──SegmentScan / SegmentMax──▶ visible statistics per slot (slot = chunk for chunk_causal,
+                                       sequence for prefix)
+         ──ReadoutMatrices──▶ R [B, H, NSLOT, P, r]
+    q ───Readout──▶ y = η R_slot(c) q [B, T, H, P]
+
+Torch only glues the stages: the chunk table, casting η and γ̂, `index_select`/`index_add_` between
+chunks and sequences in prefix mode, scattering the max-norm gradient to the recorded argmax chunk,
+and summing the per-slot partials of dη and dγ̂ over batch and chunks. For r > 64 or P > 128 the dense
+algebra runs in PyTorch (`chunked.readout_matrices`, autograd) with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..chunked import ChunkLayout, Statistics, readout_matrices, work_dtype
+from ..reference import JITTER, MAX_JITTER_ROUNDS, NORM_FLOOR
+from .runtime import interpreted, kernels_for, launch
+
+MAX_DENSE_RANK = 64  # r handled by the register-resident dense kernels
+MAX_DENSE_VALUE = 128  # P handled by the dense kernels
+# Launch tuning, from the sm_90 resource report of `aot.py` (registers, spills, shared memory):
+COLUMN_BLOCK = 32  # output columns per program in the token-level backward kernels
+TOKENS_PER_STEP = {"stats_fwd": 32, "stats_bwd": 32, "readout_fwd": 32, "readout_bwd": 32}
+WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense_fwd": 8, "dense_bwd": 8, "readout_fwd": 4, "readout_bwd": 8}
+NORM_KEYS = {"none": 0, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
+
+_warned_dense_fallback = False
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Allocation of every kernel output (tests swap in a NaN-filled one to catch unwritten entries)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block(n: int) -> int:
+    """Padded block width: next power of two, at least 16 (the smallest `tl.dot` operand)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands: 3 tf32 MMAs (fp32-level accuracy on tensor cores; plain tf32 would break the whitening)."""
+    return "ieee" if dtype == torch.float64 else "tf32x3"
+
+
+def _half(dtype: torch.dtype) -> bool:
+    """fp16/bf16 token data: exact in tf32, so products with fp32 matrices need only two tf32 MMAs."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _num_warps(kernel: str, *blocks: int) -> int:
+    """WARPS[kernel] for wide tiles (a dimension of 64 or more), 4 otherwise."""
+    return 4 if max(blocks) <= 32 else WARPS[kernel]
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Token range of every chunk and chunk range of every sequence (shared by all batch rows).
+
+    Built from `chunked.ChunkLayout`, so both paths lay chunks out identically.
+    """
+
+    chunk_size: int
+    num_chunks: int
+    num_segments: int
+    start: Tensor  # [NC] int32 first token of each chunk
+    end: Tensor  # [NC] int32 one past its last token
+    seg_begin: Tensor  # [NC] int32 first token of its sequence
+    seg_end: Tensor  # [NC] int32 one past the last token of its sequence
+    segment: Tensor  # [NC] int64 sequence index of each chunk
+    seg_chunks: Tensor  # [N+1] int32 chunk offsets of the sequences
+    chunk_ids: Tensor  # [NC] int32 0 … NC-1 (slot of each chunk in chunk_causal mode)
+
+    @staticmethod
+    def build(seq_len: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device) -> "ChunkTable":
+        layout = ChunkLayout.build(seq_len, chunk_size, cu_seqlens, device)
+        if cu_seqlens is None:
+            bounds = torch.tensor([0, seq_len], device=device)
+        else:
+            bounds = cu_seqlens.to(device=device, dtype=torch.long)
+        offsets = torch.tensor([c0 for c0, _ in layout.segments] + [layout.num_chunks], device=device)
+        segment = layout.chunk_segment
+        chunk_ids = torch.arange(layout.num_chunks, device=device)
+        start = bounds[segment] + (chunk_ids - offsets[segment]) * chunk_size
+        seg_end = bounds[segment + 1]
+        as_int = dict(dtype=torch.int32)
+        return ChunkTable(chunk_size, layout.num_chunks, len(layout.segments), start.to(**as_int),
+                          torch.minimum(start + chunk_size, seg_end).to(**as_int), bounds[segment].to(**as_int),
+                          seg_end.to(**as_int), segment, offsets.to(**as_int), chunk_ids.to(**as_int))
+
+    def slots(self, total: bool) -> Tensor:
+        """Slot read by each chunk: its sequence (prefix mode) or itself (chunk_causal)."""
+        return self.segment.to(torch.int32) if total else self.chunk_ids
+
+    def num_slots(self, total: bool) -> int:
+        return self.num_segments if total else self.num_chunks
+
+
+def _token_block(kernel: str, chunk_size: int) -> int:
+    """Tokens per inner step: the chunk (padded to >= 16), at most TOKENS_PER_STEP[kernel]."""
+    return min(_block(chunk_size), TOKENS_PER_STEP[kernel])
+
+
+def _strides(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.stride())
+
+
+class ChunkStatistics(torch.autograd.Function):
+    """k [B, T, H, r], v [B, T, H, P] -> per-chunk (G, M, C) rows [B, H, NC, 2r² + P·r] and max ‖z‖ [B, H, NC]."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, weights: Tensor | None, table: ChunkTable, norm_keys: int):
+        batch, _, heads, rank = k.shape
+        value_dim = v.shape[-1]
+        work = work_dtype(k.dtype)
+        stats = empty((batch, heads, table.num_chunks, 2 * rank * rank + value_dim * rank), work, k.device)
+        max_norm = empty((batch, heads, table.num_chunks), work, k.device)
+        w = k if weights is None else weights  # any pointer when there is no mask
+        w_strides = (0, 0) if weights is None else _strides(weights)
+        block_r, block_p = _block(rank), _block(value_dim)
+        launch(kernels_for(k.device).chunk_stats_fwd_kernel, (table.num_chunks, batch * heads),
+               k, v, w, stats, max_norm, table.start, table.end, table.seg_begin,
+               heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
+               HAS_MASK=weights is not None, NORM_KEYS=norm_keys, BS=_token_block("stats_fwd", table.chunk_size),
+               BR=block_r, BP=block_p, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
+               num_warps=_num_warps("stats_fwd", block_r, block_p))
+        if norm_keys == 0:
+            max_norm.zero_()
+        ctx.save_for_backward(k, v, weights)
+        ctx.table, ctx.norm_keys = table, norm_keys
+        return stats, max_norm
+
+    @staticmethod
+    def backward(ctx, d_stats: Tensor, d_max_norm: Tensor | None):
+        k, v, weights = ctx.saved_tensors
+        table = ctx.table
+        batch, _, heads, rank = k.shape
+        value_dim = v.shape[-1]
+        if d_max_norm is None:
+            d_max_norm = torch.zeros(batch, heads, table.num_chunks, dtype=d_stats.dtype, device=k.device)
+        d_stats, d_max_norm = d_stats.contiguous(), d_max_norm.contiguous()
+        dk = empty(k.shape, k.dtype, k.device)
+        dv = empty(v.shape, v.dtype, v.device)
+        w = k if weights is None else weights
+        w_strides = (0, 0) if weights is None else _strides(weights)
+        block_r, block_p = _block(rank), _block(value_dim)
+        grid = (table.num_chunks, batch * heads, triton.cdiv(max(rank, value_dim), COLUMN_BLOCK))
+        launch(kernels_for(k.device).chunk_stats_bwd_kernel, grid,
+               k, v, w, d_stats, d_max_norm, dk, dv, table.start, table.end, table.seg_begin, table.seg_end,
+               heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
+               *_strides(dk), *_strides(dv),
+               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=_token_block("stats_bwd", table.chunk_size),
+               BR=block_r, BP=block_p, BN=COLUMN_BLOCK, ACC=_tl_dtype(d_stats.dtype),
+               DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype),
+               num_warps=_num_warps("stats_bwd", block_r, block_p))
+        return dk, dv, None, None, None
+
+
+def _scan(x: Tensor, table: ChunkTable, *, use_max: bool, total: bool, reverse: bool) -> tuple[Tensor, Tensor]:
+    """segment_scan_kernel over x [B, H, NC, D] -> (out [B, H, N, D], argmax [B, H, NC] int32: exclusive max only)."""
+    batch, heads, _, width = x.shape
+    rows = table.num_slots(total)
+    out = empty((batch, heads, rows, width), x.dtype, x.device)
+    arg = empty((batch, heads, rows) if use_max and not total else (0,), torch.int32, x.device)
+    block = min(1024, _block(width))
+    launch(kernels_for(x.device).segment_scan_kernel, (batch * heads, triton.cdiv(width, block)),
+           x.contiguous(), out, arg, table.seg_chunks, table.num_segments, table.num_chunks, rows, width,
+           USE_MAX=use_max, TOTAL=total, REVERSE=reverse, BLOCK=block, ACC=_tl_dtype(x.dtype), num_warps=4)
+    return out, arg
+
+
+class SegmentScan(torch.autograd.Function):
+    """Sums of chunk rows [B, H, NC, D]: exclusive prefix per sequence [B, H, NC, D] or totals [B, H, N, D]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: ChunkTable, total: bool):
+        ctx.table, ctx.total = table, total
+        return _scan(x, table, use_max=False, total=total, reverse=False)[0]
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        if ctx.total:
+            return d_out.index_select(2, ctx.table.segment), None, None
+        return _scan(d_out, ctx.table, use_max=False, total=False, reverse=True)[0], None, None
+
+
+class SegmentMax(torch.autograd.Function):
+    """Max of chunk values [B, H, NC]: exclusive running max per sequence [B, H, NC] (torch.cummax) or
+    per-sequence max [B, H, N] (amax). Gradients follow torch: to the chunk cummax picks (the later one
+    on ties), or split evenly over the tied chunks for the per-sequence max.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: ChunkTable, total: bool):
+        out, arg = _scan(x[..., None], table, use_max=True, total=total, reverse=False)
+        out = out[..., 0]
+        ctx.save_for_backward(x, out if total else arg)
+        ctx.table, ctx.total = table, total
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        x, saved = ctx.saved_tensors
+        if ctx.total:
+            segment = ctx.table.segment
+            hit = (x == saved.index_select(2, segment)).to(d_out.dtype)
+            ties = torch.zeros_like(d_out).index_add_(2, segment, hit)
+            return hit * (d_out / ties.clamp_min(1.0)).index_select(2, segment), None, None
+        found = saved >= 0
+        d_x = torch.zeros_like(x)
+        d_x.scatter_add_(2, torch.where(found, saved, 0).long(), torch.where(found, d_out, 0.0))
+        return d_x, None, None
+
+
+class ReadoutMatrices(torch.autograd.Function):
+    """Visible statistics [B, H, N, D], raw max norms [B, H, N], γ̂ [H] -> R [B, H, N, P, r] (SPEC §2)."""
+
+    @staticmethod
+    def forward(ctx, stats: Tensor, max_norm: Tensor, gamma: Tensor, rank: int, value_dim: int, power: int,
+                eps: float, norm: str, power_iters: int):
+        stats, max_norm = stats.contiguous(), max_norm.contiguous()
+        batch, heads, slots, _ = stats.shape
+        device, work = stats.device, stats.dtype
+        params = torch.tensor([eps, JITTER, NORM_FLOOR, rank ** -0.5], dtype=work, device=device)
+        readout = empty((batch, heads, slots, value_dim, rank), work, device)
+        chol_inv = empty((batch, heads, slots, rank, rank), work, device)
+        aux = empty((batch, heads, slots, 2), work, device)
+        block_r, block_p = _block(rank), _block(value_dim)
+        launch(kernels_for(device).readout_matrix_fwd_kernel, (slots, batch * heads),
+               stats, max_norm, gamma, params, readout, chol_inv, aux, heads, slots, rank, value_dim,
+               POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
+               BR=block_r, BP=block_p, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
+               num_warps=_num_warps("dense_fwd", block_r, block_p))
+        ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux)
+        ctx.options = (rank, value_dim, power, norm)
+        return readout
+
+    @staticmethod
+    def backward(ctx, d_readout: Tensor):
+        stats, max_norm, gamma, params, chol_inv, aux = ctx.saved_tensors
+        rank, value_dim, power, norm = ctx.options
+        batch, heads, slots, width = stats.shape
+        device, work = stats.device, stats.dtype
+        d_stats = empty((batch, heads, slots, width), work, device)
+        d_max_norm = empty((batch, heads, slots), work, device)
+        d_gamma = empty((batch, heads, slots), work, device)
+        block_r, block_p = _block(rank), _block(value_dim)
+        launch(kernels_for(device).readout_matrix_bwd_kernel, (slots, batch * heads),
+               stats, max_norm, gamma, params, chol_inv, aux, d_readout.contiguous(), d_stats, d_max_norm, d_gamma,
+               heads, slots, rank, value_dim,
+               POWER=power, NORM_SCALED=norm != "none", BR=block_r, BP=block_p, ACC=_tl_dtype(work),
+               DOT_PRECISION=_dot_precision(work), num_warps=_num_warps("dense_bwd", block_r, block_p))
+        if norm == "none":
+            d_max_norm.zero_()
+        return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), None, None, None, None, None, None
+
+
+class Readout(torch.autograd.Function):
+    """q [B, T, H, r], R [B, H, NSLOT, P, r], η [H] -> y [B, T, H, P] = η R_slot(c) q (dtype of q)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, readout: Tensor, eta: Tensor, table: ChunkTable, total: bool):
+        readout = readout.contiguous()
+        batch, seq_len, heads, rank = q.shape
+        value_dim = readout.shape[3]
+        y = empty((batch, seq_len, heads, value_dim), q.dtype, q.device)
+        block_r, block_p = _block(rank), _block(value_dim)
+        launch(kernels_for(q.device).readout_fwd_kernel, (table.num_chunks, batch * heads),
+               q, readout, eta, y, table.start, table.end, table.slots(total), heads, readout.shape[2], rank,
+               value_dim, *_strides(q), *_strides(y),
+               BS=_token_block("readout_fwd", table.chunk_size), BR=block_r, BP=block_p, ACC=_tl_dtype(readout.dtype),
+               DOT_PRECISION=_dot_precision(readout.dtype), HALF_TOKENS=_half(q.dtype),
+               num_warps=_num_warps("readout_fwd", block_r, block_p))
+        ctx.save_for_backward(q, readout, eta)
+        ctx.table, ctx.total = table, total
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y: Tensor):
+        q, readout, eta = ctx.saved_tensors
+        table, total = ctx.table, ctx.total
+        batch, _, heads, rank = q.shape
+        slots, value_dim = readout.shape[2], readout.shape[3]
+        work = readout.dtype
+        dq = empty(q.shape, q.dtype, q.device)
+        d_chunk = empty((batch, heads, table.num_chunks, value_dim, rank), work, q.device)
+        column_blocks = triton.cdiv(rank, COLUMN_BLOCK)
+        d_eta = empty((batch, heads, table.num_chunks, column_blocks), work, q.device)
+        block_r, block_p = _block(rank), _block(value_dim)
+        launch(kernels_for(q.device).readout_bwd_kernel, (table.num_chunks, batch * heads, column_blocks),
+               q, readout, eta, d_y, dq, d_chunk, d_eta, table.start, table.end, table.slots(total),
+               heads, table.num_chunks, slots, rank, value_dim, *_strides(q), *_strides(d_y), *_strides(dq),
+               BS=_token_block("readout_bwd", table.chunk_size), BR=block_r, BP=block_p, BN=COLUMN_BLOCK,
+               ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work), HALF_TOKENS=_half(q.dtype),
+               num_warps=_num_warps("readout_bwd", block_r, block_p))
+        if total:
+            d_readout = d_chunk.new_zeros(readout.shape).index_add_(2, table.segment, d_chunk)
+        else:
+            d_readout = d_chunk
+        return dq, d_readout, d_eta.sum(dim=(0, 2, 3)), None, None
+
+
+def _warn_dense_fallback(rank: int, value_dim: int) -> None:
+    global _warned_dense_fallback
+    if not _warned_dense_fallback:
+        _warned_dense_fallback = True
+        warnings.warn(
+            f"SKA Triton: the dense r×r kernels handle r <= {MAX_DENSE_RANK} and P <= {MAX_DENSE_VALUE}, got "
+            f"r={rank}, P={value_dim}; the readout matrices (Cholesky, W, R) run in PyTorch instead. "
+            "Statistics, scan and readout stay in Triton.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def visible_readout_matrices(
+    visible: Tensor, max_norm: Tensor, gamma: Tensor, *, rank: int, value_dim: int, power: int, eps: float,
+    norm: str, power_iters: int,
+) -> Tensor:
+    """R [B, H, N, P, r] from visible statistics rows [B, H, N, D]: Triton for r <= 64 and P <= 128, else torch."""
+    if rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
+        return ReadoutMatrices.apply(visible, max_norm, gamma, rank, value_dim, power, eps, norm, power_iters)
+    _warn_dense_fallback(rank, value_dim)
+    lead = visible.shape[:3]
+    square = rank * rank
+    stats = Statistics(visible[..., :square].unflatten(-1, (rank, rank)),
+                       visible[..., square:2 * square].unflatten(-1, (rank, rank)),
+                       visible[..., 2 * square:].unflatten(-1, (value_dim, rank)), max_norm.expand(lead))
+    return readout_matrices(stats, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm, power_iters=power_iters)
+
+
+def ska_triton(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, power: int, eps: float,
+    norm: str, mode: str, mask: Tensor | None, cu_seqlens: Tensor | None, power_iters: int,
+) -> Tensor:
+    """SKA through the Triton kernels; same signature and semantics as `chunked.ska_chunked`.
+
+    q, k: [B, T, H, r]; v: [B, T, H, P]; eta, gamma: [H] -> y [B, T, H, P] in q's dtype. Inputs are
+    assumed validated (`echo_megatron.ops.ska`). CUDA tensors run compiled kernels, CPU tensors the same
+    kernels under the Triton interpreter (see `runtime`; bf16 is widened to fp32 there, exactly, since the
+    interpreter's bf16 `tl.dot` is wrong); fp16/bf16/fp32 statistics in fp32, fp64 in fp64.
+    """
+    if q.dtype == torch.bfloat16 and interpreted(q.device):
+        # the interpreter computes bf16 tl.dot wrongly; bf16 values are exact in fp32, statistics are fp32
+        y = ska_triton(q.float(), k.float(), v.float(), eta, gamma, chunk_size=chunk_size, power=power, eps=eps,
+                       norm=norm, mode=mode, mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters)
+        return y.to(torch.bfloat16)
+    batch, seq_len, heads, rank = q.shape
+    value_dim = v.shape[-1]
+    work = work_dtype(q.dtype)
+    table = ChunkTable.build(seq_len, chunk_size, cu_seqlens, q.device)
+    total = mode == "prefix"
+    weights = None if mask is None else mask.to(device=q.device, dtype=work).contiguous()
+    stats, chunk_max = ChunkStatistics.apply(k, v, weights, table, NORM_KEYS[norm])
+    visible = SegmentScan.apply(stats, table, total)
+    if norm == "causal_max":
+        max_norm = SegmentMax.apply(chunk_max, table, total)
+    elif norm == "sequence_max":
+        max_norm = SegmentMax.apply(chunk_max, table, True)
+        if not total:
+            max_norm = max_norm.index_select(2, table.segment)
+    else:
+        max_norm = chunk_max.new_zeros(batch, heads, table.num_slots(total))
+    readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
+                                       power=power, eps=eps, norm=norm, power_iters=power_iters)
+    return Readout.apply(q, readout, eta.to(work), table, total)

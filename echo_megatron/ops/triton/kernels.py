@@ -1,0 +1,592 @@
+"""Triton kernels of chunked SKA (SPEC §2–3), forward and backward.
+
+Do not import this module directly: `echo_megatron.ops.triton.runtime.kernels_for(device)` loads it
+compiled (CUDA tensors) or under the Triton interpreter (CPU tensors). Conventions:
+
+* grids are (chunk or slot, batch·head) — one program per (chunk, B·H) — except the scan, which
+  walks the chunks of each sequence in order, one program per (B·H, column tile);
+* tokens are read in place from [B, T, H, ·] tensors through strides and a chunk table
+  (CHUNK_START/CHUNK_END: token range of each chunk; SEG_BEGIN/SEG_END: token range of its sequence);
+* statistics are flat rows of width D = 2r² + P·r holding G (r×r), M (r×r), C (P×r), row-major, in
+  the work dtype ACC (fp32; fp64 for fp64 inputs); key-norm maxima live in separate [B·H, N] rows;
+* r and P are padded to BR, BP (powers of two ≥ 16, so that `tl.dot` applies); padded entries are
+  masked on load and never stored;
+* fp16/bf16 tokens enter `tl.dot` in their own dtype (their products are exact in fp32); fp32 operands
+  use DOT_PRECISION ("ieee": no tf32 rounding, the torch path is exact fp32);
+* PARAMS holds the floating options in ACC (so that fp64 runs are not rounded through fp32):
+  [eps, first jitter, norm floor, 1/√r].
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b accumulated in ACC."""
+    return tl.dot(a, b, out_dtype=ACC, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _split_tf32(b, SPLIT: tl.constexpr):
+    """(hi, lo) with hi = b truncated to tf32's 10 mantissa bits and lo = b - hi (exact) if SPLIT; else (b, 0)."""
+    if SPLIT:
+        hi = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        lo = b - hi
+    else:
+        hi = b
+        lo = tl.zeros(b.shape, dtype=b.dtype)
+    return hi, lo
+
+
+@triton.jit
+def _mm_split(a, b_hi, b_lo, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for b = b_hi + b_lo from `_split_tf32`. With SPLIT, a must be exact in tf32 (fp16/bf16 data
+    in fp32): two tf32 MMAs then give fp32 accuracy (a·b_hi exact, a·b_lo to 2^-11 of a 2^-11 term),
+    one fewer than tf32x3 and without splitting a."""
+    if SPLIT:
+        out = tl.dot(a, b_hi, out_dtype=ACC, input_precision="tf32") + tl.dot(a, b_lo, out_dtype=ACC,
+                                                                               input_precision="tf32")
+    else:
+        out = _mm(a, b_hi, ACC, DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _total(x):
+    """Sum of all entries of a 2-D block."""
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _load_matrix(ptr, n_rows, n_cols, BROWS: tl.constexpr, BCOLS: tl.constexpr):
+    """Row-major [n_rows, n_cols] block at ptr, zero-padded to [BROWS, BCOLS]."""
+    rows = tl.arange(0, BROWS)
+    cols = tl.arange(0, BCOLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_matrix(ptr, x, n_rows, n_cols, BROWS: tl.constexpr, BCOLS: tl.constexpr):
+    """Store the leading [n_rows, n_cols] block of x row-major at ptr."""
+    rows = tl.arange(0, BROWS)
+    cols = tl.arange(0, BCOLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * n_cols + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def _load_tokens(base, t, t_ok, stride_t, width, stride_d, BW: tl.constexpr):
+    """Rows t (where t_ok) of a [T, width] token matrix: [BS, BW] in its own dtype, zeros elsewhere."""
+    d = tl.arange(0, BW)
+    return tl.load(base + t[:, None] * stride_t + d[None, :] * stride_d, mask=t_ok[:, None] & (d[None, :] < width),
+                   other=0.0)
+
+
+@triton.jit
+def _store_tokens(base, x, t, t_ok, stride_t, width, stride_d, BW: tl.constexpr):
+    """Store x [BS, BW] into rows t (where t_ok) of a [T, width] token matrix, cast to its dtype."""
+    d = tl.arange(0, BW)
+    tl.store(base + t[:, None] * stride_t + d[None, :] * stride_d, x.to(base.dtype.element_ty),
+             mask=t_ok[:, None] & (d[None, :] < width))
+
+
+@triton.jit
+def _load_weights(base, t, t_ok, stride_t, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
+    """Token weights w_t ∈ {0, 1} (1 without a mask), 0 where not t_ok: [BS] in ACC."""
+    if HAS_MASK:
+        w = tl.load(base + t * stride_t, mask=t_ok, other=0.0).to(ACC)
+    else:
+        w = t_ok.to(ACC)
+    return w
+
+
+@triton.jit
+def _row_norms(z, w, WEIGHTED: tl.constexpr):
+    """‖z_t‖ of the rows of z [BS, BR] (ACC), times w_t if WEIGHTED: [BS]."""
+    norms = tl.sqrt(tl.sum(z * z, axis=1))
+    if WEIGHTED:
+        norms = norms * w
+    return norms
+
+
+@triton.jit
+def _token_norms(k_base, w_base, t, end, stride_kt, stride_kd, stride_wt, R, HAS_MASK: tl.constexpr,
+                 WEIGHTED: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr):
+    """`_row_norms` of the keys of tokens t (0 from `end` on): [BS]."""
+    ok = t < end
+    z = _load_tokens(k_base, t, ok, stride_kt, R, stride_kd, BR).to(ACC)
+    return _row_norms(z, _load_weights(w_base, t, ok, stride_wt, HAS_MASK, ACC), WEIGHTED)
+
+
+@triton.jit
+def _chunk_program(H, CHUNK_START, CHUNK_END):
+    """(chunk c, batch·head bh, b, h, first token, one past the last token) of a token-level program;
+    bh and the token range in int64, so that offsets past 2³¹ elements (long packed batches) are safe."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    return c, bh, bh // H, bh % H, tl.load(CHUNK_START + c).to(tl.int64), tl.load(CHUNK_END + c).to(tl.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) per-chunk statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def chunk_stats_fwd_kernel(
+    K, V, WMASK, STATS, MNORM, CHUNK_START, CHUNK_END, SEG_BEGIN,
+    H, NC, R, P,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
+    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """G_j = Σ z̃ z̃ᵀ, M_j = Σ z̃_t z̃_{t-1}ᵀ (the lag pair into the chunk included), C_j = Σ ṽ z̃ᵀ and
+    the chunk's max key norm, with z̃ = w·z, ṽ = w·v.
+
+    NORM_KEYS: 0 no norm, 1 max ‖z̃‖ (causal_max), 2 max ‖z‖ over every token (sequence_max).
+    Writes STATS[bh, j, :D] and MNORM[bh, j]. Grid (NC, B·H).
+    """
+    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
+    seg_begin = tl.load(SEG_BEGIN + c)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    w_base = WMASK + b * stride_wb
+    gram = tl.zeros([BR, BR], dtype=ACC)
+    lag = tl.zeros([BR, BR], dtype=ACC)
+    cross = tl.zeros([BP, BR], dtype=ACC)
+    max_norm = tl.zeros([BS], dtype=ACC)
+    for t0 in range(start, end, BS):
+        t = t0 + tl.arange(0, BS)
+        ok = t < end
+        prev_ok = ok & (t - 1 >= seg_begin)
+        z = _load_tokens(k_base, t, ok, stride_kt, R, stride_kd, BR)
+        z_prev = _load_tokens(k_base, t - 1, prev_ok, stride_kt, R, stride_kd, BR)
+        val = _load_tokens(v_base, t, ok, stride_vt, P, stride_vd, BP)
+        w = _load_weights(w_base, t, ok, stride_wt, HAS_MASK, ACC)
+        if HAS_MASK:
+            z_vis = (z * w[:, None]).to(z.dtype)
+            w_prev = _load_weights(w_base, t - 1, prev_ok, stride_wt, HAS_MASK, ACC)
+            z_prev = (z_prev * w_prev[:, None]).to(z.dtype)
+        else:
+            z_vis = z
+        gram += _mm(tl.trans(z_vis), z_vis, ACC, DOT_PRECISION)
+        lag += _mm(tl.trans(z_vis), z_prev, ACC, DOT_PRECISION)
+        cross += _mm(tl.trans(val), z_vis, ACC, DOT_PRECISION)
+        if NORM_KEYS != 0:
+            max_norm = tl.maximum(max_norm, _row_norms(z.to(ACC), w, HAS_MASK and NORM_KEYS == 1))
+    row = STATS + (bh * NC + c) * (2 * R * R + P * R)
+    _store_matrix(row, gram, R, R, BR, BR)
+    _store_matrix(row + R * R, lag, R, R, BR, BR)
+    _store_matrix(row + 2 * R * R, cross, P, R, BP, BR)
+    if NORM_KEYS != 0:
+        tl.store(MNORM + bh * NC + c, tl.max(max_norm, axis=0))
+
+
+@triton.jit
+def _load_columns(ptr, n_rows, n_cols, cols, BROWS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Columns `cols` of a row-major [n_rows, n_cols] matrix: [BROWS, BN]; with TRANSPOSED, the columns of
+    its transpose (rows `cols` of the matrix, [n_cols, n_rows] view), zero-padded."""
+    rows = tl.arange(0, BROWS)
+    if TRANSPOSED:
+        mask = (rows[:, None] < n_cols) & (cols[None, :] < n_rows)
+        x = tl.load(ptr + cols[None, :] * n_cols + rows[:, None], mask=mask, other=0.0)
+    else:
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def chunk_stats_bwd_kernel(
+    K, V, WMASK, DSTATS, DMNORM, DK, DV, CHUNK_START, CHUNK_END, SEG_BEGIN, SEG_END,
+    H, NC, R, P,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+    BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr,
+):
+    """Columns n of dk and dv for the tokens of chunk j, from the gradients of the chunk statistics.
+
+    DSTATS[bh, j] holds (dG_j, dM_j, dC_j); DMNORM[bh, j] the gradient of the chunk's max key norm,
+    split evenly over the tokens attaining it (torch's amax rule). The lag pair joining token end-1 to
+    the next chunk of the same sequence belongs to that chunk (row j+1). Rows of dL/dz̃:
+    z̃ (dG + dGᵀ) + ṽ dC + z̃_{t-1} dMᵀ + z̃_{t+1} dM; dṽ = z̃ dCᵀ. Each program owns BN columns, so the
+    gradient matrices it keeps on chip are [·, BN] slices. Grid (NC, B·H, ⌈max(r, P) / BN⌉).
+    """
+    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    seg_begin = tl.load(SEG_BEGIN + c)
+    has_next = end < tl.load(SEG_END + c)
+    width = 2 * R * R + P * R
+    row = DSTATS + (bh * NC + c) * width
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    w_base = WMASK + b * stride_wb
+    weighted_norms: tl.constexpr = HAS_MASK and NORM_KEYS == 1
+    if tl.program_id(2) * BN < R:
+        gram_hi, gram_lo = _split_tf32(_load_columns(row, R, R, cols, BR, False)
+                                       + _load_columns(row, R, R, cols, BR, True), HALF_TOKENS)
+        lag_hi, lag_lo = _split_tf32(_load_columns(row + R * R, R, R, cols, BR, False), HALF_TOKENS)
+        lag_t_hi, lag_t_lo = _split_tf32(_load_columns(row + R * R, R, R, cols, BR, True), HALF_TOKENS)
+        cross_hi, cross_lo = _split_tf32(_load_columns(row + 2 * R * R, P, R, cols, BP, False), HALF_TOKENS)
+        # first lag pair of the next chunk, (z_end, z_{end-1}): adds z̃_endᵀ dM_next to row end-1
+        rr = tl.arange(0, BR)
+        d_lag_next = tl.load(row + width + R * R + rr[:, None] * R + cols[None, :],
+                             mask=has_next & (rr[:, None] < R) & (cols[None, :] < R), other=0.0)
+        z_end = tl.load(k_base + end * stride_kt + rr * stride_kd, mask=has_next & (rr < R), other=0.0).to(ACC)
+        if HAS_MASK:
+            z_end = z_end * tl.load(w_base + end * stride_wt, mask=has_next, other=0.0).to(ACC)
+        boundary = tl.sum(z_end[:, None] * d_lag_next, axis=0)
+        if NORM_KEYS != 0:
+            # the chunk max and its multiplicity, recomputed here so that the tie test below is exact
+            best = tl.zeros([BS], dtype=ACC)
+            for t0 in range(start, end, BS):
+                best = tl.maximum(best, _token_norms(k_base, w_base, t0 + tl.arange(0, BS), end, stride_kt,
+                                                     stride_kd, stride_wt, R, HAS_MASK, weighted_norms, BR, ACC))
+            chunk_max = tl.max(best, axis=0)
+            ties = tl.zeros([BS], dtype=ACC)
+            for t0 in range(start, end, BS):
+                norms = _token_norms(k_base, w_base, t0 + tl.arange(0, BS), end, stride_kt, stride_kd, stride_wt,
+                                     R, HAS_MASK, weighted_norms, BR, ACC)
+                ties += tl.where((t0 + tl.arange(0, BS) < end) & (norms == chunk_max), 1.0, 0.0)
+            d_norm = tl.load(DMNORM + bh * NC + c).to(ACC) / tl.maximum(tl.sum(ties, axis=0), 1.0)
+        for t0 in range(start, end, BS):
+            t = t0 + tl.arange(0, BS)
+            ok = t < end
+            prev_ok = ok & (t - 1 >= seg_begin)
+            next_ok = t + 1 < end
+            w = _load_weights(w_base, t, ok, stride_wt, HAS_MASK, ACC)
+            z = _load_tokens(k_base, t, ok, stride_kt, R, stride_kd, BR).to(ACC)
+            z_prev = _load_tokens(k_base, t - 1, prev_ok, stride_kt, R, stride_kd, BR).to(ACC)
+            z_prev = z_prev * _load_weights(w_base, t - 1, prev_ok, stride_wt, HAS_MASK, ACC)[:, None]
+            z_next = _load_tokens(k_base, t + 1, next_ok, stride_kt, R, stride_kd, BR).to(ACC)
+            z_next = z_next * _load_weights(w_base, t + 1, next_ok, stride_wt, HAS_MASK, ACC)[:, None]
+            v_vis = _load_tokens(v_base, t, ok, stride_vt, P, stride_vd, BP).to(ACC) * w[:, None]
+            dz = _mm_split(z * w[:, None], gram_hi, gram_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+            dz += _mm_split(v_vis, cross_hi, cross_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+            dz += _mm_split(z_prev, lag_t_hi, lag_t_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+            dz += _mm_split(z_next, lag_hi, lag_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+            dz += tl.where((t == end - 1)[:, None], boundary[None, :], 0.0)
+            dk = dz * w[:, None]
+            if NORM_KEYS != 0:  # d_norm · z/‖z‖ on the tokens attaining the chunk max (w = 1 there)
+                norms = _row_norms(z, w, weighted_norms)
+                hit = ok & (norms == chunk_max) & (norms > 0)
+                z_cols = tl.load(k_base + t[:, None] * stride_kt + cols[None, :] * stride_kd,
+                                 mask=ok[:, None] & (cols[None, :] < R), other=0.0).to(ACC)
+                dk += tl.where(hit, d_norm / tl.where(hit, norms, 1.0), 0.0)[:, None] * z_cols
+            tl.store(DK + b * stride_dkb + h * stride_dkh + t[:, None] * stride_dkt + cols[None, :] * stride_dkd,
+                     dk.to(DK.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < R))
+    if tl.program_id(2) * BN < P:
+        cross_t_hi, cross_t_lo = _split_tf32(_load_columns(row + 2 * R * R, P, R, cols, BR, True), HALF_TOKENS)
+        for t0 in range(start, end, BS):
+            t = t0 + tl.arange(0, BS)
+            ok = t < end
+            w = _load_weights(w_base, t, ok, stride_wt, HAS_MASK, ACC)
+            z_vis = _load_tokens(k_base, t, ok, stride_kt, R, stride_kd, BR).to(ACC) * w[:, None]
+            dv = _mm_split(z_vis, cross_t_hi, cross_t_lo, ACC, DOT_PRECISION, HALF_TOKENS) * w[:, None]
+            tl.store(DV + b * stride_dvb + h * stride_dvh + t[:, None] * stride_dvt + cols[None, :] * stride_dvd,
+                     dv.to(DV.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < P))
+
+
+# ---------------------------------------------------------------------------------------------
+# (a') segmented scan over chunks: exclusive prefix (chunk_causal) or per-sequence total (prefix)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def segment_scan_kernel(
+    X, OUT, ARG, SEG_CHUNKS, NSEG, NC, NOUT, D,
+    USE_MAX: tl.constexpr, TOTAL: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Scan the rows X[bh, c, :D] over the chunks [SEG_CHUNKS[s], SEG_CHUNKS[s+1]) of each sequence s.
+
+    TOTAL=False: OUT[bh, c] = ⊕ of the rows before c in its sequence (after c if REVERSE), ⊕ = + (max
+    with USE_MAX), 0 when there are none; with USE_MAX (D = 1) ARG[bh, c] is the chunk attaining that
+    max (the later one on ties, like torch.cummax; -1 if none). TOTAL=True: OUT[bh, s] = ⊕ of sequence
+    s (0 if empty). Grid (B·H, ⌈D / BLOCK⌉).
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < D
+    x_base = X + bh * NC * D
+    out_base = OUT + bh * NOUT * D
+    for s in range(NSEG):
+        c0 = tl.load(SEG_CHUNKS + s).to(tl.int64)
+        c1 = tl.load(SEG_CHUNKS + s + 1).to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        arg = tl.full([BLOCK], -1, dtype=tl.int32)
+        for i in range(c1 - c0):
+            if REVERSE:
+                c = c1 - 1 - i
+            else:
+                c = c0 + i
+            x = tl.load(x_base + c * D + cols, mask=col_ok, other=0.0)
+            if not TOTAL:
+                tl.store(out_base + c * D + cols, acc, mask=col_ok)
+                if USE_MAX:
+                    tl.store(ARG + bh * NOUT + c + cols, arg, mask=col_ok)
+            if USE_MAX:
+                take = x >= acc
+                arg = tl.where(take, c.to(tl.int32), arg)
+                acc = tl.where(take, x, acc)
+            else:
+                acc += x
+        if TOTAL:
+            tl.store(out_base + s * D + cols, acc, mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) per-slot dense algebra: Cholesky with jitter, L⁻¹, W, power iteration, R
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cholesky_inverse(a, r, BR: tl.constexpr):
+    """X = L⁻¹ where a = L Lᵀ is [BR, BR] and the identity outside its leading r×r block.
+
+    Right-looking Cholesky; each column l_j of L is folded into X at once (L = L_1 ⋯ L_r with L_j the
+    identity whose column j is l_j, so X = L_r⁻¹ ⋯ L_1⁻¹). Returns (X, number of pivots <= 0 or NaN);
+    X is meaningless when that number is not 0.
+    """
+    rows = tl.arange(0, BR)
+    x = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0).to(a.dtype)
+    bad = tl.zeros([], dtype=tl.int32)
+    for j in range(r):
+        col = tl.sum(tl.where(rows[None, :] == j, a, 0.0), axis=1)  # a[:, j]
+        pivot2 = tl.sum(tl.where(rows == j, col, 0.0), axis=0)
+        bad += tl.where(pivot2 > 0, 0, 1)
+        pivot = tl.sqrt(tl.where(pivot2 > 0, pivot2, 1.0))
+        l_col = tl.where(rows >= j, col / pivot, 0.0)
+        a = a - l_col[:, None] * l_col[None, :]
+        x_row = tl.sum(tl.where(rows[:, None] == j, x, 0.0), axis=0) / pivot  # new X[j, :]
+        x = tl.where(rows[:, None] == j, x_row[None, :], x - l_col[:, None] * x_row[None, :])
+    return x, bad
+
+
+@triton.jit
+def _norm_scale(MSLOT, idx, PARAMS, NORM_SCALED: tl.constexpr, ACC: tl.constexpr):
+    """Ridge scale s = m², m = max(floor, max ‖z‖), with a max-norm; s = 1 for norm="none"."""
+    if NORM_SCALED:
+        m = tl.maximum(tl.load(MSLOT + idx).to(ACC), tl.load(PARAMS + 2))
+        s = m * m
+    else:
+        s = tl.full([], 1.0, dtype=ACC)
+    return s
+
+
+@triton.jit
+def readout_matrix_fwd_kernel(
+    STATS, MSLOT, GAMMA, PARAMS, RMAT, LINV, AUX, H, NSLOT, R, P,
+    POWER: tl.constexpr, POWER_ITERS: tl.constexpr, NORM_SCALED: tl.constexpr, JITTER_ROUNDS: tl.constexpr,
+    BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """R = C L⁻ᵀ (a W)^K L⁻¹ of one slot (SPEC §2), W = L⁻¹ M L⁻ᵀ, L Lᵀ = G̃ = sym(G) + eps·s·I.
+
+    A failed factorisation is retried with G̃ + jitter·s·I, the jitter starting at PARAMS[1] and ×10 per
+    round (as the torch path). Where all JITTER_ROUNDS retries fail — the torch path raises; only rounding
+    in hopeless conditioning (norm="none" with huge keys) or non-finite input gets there — a last retry
+    adds PARAMS[1]·max_i G̃_ii (a constant: no gradient), so that finite input gives finite R; R is NaN
+    only if that fails too. σ from POWER_ITERS power-iteration steps (no gradient), a = γ̂ / max(1, σ);
+    the filter is applied as (aW)^K, which cannot overflow where W^K would. Saves LINV = L⁻¹ and
+    AUX = (max(1, σ), ridge coefficient of s) for the backward. Grid (NSLOT, B·H).
+    """
+    slot = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    idx = bh * NSLOT + slot
+    row = STATS + idx * (2 * R * R + P * R)
+    gram = _load_matrix(row, R, R, BR, BR)
+    lag = _load_matrix(row + R * R, R, R, BR, BR)
+    cross = _load_matrix(row + 2 * R * R, P, R, BP, BR)
+    s = _norm_scale(MSLOT, idx, PARAMS, NORM_SCALED, ACC)
+    coef = tl.load(PARAMS)
+    rows = tl.arange(0, BR)
+    inside = rows < R
+    on_diag = (rows[:, None] == rows[None, :]) & inside[:, None]
+    pad_eye = tl.where((rows[:, None] == rows[None, :]) & (rows[:, None] >= R), 1.0, 0.0)
+    g_ridge = 0.5 * (gram + tl.trans(gram)) + tl.where(on_diag, coef * s, 0.0) + pad_eye
+    chol_inv, bad = _cholesky_inverse(g_ridge, R, BR)
+    jitter = tl.load(PARAMS + 1)
+    added = tl.zeros([], dtype=ACC)
+    for _ in range(JITTER_ROUNDS):
+        if bad > 0:
+            added = jitter
+            chol_inv, bad = _cholesky_inverse(g_ridge + tl.where(on_diag, jitter * s, 0.0), R, BR)
+        jitter = jitter * 10.0
+    coef += added
+    if bad > 0:  # last resort where the torch path raises: a ridge relative to the largest diagonal entry
+        largest = tl.max(tl.max(tl.where(on_diag, g_ridge, 0.0), axis=1), axis=0)
+        chol_inv, bad = _cholesky_inverse(g_ridge + tl.where(on_diag, added * s + tl.load(PARAMS + 1) * largest, 0.0),
+                                          R, BR)
+    chol_inv = tl.where(bad > 0, float("nan"), chol_inv)
+    whitened = _mm(_mm(chol_inv, lag, ACC, DOT_PRECISION), tl.trans(chol_inv), ACC, DOT_PRECISION)
+    # σ_max(W) by power iteration from 1/√r·(1, …, 1), no gradient (SPEC §2 step 4)
+    vec = tl.where(inside, tl.load(PARAMS + 3), 0.0)
+    for _ in tl.static_range(POWER_ITERS):
+        u = tl.sum(whitened * vec[None, :], axis=1)
+        u_norm = tl.sqrt(tl.sum(u * u, axis=0))
+        u = tl.where(u_norm > 0, u / tl.where(u_norm > 0, u_norm, 1.0), 0.0)
+        vec = tl.sum(whitened * u[:, None], axis=0)
+        v_norm = tl.sqrt(tl.sum(vec * vec, axis=0))
+        vec = tl.where(v_norm > 0, vec / tl.where(v_norm > 0, v_norm, 1.0), 0.0)
+    w_vec = tl.sum(whitened * vec[None, :], axis=1)
+    sigma = tl.maximum(tl.sqrt(tl.sum(w_vec * w_vec, axis=0)), 1.0)
+    filt = whitened * (tl.load(GAMMA + h).to(ACC) / sigma)  # a W
+    readout = _mm(cross, tl.trans(chol_inv), ACC, DOT_PRECISION)  # C L⁻ᵀ
+    for _ in tl.static_range(POWER):
+        readout = _mm(readout, filt, ACC, DOT_PRECISION)
+    readout = _mm(readout, chol_inv, ACC, DOT_PRECISION)
+    _store_matrix(RMAT + idx * P * R, readout, P, R, BP, BR)
+    _store_matrix(LINV + idx * R * R, chol_inv, R, R, BR, BR)
+    tl.store(AUX + idx * 2, sigma)
+    tl.store(AUX + idx * 2 + 1, coef)
+
+
+@triton.jit
+def readout_matrix_bwd_kernel(
+    STATS, MSLOT, GAMMA, PARAMS, LINV, AUX, DRMAT, DSTATS, DMSLOT, DGAMMA, H, NSLOT, R, P,
+    POWER: tl.constexpr, NORM_SCALED: tl.constexpr,
+    BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Gradients of one slot's R = T_K X in the whitened form of the forward: X = L⁻¹, A = a W with
+    W = X M Xᵀ, T_0 = C Xᵀ, T_k = T_{k-1} A — every intermediate stays O(1) (σ(W) <= 1).
+
+    With V = Aᵀ, Q = T_0ᵀ dR = X (Cᵀ dR) and E = Q Xᵀ:
+      dA = Σ_{i<K} V^i E V^(K-1-i) (Horner: H ← V H + E V^n),  dW = a dA,  dγ̂ = ⟨dA, W⟩ / max(1, σ),
+      dX = V^K Q + (V^K)ᵀ X (Cᵀ dR)ᵀ + dW X Mᵀ + dWᵀ X M,  dC = dR (Xᵀ V^K X),  dM = Xᵀ dW X,
+      dG̃ = -sym(Xᵀ Φ(dX Xᵀ) X)  (Cholesky backward; Φ = lower triangle, halved diagonal),
+      dG = sym(dG̃),  d(raw max norm) = tr(dG̃)·coef·2m (0 below the floor)
+    (σ is a constant). Only Cᵀ dR and dC touch the P dimension; the rest is r×r. Writes DSTATS[bh, slot]
+    = (dG, dM, dC), DMSLOT and DGAMMA. Grid (NSLOT, B·H).
+    """
+    slot = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    idx = bh * NSLOT + slot
+    width = 2 * R * R + P * R
+    row = STATS + idx * width
+    out = DSTATS + idx * width
+    x_ptr = LINV + idx * R * R  # X and M are re-read (L1/L2) at their uses rather than held in registers
+    d_out_ptr = DRMAT + idx * P * R
+    sigma = tl.load(AUX + idx * 2)
+    a = tl.load(GAMMA + h).to(ACC) / sigma
+    chol_inv = _load_matrix(x_ptr, R, R, BR, BR)
+    ct_dr = _mm(tl.trans(_load_matrix(row + 2 * R * R, P, R, BP, BR)), _load_matrix(d_out_ptr, P, R, BP, BR).to(ACC),
+                ACC, DOT_PRECISION)  # Cᵀ dR
+    q_mat = _mm(chol_inv, ct_dr, ACC, DOT_PRECISION)
+    if POWER > 0:
+        whitened = _mm(_mm(chol_inv, _load_matrix(row + R * R, R, R, BR, BR), ACC, DOT_PRECISION),
+                       tl.trans(chol_inv), ACC, DOT_PRECISION)
+        filt_t = tl.trans(whitened) * a  # V = Aᵀ
+        e_mat = _mm(q_mat, tl.trans(chol_inv), ACC, DOT_PRECISION)
+        horner = e_mat
+        v_pow = filt_t
+        for _ in tl.static_range(POWER - 1):
+            horner = _mm(filt_t, horner, ACC, DOT_PRECISION) + _mm(e_mat, v_pow, ACC, DOT_PRECISION)
+            v_pow = _mm(v_pow, filt_t, ACC, DOT_PRECISION)  # V^K after the loop
+        d_gamma = _total(horner * whitened) / sigma
+        d_w = horner * a
+        chol_inv = _load_matrix(x_ptr, R, R, BR, BR)
+        _store_matrix(out + R * R, _mm(_mm(tl.trans(chol_inv), d_w, ACC, DOT_PRECISION), chol_inv, ACC,
+                                       DOT_PRECISION), R, R, BR, BR)
+        lag = _load_matrix(row + R * R, R, R, BR, BR)
+        d_x = _mm(v_pow, q_mat, ACC, DOT_PRECISION)
+        d_x += _mm(_mm(d_w, chol_inv, ACC, DOT_PRECISION), tl.trans(lag), ACC, DOT_PRECISION)
+        d_x += _mm(_mm(tl.trans(d_w), chol_inv, ACC, DOT_PRECISION), lag, ACC, DOT_PRECISION)
+        x_vk = _mm(tl.trans(v_pow), chol_inv, ACC, DOT_PRECISION)  # (V^K)ᵀ X
+        d_x += _mm(x_vk, tl.trans(ct_dr), ACC, DOT_PRECISION)
+        u_mat = _mm(tl.trans(x_vk), chol_inv, ACC, DOT_PRECISION)  # Xᵀ V^K X
+    else:
+        d_gamma = tl.zeros([], dtype=ACC)
+        _store_matrix(out + R * R, tl.zeros([BR, BR], dtype=ACC), R, R, BR, BR)
+        d_x = q_mat + _mm(chol_inv, tl.trans(ct_dr), ACC, DOT_PRECISION)
+        u_mat = _mm(tl.trans(chol_inv), chol_inv, ACC, DOT_PRECISION)
+    _store_matrix(out + 2 * R * R, _mm(_load_matrix(d_out_ptr, P, R, BP, BR).to(ACC), u_mat, ACC, DOT_PRECISION),
+                  P, R, BP, BR)
+    rows = tl.arange(0, BR)
+    chol_inv = _load_matrix(x_ptr, R, R, BR, BR)
+    phi = _mm(d_x, tl.trans(chol_inv), ACC, DOT_PRECISION)
+    phi = tl.where(rows[:, None] > rows[None, :], phi, tl.where(rows[:, None] == rows[None, :], 0.5 * phi, 0.0))
+    d_ridge = -_mm(_mm(tl.trans(chol_inv), phi, ACC, DOT_PRECISION), chol_inv, ACC, DOT_PRECISION)
+    d_ridge = 0.5 * (d_ridge + tl.trans(d_ridge))
+    _store_matrix(out, d_ridge, R, R, BR, BR)
+    tl.store(DGAMMA + idx, d_gamma)
+    if NORM_SCALED:
+        trace = _total(tl.where(rows[:, None] == rows[None, :], d_ridge, 0.0))
+        m_raw = tl.load(MSLOT + idx).to(ACC)
+        coef = tl.load(AUX + idx * 2 + 1)
+        tl.store(DMSLOT + idx, tl.where(m_raw >= tl.load(PARAMS + 2), trace * coef * 2.0 * m_raw, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) readout Y_c = η R_c Q_c and its backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def readout_fwd_kernel(
+    Q, RMAT, ETA, Y, CHUNK_START, CHUNK_END, CHUNK_SLOT, H, NSLOT, R, P,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_yb, stride_yt, stride_yh, stride_yd,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HALF_TOKENS: tl.constexpr,
+):
+    """y_t = η R_{CHUNK_SLOT[c]} q_t for the tokens t of chunk c. Grid (NC, B·H)."""
+    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
+    readout = _load_matrix(RMAT + (bh * NSLOT + tl.load(CHUNK_SLOT + c)) * P * R, P, R, BP, BR)
+    readout_hi, readout_lo = _split_tf32(tl.trans(readout), HALF_TOKENS)
+    eta = tl.load(ETA + h).to(ACC)
+    q_base = Q + b * stride_qb + h * stride_qh
+    y_base = Y + b * stride_yb + h * stride_yh
+    for t0 in range(start, end, BS):
+        t = t0 + tl.arange(0, BS)
+        ok = t < end
+        query = _load_tokens(q_base, t, ok, stride_qt, R, stride_qd, BR).to(ACC)
+        y = _mm_split(query, readout_hi, readout_lo, ACC, DOT_PRECISION, HALF_TOKENS) * eta
+        _store_tokens(y_base, y, t, ok, stride_yt, P, stride_yd, BP)
+
+
+@triton.jit
+def readout_bwd_kernel(
+    Q, RMAT, ETA, DY, DQ, DRMAT, DETA, CHUNK_START, CHUNK_END, CHUNK_SLOT, H, NC, NSLOT, R, P,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_yb, stride_yt, stride_yh, stride_yd,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr,
+):
+    """Columns n of: dq_t = η Rᵀ dy_t, and per chunk c DRMAT[bh, c] = η Σ_t dy_t q_tᵀ; DETA[bh, c, n-block]
+    = ⟨R, Σ_t dy_t q_tᵀ⟩ restricted to those columns. Grid (NC, B·H, ⌈r / BN⌉)."""
+    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    readout = _load_columns(RMAT + (bh * NSLOT + tl.load(CHUNK_SLOT + c)) * P * R, P, R, cols, BP, False)
+    readout_hi, readout_lo = _split_tf32(readout, HALF_TOKENS)
+    eta = tl.load(ETA + h).to(ACC)
+    q_base = Q + b * stride_qb + h * stride_qh
+    dy_base = DY + b * stride_yb + h * stride_yh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    outer = tl.zeros([BP, BN], dtype=ACC)
+    for t0 in range(start, end, BS):
+        t = t0 + tl.arange(0, BS)
+        ok = t < end
+        query = tl.load(q_base + t[:, None] * stride_qt + cols[None, :] * stride_qd,
+                        mask=ok[:, None] & (cols[None, :] < R), other=0.0)
+        d_y = _load_tokens(dy_base, t, ok, stride_yt, P, stride_yd, BP)
+        d_q = _mm_split(d_y.to(ACC), readout_hi, readout_lo, ACC, DOT_PRECISION, HALF_TOKENS) * eta
+        tl.store(dq_base + t[:, None] * stride_dqt + cols[None, :] * stride_dqd, d_q.to(DQ.dtype.element_ty),
+                 mask=ok[:, None] & (cols[None, :] < R))
+        if HALF_TOKENS:  # fp16/bf16 operands: exact products, fp32 accumulation
+            outer += _mm(tl.trans(d_y.to(query.dtype)), query, ACC, DOT_PRECISION)
+        else:
+            outer += _mm(tl.trans(d_y.to(ACC)), query.to(ACC), ACC, DOT_PRECISION)
+    pp = tl.arange(0, BP)
+    tl.store(DRMAT + (bh * NC + c) * P * R + pp[:, None] * R + cols[None, :], outer * eta,
+             mask=(pp[:, None] < P) & (cols[None, :] < R))
+    tl.store(DETA + (bh * NC + c) * tl.num_programs(2) + tl.program_id(2), _total(readout * outer))
