@@ -40,6 +40,7 @@ from torch import Tensor
 from megatron.core.tensor_parallel import random as tensor_parallel_random
 
 CUDA_EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
+CPU_SCAN_CHUNK = 32  # chunk of the pure-PyTorch SSD scan: Megatron's 128 makes dense intra-chunk terms 4x larger
 
 _enabled = False
 
@@ -146,8 +147,10 @@ def _ssd_scan(
     x [b, l, h, p], dt [b, l, h] (after bias/softplus/limits), A [h], B, C [b, l, g, n],
     seq_idx [b, l] non-decreasing or None, initial_states [b, h, p, n] or None
     -> (y [b, l, h, p], final state [b, h, p, n]). Intra-chunk terms are dense; chunk states are
-    passed sequentially over chunks. Every decay exponent is masked before `exp`.
+    passed sequentially over chunks. Every decay exponent is masked before `exp`. The result does
+    not depend on the chunk size, so chunks are capped at `CPU_SCAN_CHUNK` (the fastest on CPU).
     """
+    chunk_size = min(chunk_size, CPU_SCAN_CHUNK)
     batch, length, heads, head_dim = x.shape
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     repeat = heads // B.shape[2]
