@@ -1,0 +1,179 @@
+"""The ``echo-megatron`` command line (thin: parsing and error reporting only).
+
+    echo-megatron mqar                      # CPU demo preset, results in ./mqar_cpu
+    echo-megatron mqar --preset paper       # SPEC §10 grid at the Echo-50M size (GPUs, torchrun)
+    torchrun --nproc-per-node 2 -m echo_megatron.cli mqar --tp 2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+import warnings
+from pathlib import Path
+
+# Flags that are shorthands for preset fields: flag -> field.
+_FIELD_FLAGS = {
+    "archs": "archs", "kv_pairs": "kv_pairs", "gaps": "eval_gaps", "train_gaps": "train_gaps", "steps": "steps",
+    "batch_size": "batch_size", "lr": "lrs", "seed": "seed", "ska_power": "ska_power",
+    "ska_chunk_size": "ska_chunk_size", "tp": "tensor_parallel_size",
+}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _train_gaps(text: str) -> tuple[int, ...]:
+    return () if text == "each" else _int_list(text)
+
+
+def _arch_list(text: str) -> tuple[str, ...]:
+    from echo_megatron.tasks.mqar_benchmark import ARCHS
+
+    archs = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in archs if a not in ARCHS]
+    if bad or not archs:
+        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(bad) or '(none)'}; choose from {', '.join(ARCHS)}")
+    return archs
+
+
+def _coerce(field: dataclasses.Field, text: str):
+    """Parse ``text`` as the type of preset ``field`` (int, float, str or a tuple of them)."""
+    from echo_megatron.tasks.mqar_benchmark import MQARPreset
+
+    hint = typing.get_type_hints(MQARPreset)[field.name]
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return tuple(item(x) for x in text.split(",") if x.strip())
+    return hint(text)
+
+
+def _parse_sets(assignments: list[str], parser: argparse.ArgumentParser) -> dict:
+    from echo_megatron.tasks.mqar_benchmark import MQARPreset
+
+    fields = {f.name: f for f in dataclasses.fields(MQARPreset) if f.name != "name"}
+    changes = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or key not in fields:
+            parser.error(f"argument --set: expected KEY=VALUE with KEY one of {', '.join(fields)}; got {assignment!r}")
+        try:
+            changes[key] = _coerce(fields[key], value)
+        except ValueError:
+            parser.error(f"argument --set: bad value {value!r} for {key}")
+    return changes
+
+
+def _mqar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from echo_megatron.tasks.mqar_benchmark import (
+        PRESETS,
+        ResultsDirError,
+        run_benchmark,
+    )
+
+    changes = {field: getattr(args, flag) for flag, field in _FIELD_FLAGS.items() if getattr(args, flag) is not None}
+    changes.update(_parse_sets(args.set, parser))
+    try:
+        preset = dataclasses.replace(PRESETS[args.preset], **changes)
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out) if args.out else Path(f"mqar_{preset.name}")
+    _set_cpu_threads(args.threads)
+    try:
+        cells = run_benchmark(preset, out, force=args.force, resume=args.resume, progress=not args.no_progress)
+    except ResultsDirError as error:
+        print(f"echo-megatron mqar: error: {error}", file=sys.stderr)
+        return 1
+    if cells:
+        print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+        print((out / "results.md").read_text() if (out / "results.md").exists() else "", end="")
+    return 0
+
+
+def _set_cpu_threads(threads: int | None) -> None:
+    """Intra-op threads on CPU: --threads, else $OMP_NUM_THREADS, else 1 (the benchmark's small
+    matrices gain little from a second thread, and spinning OpenMP threads collapse throughput
+    when the cores are shared)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from echo_megatron.tasks.mqar_benchmark import ARCHS, PRESETS
+
+    parser = argparse.ArgumentParser(prog="echo-megatron", description="Spectral Koopman Attention for Megatron-Core.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    mqar = commands.add_parser(
+        "mqar", help="multi-query associative recall benchmark: Mamba-2 vs Mamba-2 + attention vs Mamba-2 + SKA",
+        description="Train and evaluate the architectures on the MQAR grid (SPEC §10). Flags override the preset.",
+    )
+    mqar.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                      help="cpu: the ≤ 20 min CPU demo (default); paper: SPEC §10 grid at the Echo-50M size (GPUs)")
+    mqar.add_argument("--out", help="results directory (default: ./mqar_<preset>)")
+    mqar.add_argument("--archs", type=_arch_list, help=f"comma-separated subset of {','.join(ARCHS)}")
+    mqar.add_argument("--kv-pairs", type=_int_list, help="comma-separated numbers of KV pairs M")
+    mqar.add_argument("--gaps", type=_int_list, help="comma-separated evaluation gaps G")
+    mqar.add_argument("--train-gaps", type=_train_gaps,
+                      help="comma-separated training gaps (one model per arch and M), or 'each' (one model per cell)")
+    mqar.add_argument("--steps", type=int, help="training steps per model")
+    mqar.add_argument("--batch-size", type=int, help="global batch size")
+    mqar.add_argument("--lr", type=_float_list,
+                      help="comma-separated peak learning rates: each run trains one model per rate and keeps the "
+                           "best on held-out data of its training gaps")
+    mqar.add_argument("--seed", type=int, help="seed of model initialisation and data")
+    mqar.add_argument("--ska-power", type=int, help="SKA power-filter order K")
+    mqar.add_argument("--ska-chunk-size", type=int, help="SKA chunk size S")
+    mqar.add_argument("--tp", type=int, help="tensor-parallel size (torchrun world size must be a multiple)")
+    mqar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any preset field, e.g. --set hidden_size=32 --set pattern=M*-")
+    again = mqar.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true", help="delete an existing results directory and start over")
+    again.add_argument("--resume", action="store_true", help="continue an existing results directory (same config)")
+    mqar.add_argument("--threads", type=_positive_int,
+                      help="CPU intra-op threads per process (default: $OMP_NUM_THREADS, else 1)")
+    mqar.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mqar.set_defaults(func=_mqar, parser=mqar)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Megatron-Core announces at import time every optional GPU package it does not find.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""The MQAR benchmark behind ``echo-megatron mqar``: architectures × (KV pairs M, gap G).
+
+Architectures, at matched width and depth (one layer pattern; ``'*'`` is the mixing slot):
+
+- ``mamba``: every ``'*'`` becomes a Mamba-2 layer (all Mamba-2);
+- ``mamba_attention``: Megatron softmax attention in ``'*'``;
+- ``mamba_ska``: Spectral Koopman Attention in ``'*'``;
+- ``echo``: SKA in ``'*'`` and Spectral Koopman MLPs in the ``'-'`` slots.
+
+A preset either trains one model per architecture and M on a mix of ``train_gaps`` and evaluates
+it at every ``eval_gaps`` (``--preset cpu``), or — ``train_gaps`` empty — trains one model per cell
+(``--preset paper``, SPEC §10's grid). Every architecture gets the same data (same seeds), steps,
+optimiser, schedule and learning-rate sweep: each run trains one model per rate in ``lrs`` and keeps
+the one with the best accuracy on held-out sequences of its *training* gaps (never the evaluation
+data). Results go to ``<out>/results.json`` (written after every training run, so an interrupted
+benchmark resumes where it stopped), ``runs.json`` (the sweep), ``results.md``, ``results.png`` and
+``history/`` (per-step loss, accuracy, gradient norm, learning rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from echo_megatron.tasks import trainer
+from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, paper_grid
+
+ARCHS = ("mamba", "mamba_attention", "mamba_ska", "echo")
+RESULTS_JSON, RUNS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "runs.json", "results.md", "results.png"
+HISTORY_DIR = "history"
+TRAIN_STREAM, EVAL_STREAM, MONITOR_STREAM = 1, 2, 3  # independent data streams of one seed
+MONITOR_EXAMPLES = 64  # per training gap: periodic evaluation and learning-rate selection
+
+
+@dataclass(frozen=True)
+class MQARPreset:
+    """Everything that defines a benchmark run (stored as ``config`` in results.json)."""
+
+    name: str
+    archs: tuple[str, ...]
+    kv_pairs: tuple[int, ...]
+    eval_gaps: tuple[int, ...]
+    train_gaps: tuple[int, ...]  # empty: one model per (arch, M, G) cell, trained on G
+    # model (shared by every architecture)
+    pattern: str
+    hidden_size: int
+    num_heads: int  # SKA heads and softmax-attention heads
+    mamba_state_dim: int
+    mamba_head_dim: int
+    ffn_hidden_size: int
+    ska_rank: int
+    ska_value_dim: int
+    ska_chunk_size: int
+    ska_power: int
+    # training
+    steps: int
+    batch_size: int
+    lrs: tuple[float, ...]  # peak learning rates tried per run; the best on held-out training-gap data is kept
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    clip_grad: float
+    eval_every: int
+    eval_examples: int
+    eval_batch_size: int
+    seed: int
+    mamba_num_groups: int = 1
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.archs if a not in ARCHS]
+        if not self.archs or unknown:
+            raise ValueError(f"archs must be a non-empty subset of {', '.join(ARCHS)}; got {', '.join(self.archs) or 'none'}")
+        if not set(self.pattern) <= set("M*-") or "*" not in self.pattern:
+            raise ValueError(f"pattern must use the symbols M, *, - and contain a '*' slot, got {self.pattern!r}")
+        if "echo" in self.archs and "-" not in self.pattern:
+            raise ValueError(f"arch echo needs '-' (MLP) slots in the pattern for its Koopman MLPs, got {self.pattern!r}")
+        for name in ("kv_pairs", "eval_gaps"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if any(m < 1 or m > PAPER_VOCAB_SIZE // 4 for m in self.kv_pairs):
+            raise ValueError(f"kv_pairs must lie in [1, {PAPER_VOCAB_SIZE // 4}], got {list(self.kv_pairs)}")
+        if any(g < 0 for g in (*self.eval_gaps, *self.train_gaps)):
+            raise ValueError(f"gaps must be >= 0, got eval {list(self.eval_gaps)}, train {list(self.train_gaps)}")
+        ints = ("hidden_size", "num_heads", "mamba_state_dim", "mamba_head_dim", "ffn_hidden_size", "ska_rank",
+                "ska_value_dim", "ska_chunk_size", "steps", "batch_size", "eval_examples", "eval_batch_size",
+                "mamba_num_groups", "tensor_parallel_size")
+        for name in ints:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lrs or min(self.lrs) <= 0 or not 0 <= self.min_lr <= min(self.lrs):
+            raise ValueError(f"lr must be a non-empty list of values > 0, each >= min_lr >= 0; got lr={list(self.lrs)}, "
+                             f"min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("warmup_steps, eval_every, weight_decay and clip_grad must be >= 0")
+        if self.ska_power < 0:
+            raise ValueError(f"ska_power must be >= 0, got {self.ska_power}")
+        if self.num_heads % self.tensor_parallel_size or self.mamba_num_groups % self.tensor_parallel_size:
+            raise ValueError(f"num_heads ({self.num_heads}) and mamba_num_groups ({self.mamba_num_groups}) must be "
+                             f"divisible by tensor_parallel_size ({self.tensor_parallel_size})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+
+    def train_config(self, lr: float, description: str, progress: bool) -> trainer.TrainConfig:
+        return trainer.TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=lr, min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
+            eval_every=self.eval_every, progress=progress, description=description,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# The embedded CPU demo (≤ 20 min on 2 cores; see README): one model per architecture, trained on a
+# mix of short gaps, evaluated at gaps up to 32x longer than the longest it saw.
+CPU_PRESET = MQARPreset(
+    name="cpu", archs=("mamba", "mamba_attention", "mamba_ska"), kv_pairs=(8,),
+    eval_gaps=(16, 64, 256, 1024), train_gaps=(16, 32),
+    pattern="M*M*", hidden_size=64, num_heads=4, mamba_state_dim=16, mamba_head_dim=16, ffn_hidden_size=128,
+    ska_rank=16, ska_value_dim=16, ska_chunk_size=16, ska_power=1,
+    steps=800, batch_size=32, lrs=(1e-3, 3e-3), min_lr=1e-5, warmup_steps=100, weight_decay=0.1, clip_grad=1.0,
+    eval_every=100, eval_examples=256, eval_batch_size=32, seed=0,
+)
+
+
+def _paper_preset() -> MQARPreset:
+    """SPEC §10's grid, one model per cell, at the Echo-50M size (``echo_megatron.megatron``'s
+    ``echo-50m``: d=448, 16 blocks with SKA at {3,7,11,15}, H=7, r=56, P=64, S=64, d_state=64), for
+    GPUs. The '-' slots hold MLPs of the Koopman MLP's width (Koopman MLPs for ``echo``)."""
+    from echo_megatron.megatron.koopman_mlp import koopman_width
+    from echo_megatron.megatron.presets import get_preset
+
+    echo = get_preset("echo-50m")
+    f = echo.config_fields
+    return MQARPreset(
+        name="paper", archs=ARCHS, kv_pairs=(4, 8, 16, 32), eval_gaps=(64, 128, 256, 512, 1024, 2048, 4096),
+        train_gaps=(), pattern=echo.pattern, hidden_size=f["hidden_size"], num_heads=f["ska_num_heads"],
+        mamba_state_dim=f["mamba_state_dim"], mamba_head_dim=f["mamba_head_dim"],
+        ffn_hidden_size=koopman_width(f["hidden_size"]), ska_rank=f["ska_rank"], ska_value_dim=f["ska_value_dim"],
+        ska_chunk_size=f["ska_chunk_size"], ska_power=2,
+        steps=4000, batch_size=64, lrs=(3e-4, 1e-3), min_lr=5e-6, warmup_steps=200, weight_decay=0.1, clip_grad=1.0,
+        eval_every=500, eval_examples=1000, eval_batch_size=16, seed=0,
+    )
+
+
+PAPER_PRESET = _paper_preset()
+
+PRESETS = {"cpu": CPU_PRESET, "paper": PAPER_PRESET}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run and the cells it fills."""
+
+    arch: str
+    kv_pairs: int
+    train_gaps: tuple[int, ...]
+    eval_gaps: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}_M{self.kv_pairs}_G{'-'.join(map(str, self.train_gaps))}"
+
+
+def planned_runs(preset: MQARPreset) -> list[Run]:
+    runs = []
+    for m in preset.kv_pairs:
+        for arch in preset.archs:
+            if preset.train_gaps:
+                runs.append(Run(arch, m, preset.train_gaps, preset.eval_gaps))
+            else:
+                runs.extend(Run(arch, m, (g,), (g,)) for g in preset.eval_gaps)
+    return runs
+
+
+def seq_len(kv_pairs: int, gap: int) -> int:
+    return 4 * kv_pairs + gap
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def arch_pattern(arch: str, pattern: str) -> str:
+    return pattern.replace("*", "M") if arch == "mamba" else pattern
+
+
+def model_config(preset: MQARPreset):
+    """The SKAConfig shared by every architecture (Megatron TransformerConfig + ska_* fields)."""
+    from echo_megatron.megatron import SKAConfig
+
+    gpu = torch.cuda.is_available()
+    tp = preset.tensor_parallel_size
+    return SKAConfig(
+        num_layers=len(preset.pattern),
+        hidden_size=preset.hidden_size,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        num_attention_heads=preset.num_heads,
+        kv_channels=preset.hidden_size // preset.num_heads,
+        mamba_state_dim=preset.mamba_state_dim,
+        mamba_head_dim=preset.mamba_head_dim,
+        mamba_num_groups=preset.mamba_num_groups,
+        ska_num_heads=preset.num_heads,
+        ska_rank=preset.ska_rank,
+        ska_value_dim=preset.ska_value_dim,
+        ska_chunk_size=preset.ska_chunk_size,
+        ska_power=preset.ska_power,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        use_cpu_initialization=not gpu,
+        params_dtype=torch.float32,
+    )
+
+
+def build_model(arch: str, preset: MQARPreset, max_seq_len: int) -> torch.nn.Module:
+    from echo_megatron.megatron import build_hybrid_model
+
+    spec = "te" if torch.cuda.is_available() and _have_transformer_engine() else "local"
+    model = build_hybrid_model(
+        model_config(preset), arch_pattern(arch, preset.pattern), vocab_size=PAPER_VOCAB_SIZE, seq_length=max_seq_len,
+        spec=spec, ffn="koopman" if arch == "echo" else "mlp",
+        attention="softmax" if arch == "mamba_attention" else "ska", share_embeddings_and_output_weights=True,
+    )
+    return model.to(trainer.device())
+
+
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole (tensor-parallel) model, each shard counted once."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    local = sum(p.numel() for p in model.parameters() if tensor_parallel.param_is_not_tensor_parallel_duplicate(p))
+    total = torch.tensor([local], dtype=torch.float64, device=trainer.device())
+    torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    return int(total.item())
+
+
+def state_bytes_per_layer(arch: str, preset: MQARPreset, tokens: int) -> int:
+    """Largest per-layer decode state (fp32 bytes, batch 1) after ``tokens`` tokens.
+
+    Mamba-2: Megatron's conv state [d_inner + 2·groups·d_state, d_conv = 4] + SSM state
+    [d_inner, d_state] (constant); SKA: the ``echo_megatron.ops`` decode state (constant); softmax
+    attention: the KV cache, 2·T·heads·head_dim (grows with T).
+    """
+    p = preset
+    d_inner = 2 * p.hidden_size
+    conv_dim = d_inner + 2 * p.mamba_num_groups * p.mamba_state_dim
+    mamba = 4 * (conv_dim * 4 + d_inner * p.mamba_state_dim)
+    if arch == "mamba":
+        return mamba
+    if arch == "mamba_attention":
+        return max(mamba, 4 * 2 * tokens * p.hidden_size)
+    from echo_megatron.ops import ska_prefill
+
+    empty = torch.zeros(1, 0, p.num_heads, p.ska_rank)
+    _, state = ska_prefill(empty, empty, torch.zeros(1, 0, p.num_heads, p.ska_value_dim),
+                           eta=torch.ones(p.num_heads), gamma=torch.ones(p.num_heads),
+                           chunk_size=p.ska_chunk_size, power=p.ska_power)
+    return max(mamba, state.nbytes)
+
+
+# -------------------------------------------------------------------------------------- results
+
+
+class ResultsDirError(RuntimeError):
+    """The output directory exists and neither --force nor --resume was given, or settings differ."""
+
+
+GRID_FIELDS = ("archs", "kv_pairs", "eval_gaps")  # may grow when resuming; everything else must match
+
+
+@dataclass
+class Results:
+    """What a results directory holds: the preset (``config``), the cells, and one record per
+    training run (``runs.json``: accuracy of each learning rate on the monitor set, the one kept)."""
+
+    preset: MQARPreset
+    cells: list[dict]
+    runs: list[dict]
+
+    def add(self, cells: list[dict], record: dict) -> None:
+        keys = {(c["arch"], c["kv_pairs"], c["gap"]) for c in cells}
+        self.cells = [c for c in self.cells if (c["arch"], c["kv_pairs"], c["gap"]) not in keys] + cells
+        self.runs = [r for r in self.runs if r["run"] != record["run"]] + [record]
+
+    def done(self, run: Run) -> bool:
+        have = {(c["arch"], c["kv_pairs"], c["gap"]) for c in self.cells}
+        return all((run.arch, run.kv_pairs, g) in have for g in run.eval_gaps)
+
+
+def prepare_out_dir(out: Path, preset: MQARPreset, *, force: bool, resume: bool) -> Results:
+    """Create ``out`` (or wipe it with ``force``) and return what it holds.
+
+    With ``resume``, the stored cells are kept (and skipped) and the grid becomes the union of the
+    stored and the requested grids. Refuses an existing non-empty ``out`` without ``force`` or
+    ``resume``, and a resume whose model or training settings differ.
+    """
+    if out.exists() and not out.is_dir():
+        raise ResultsDirError(f"--out {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif resume:
+            stored = load_results(out)
+            config, wanted = stored["config"], preset.to_json()
+            changed = sorted(k for k in wanted if k not in GRID_FIELDS and config.get(k) != wanted[k])
+            if changed:
+                raise ResultsDirError(
+                    f"{out} holds results with different settings ({', '.join(changed)}); "
+                    "use --force to start over or another --out"
+                )
+            union = {k: tuple(dict.fromkeys([*config[k], *wanted[k]])) for k in GRID_FIELDS}
+            runs = json.loads((out / RUNS_JSON).read_text()) if (out / RUNS_JSON).is_file() else []
+            return Results(dataclasses.replace(preset, **union), stored["cells"], runs)
+        else:
+            raise ResultsDirError(
+                f"results directory {out} already exists; pass --resume to continue it or --force to overwrite it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return Results(preset, [], [])
+
+
+def load_results(out: Path) -> dict:
+    """The parsed ``results.json`` of ``out`` (a ResultsDirError if missing or malformed)."""
+    path = out / RESULTS_JSON
+    if not path.is_file():
+        raise ResultsDirError(f"{out} exists but has no {RESULTS_JSON}; use --force to overwrite it")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        results = None
+    if not isinstance(results, dict) or not {"preset", "config", "cells"} <= set(results):
+        raise ResultsDirError(f"{path} is not an MQAR results file (needs preset, config, cells)")
+    return results
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, results: Results) -> None:
+    """results.json, runs.json, results.md and results.png, each replaced atomically."""
+    cells = sorted(results.cells, key=lambda c: (c["kv_pairs"], ARCHS.index(c["arch"]), c["gap"]))
+    document = {"preset": results.preset.name, "config": results.preset.to_json(), "cells": cells}
+    _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
+    _write_atomic(out / RUNS_JSON, json.dumps(results.runs, indent=1) + "\n")
+    _write_atomic(out / RESULTS_MD, markdown_table(cells) + "\n" + runs_table(results.runs))
+    plot(cells, out / RESULTS_PNG, results.preset.train_gaps)
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One row per training run: monitor accuracy (held-out, training gaps) per learning rate."""
+    lines = ["| run | train gaps | monitor accuracy per lr | lr kept | train s |", "|---|---|---|---|---|"]
+    for r in runs:
+        accs = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in r["monitor_accuracy"].items())
+        lines.append(f"| {r['run']} | {','.join(map(str, r['train_gaps']))} | {accs} | {r['lr']:g} | {r['train_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(cells: list[dict]) -> str:
+    """One row per (M, arch): parameters, state bytes at the longest gap, accuracy per gap."""
+    gaps = sorted({c["gap"] for c in cells})
+    header = ["M", "arch", "params", f"state bytes/layer (G={gaps[-1]})" if gaps else "state bytes/layer",
+              *(f"G={g}" for g in gaps)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in sorted({c["kv_pairs"] for c in cells}):
+        for arch in ARCHS:
+            row = {c["gap"]: c for c in cells if c["kv_pairs"] == m and c["arch"] == arch}
+            if not row:
+                continue
+            last = row[max(row)]
+            accs = [f"{row[g]['accuracy']:.3f}" if g in row else "" for g in gaps]
+            lines.append(f"| {m} | {arch} | {last['params']:,} | {last['state_bytes_per_layer']:,} | " + " | ".join(accs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: list[dict], path: Path, train_gaps: tuple[int, ...] = ()) -> None:
+    """Accuracy vs gap, one line per architecture, one panel per M; dashed line = chance, shaded
+    band = the gaps seen in training (when one model per architecture covers several gaps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = sorted({c["kv_pairs"] for c in cells})
+    fig, axes = plt.subplots(1, max(len(ms), 1), figsize=(4.2 * max(len(ms), 1), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], ms):
+        for arch in ARCHS:
+            pts = sorted((c["gap"], c["accuracy"]) for c in cells if c["kv_pairs"] == m and c["arch"] == arch)
+            if pts:
+                ax.plot([g for g, _ in pts], [a for _, a in pts], marker="o", label=arch)
+        ax.axhline(4 / PAPER_VOCAB_SIZE, color="grey", linestyle="--", linewidth=1, label="chance")
+        if train_gaps:
+            ax.axvspan(min(train_gaps), max(train_gaps), color="grey", alpha=0.15, label="training gaps")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"MQAR, M = {m} KV pairs")
+        ax.set_xlabel("gap G (tokens)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def train_batch_fn(preset: MQARPreset, run: Run):
+    """Global batch of step ``step``: gaps cycle through ``run.train_gaps``; same for every arch."""
+
+    def batch_at(step: int) -> trainer.Batch:
+        gap = run.train_gaps[step % len(run.train_gaps)]
+        data = paper_grid(preset.batch_size, run.kv_pairs, gap, seed=(preset.seed, TRAIN_STREAM, run.kv_pairs, step))
+        return data.input_ids, data.labels
+
+    return batch_at
+
+
+def eval_data(preset: MQARPreset, kv_pairs: int, gap: int, examples: int, stream: int = EVAL_STREAM):
+    return paper_grid(examples, kv_pairs, gap, seed=(preset.seed, stream, kv_pairs, gap))
+
+
+def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
+    """Build and train one model at peak ``lr``; returns (model, TrainResult, monitor accuracy)."""
+    trainer.seed_everything(preset.seed)
+    model = build_model(run.arch, preset, seq_len(run.kv_pairs, max(*run.eval_gaps, *run.train_gaps)))
+    monitor = [eval_data(preset, run.kv_pairs, g, MONITOR_EXAMPLES, MONITOR_STREAM) for g in run.train_gaps]
+
+    def monitor_fn() -> float:
+        return sum(trainer.evaluate(model, d, preset.eval_batch_size) for d in monitor) / len(monitor)
+
+    description = f"{run.name} lr={lr:g}"
+    result = trainer.train(model, train_batch_fn(preset, run), preset.train_config(lr, description, progress), monitor_fn)
+    return model, result, result.history[-1]["eval_acc"]
+
+
+def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool) -> tuple[list[dict], dict]:
+    """Train one model per learning rate, keep the one with the best accuracy on held-out data of
+    the training gaps (the monitor set, never the evaluation set), and evaluate it at every
+    ``run.eval_gaps``. Returns the cells and the run's record (accuracy per learning rate)."""
+    best = None
+    monitor_acc: dict[str, float] = {}
+    train_s = 0.0
+    for lr in preset.lrs:
+        model, result, acc = _train_one(preset, run, lr, progress)
+        train_s += result.wall_s
+        monitor_acc[f"{lr:g}"] = acc
+        if trainer.is_rank_zero():
+            (out / HISTORY_DIR).mkdir(exist_ok=True)
+            _write_atomic(out / HISTORY_DIR / f"{run.name}_lr{lr:g}.json", json.dumps(result.history) + "\n")
+        if best is None or acc > best[2]:
+            best = (model, lr, acc, result)
+    model, lr, _, result = best
+    params = count_parameters(model)
+    cells = []
+    for gap in run.eval_gaps:
+        start = time.perf_counter()
+        accuracy = trainer.evaluate(model, eval_data(preset, run.kv_pairs, gap, preset.eval_examples), preset.eval_batch_size)
+        cells.append({
+            "arch": run.arch, "kv_pairs": run.kv_pairs, "gap": gap, "accuracy": accuracy, "params": params,
+            "state_bytes_per_layer": state_bytes_per_layer(run.arch, preset, seq_len(run.kv_pairs, gap)),
+            "train_steps": result.steps, "wall_s": round(train_s + time.perf_counter() - start, 2),
+            "seed": preset.seed,
+        })
+    record = {"run": run.name, "arch": run.arch, "kv_pairs": run.kv_pairs, "train_gaps": list(run.train_gaps),
+              "monitor_accuracy": monitor_acc, "lr": lr, "train_s": round(train_s, 2)}
+    return cells, record
+
+
+def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume: bool = False,
+                  progress: bool = True) -> list[dict]:
+    """Run (or resume) the benchmark; returns all cells. Collective under torchrun."""
+    trainer.initialize_distributed(preset.tensor_parallel_size, preset.seed)
+    rank0 = trainer.is_rank_zero()
+    prepared: Results | str = Results(preset, [], [])
+    if rank0:
+        try:
+            prepared = prepare_out_dir(out, preset, force=force, resume=resume)
+        except ResultsDirError as error:
+            prepared = str(error)
+    prepared = _broadcast(prepared)  # every rank raises together, none waits in a collective
+    if isinstance(prepared, str):
+        raise ResultsDirError(prepared)
+    results = prepared
+    for run in planned_runs(preset):
+        if results.done(run):
+            continue
+        cells, record = execute_run(preset, run, out, progress)
+        results.add(cells, record)
+        if rank0:
+            write_results(out, results)
+            print(" ".join(f"{run.arch} M={c['kv_pairs']} G={c['gap']}: {c['accuracy']:.3f}" for c in cells)
+                  + f" (lr {record['lr']:g})", flush=True)
+    if rank0 and results.cells:
+        write_results(out, results)
+    return results.cells
+
+
+def _broadcast(obj):
+    if torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,207 @@
+"""`echo-megatron mqar`: bad flags, overwrite refusal, tiny end-to-end runs of every architecture,
+results files parsed back, resume, and the paper preset built at reduced size."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from echo_megatron.cli import main
+from echo_megatron.megatron.presets import get_preset
+from echo_megatron.tasks.mqar_benchmark import ARCHS, PAPER_PRESET, planned_runs
+
+REPO = Path(__file__).resolve().parents[1]
+CELL_KEYS = {"arch", "kv_pairs", "gap", "accuracy", "params", "state_bytes_per_layer", "train_steps", "wall_s", "seed"}
+
+# A tiny model and task: every architecture trains 2 steps in a few seconds on a CPU.
+TINY = [
+    "--steps", "2", "--kv-pairs", "2", "--gaps", "4,12", "--train-gaps", "4", "--batch-size", "4", "--lr", "0.001,0.01",
+    "--ska-chunk-size", "4", "--no-progress",
+    "--set", "pattern=M*-", "--set", "hidden_size=32", "--set", "num_heads=2", "--set", "mamba_head_dim=8",
+    "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64", "--set", "ska_rank=8", "--set", "ska_value_dim=8",
+    "--set", "eval_examples=8", "--set", "eval_batch_size=4", "--set", "eval_every=1", "--set", "warmup_steps=1",
+]
+
+
+def _run(tmp_path, *extra, name="out"):
+    return main(["mqar", "--out", str(tmp_path / name), *TINY, *extra])
+
+
+def _results(tmp_path, name="out"):
+    with open(tmp_path / name / "results.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "COMMAND"),
+        (["mqar", "--preset", "gpu"], "--preset: invalid choice: 'gpu'"),
+        (["mqar", "--archs", "mamba,transformer"], "unknown architecture transformer; choose from mamba"),
+        (["mqar", "--kv-pairs", "8,x"], "--kv-pairs: expected comma-separated integers"),
+        (["mqar", "--gaps", ""], "eval_gaps must not be empty"),
+        (["mqar", "--kv-pairs", "64"], "kv_pairs must lie in [1, 32]"),
+        (["mqar", "--steps", "0"], "steps must be >= 1"),
+        (["mqar", "--lr", "-1"], "lr must be a non-empty list of values > 0"),
+        (["mqar", "--lr", "1e-3,fast"], "--lr: expected comma-separated numbers"),
+        (["mqar", "--ska-power", "-1"], "ska_power must be >= 0"),
+        (["mqar", "--archs", "echo"], "arch echo needs '-' (MLP) slots"),
+        (["mqar", "--set", "hidden_size"], "--set: expected KEY=VALUE with KEY one of"),
+        (["mqar", "--set", "depth=3"], "--set: expected KEY=VALUE with KEY one of"),
+        (["mqar", "--set", "hidden_size=big"], "--set: bad value 'big' for hidden_size"),
+        (["mqar", "--set", "pattern=M*X"], "pattern must use the symbols M, *, -"),
+        (["mqar", "--force", "--resume"], "not allowed with argument"),
+    ],
+)
+def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_an_existing_results_dir(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("precious")
+    assert _run(tmp_path) == 1
+    assert "already exists; pass --resume to continue it or --force to overwrite it" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "precious"
+    assert _run(tmp_path, "--resume") == 1  # not a results file: still refused, still untouched
+    assert (out / "results.json").read_text() == "precious"
+
+
+def _strip(cells):
+    """Cells without their timings."""
+    return [{k: v for k, v in c.items() if k != "wall_s"} for c in cells]
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
+    assert _run(tmp_path, "--archs", "mamba,mamba_attention") == 0
+    first = _results(tmp_path)
+    assert _run(tmp_path, "--archs", ",".join(ARCHS), "--resume") == 0
+    results = _results(tmp_path)
+    out = tmp_path / "out"
+
+    # Schema, grid and values.
+    assert results["preset"] == "cpu" and results["config"]["archs"] == list(ARCHS)
+    cells = results["cells"]
+    assert all(set(c) == CELL_KEYS for c in cells)
+    assert sorted((c["arch"], c["gap"]) for c in cells) == sorted((a, g) for a in ARCHS for g in (4, 12))
+    assert all(0.0 <= c["accuracy"] <= 1.0 and c["train_steps"] == 2 and c["seed"] == 0 and c["kv_pairs"] == 2
+               for c in cells)
+    by = {(c["arch"], c["gap"]): c for c in cells}
+    # Resume skipped the cells already there (same numbers, same timings: not retrained).
+    assert [c for c in cells if c["arch"] in ("mamba", "mamba_attention")] == first["cells"]
+    # Matched width and depth: the SKA slot is smaller than a Mamba-2 layer; state sizes.
+    assert by["mamba_ska", 4]["params"] < by["mamba", 4]["params"]
+    assert by["echo", 4]["params"] != by["mamba_ska", 4]["params"]
+    for arch in ("mamba", "mamba_ska", "echo"):
+        assert by[arch, 4]["state_bytes_per_layer"] == by[arch, 12]["state_bytes_per_layer"]
+    assert by["mamba_attention", 12]["state_bytes_per_layer"] > by["mamba_attention", 4]["state_bytes_per_layer"]
+
+    # Markdown table and plot written from the same cells.
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| M | arch | params") and "G=4" in table[0] and "G=12" in table[0]
+    for arch in ARCHS:
+        row = next(line for line in table if f"| {arch} |" in line)
+        assert f"{by[arch, 12]['accuracy']:.3f}" in row
+    width, height = _png_size(out / "results.png")
+    assert width > 300 and height > 200
+    assert sorted(os.listdir(out / "history")) == sorted(f"{a}_M2_G4_lr{lr}.json" for a in ARCHS for lr in ("0.001", "0.01"))
+    # One record per run: monitor accuracy of each learning rate, the best one kept (first on ties).
+    runs = json.loads((out / "runs.json").read_text())
+    assert sorted(r["arch"] for r in runs) == sorted(ARCHS)
+    for r in runs:
+        accs = r["monitor_accuracy"]
+        assert list(accs) == ["0.001", "0.01"] and r["lr"] == float(max(accs, key=lambda lr: (accs[lr], -float(lr))))
+        final = json.loads((out / "history" / f"{r['run']}_lr{r['lr']:g}.json").read_text())[-1]
+        assert final["eval_acc"] == accs[f"{r['lr']:g}"]
+    assert "| mamba_ska_M2_G4 | 4 |" in (out / "results.md").read_text()
+    assert "results: " in capsys.readouterr().out
+
+    # A resume with different training settings is refused; --force starts over.
+    assert _run(tmp_path, "--resume", "--steps", "3") == 1
+    assert "different settings (steps)" in capsys.readouterr().err
+    assert _run(tmp_path, "--archs", "mamba", "--force") == 0
+    again = _results(tmp_path)["cells"]
+    assert {c["arch"] for c in again} == {"mamba"}
+    assert _strip(again) == _strip(c for c in first["cells"] if c["arch"] == "mamba")  # deterministic by seed
+
+
+def test_paper_preset_matches_the_spec_grid_and_echo_50m():
+    p = PAPER_PRESET
+    assert p.kv_pairs == (4, 8, 16, 32) and p.eval_gaps == (64, 128, 256, 512, 1024, 2048, 4096)
+    assert p.train_gaps == () and len(planned_runs(p)) == len(p.archs) * 4 * 7  # one model per cell
+    assert (p.hidden_size, p.num_heads, p.ska_rank, p.ska_value_dim, p.ska_chunk_size, p.mamba_state_dim) == (
+        448, 7, 56, 64, 64, 64)
+    assert p.pattern == get_preset("echo-50m").pattern
+    mixers = p.pattern.replace("-", "")
+    assert len(mixers) == 16 and [i for i, s in enumerate(mixers) if s == "*"] == [3, 7, 11, 15]
+
+
+def test_paper_preset_two_steps_at_reduced_size(tmp_path):
+    """The paper preset's code path (one model per cell, its pattern and schedule) at a CPU size."""
+    argv = ["mqar", "--preset", "paper", "--out", str(tmp_path / "paper"), "--steps", "2", "--kv-pairs", "4",
+            "--gaps", "64", "--batch-size", "2", "--no-progress", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--set", "mamba_head_dim=8", "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64",
+            "--set", "ska_rank=8", "--set", "ska_value_dim=8", "--set", "eval_examples=4"]
+    assert main(argv) == 0
+    results = _results(tmp_path, "paper")
+    assert results["preset"] == "paper" and results["config"]["pattern"] == PAPER_PRESET.pattern
+    assert sorted(c["arch"] for c in results["cells"]) == sorted(ARCHS)
+    assert all(c["gap"] == 64 and c["train_steps"] == 2 for c in results["cells"])
+
+
+def _torchrun(tmp_path, name, *extra):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "echo_megatron.cli", "mqar", "--out", str(tmp_path / name), *TINY, *extra]
+    result = subprocess.run(command, check=False, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def _history(tmp_path, name, run):
+    return json.loads((tmp_path / name / "history" / f"{run}.json").read_text())
+
+
+@pytest.mark.multiproc
+def test_torchrun_data_parallel_equals_one_process_and_tensor_parallel_runs(tmp_path):
+    """2 data-parallel ranks split each global batch: same losses and gradient norms as one rank."""
+    archs = ["--archs", "mamba,mamba_ska", "--set", "mamba_num_groups=2"]
+    assert _run(tmp_path, *archs, name="one") == 0
+    _torchrun(tmp_path, "dp2", *archs)
+    for run in ("mamba_M2_G4_lr0.001", "mamba_ska_M2_G4_lr0.01"):
+        one, two = _history(tmp_path, "one", run), _history(tmp_path, "dp2", run)
+        for a, b in zip(one, two, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert _strip(_results(tmp_path, "dp2")["cells"]) == _strip(_results(tmp_path, "one")["cells"])
+    # Tensor parallel (with sequence parallel): heads and Mamba groups split over the 2 ranks.
+    _torchrun(tmp_path, "tp2", *archs, "--tp", "2")
+    tp2 = _results(tmp_path, "tp2")
+    assert tp2["config"]["tensor_parallel_size"] == 2
+    assert [c["params"] for c in tp2["cells"]] == [c["params"] for c in _results(tmp_path, "one")["cells"]]
+
+
+@pytest.mark.slow
+def test_cpu_preset_meets_the_target(tmp_path):
+    """The issue's target on the default CPU preset: mamba_ska >= 0.9 at the longest gap where mamba
+    <= 0.3, with no more parameters than mamba (≈ 10-20 min on 2 cores)."""
+    assert main(["mqar", "--out", str(tmp_path / "cpu"), "--no-progress"]) == 0
+    cells = _results(tmp_path, "cpu")["cells"]
+    acc = {(c["arch"], c["gap"]): c["accuracy"] for c in cells}
+    params = {c["arch"]: c["params"] for c in cells}
+    cliff = max(g for (arch, g), a in acc.items() if arch == "mamba" and a <= 0.3)
+    assert acc["mamba_ska", cliff] >= 0.9
+    assert params["mamba_ska"] <= params["mamba"]
