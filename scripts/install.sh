@@ -21,7 +21,7 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" torch==2.13.0 triton==3.7.1
 # megatron-core 0.19 declares Python >= 3.12 but runs on 3.11 (typing.override comes from typing_extensions).
 "${pip[@]}" --ignore-requires-python --no-deps megatron-core==0.19.2
-"${pip[@]}" einops numpy "typing_extensions>=4.12" "transformers>=4.46,<5" safetensors \
+"${pip[@]}" einops numpy "typing_extensions>=4.12" "transformers==5.23.0" "tokenizers==0.23.3" safetensors \
   tqdm matplotlib pyyaml "huggingface_hub" pytest pytest-timeout "hypothesis>=6" \
   psutil
 # Mamba-2 layers: pure-Python install, no CUDA extension build (the CPU mode supplies the kernels' CPU paths).
