@@ -8,14 +8,17 @@ Run through `scripts/gpu_check.sh` (which installs the carried wheels first), or
 Sections, run in this order, each with its own time limit (checked between items, plus a hard alarm), each
 catching its own exceptions (recorded with a traceback summary) so one failure never loses the others:
 
+  p  Prewarm: compile every Triton specialisation the sections below launch, in parallel worker processes
+     (one per item, all CPU cores), into Triton's on-disk cache, so sections a-d load kernels instead of
+     compiling them one after another (a forward+backward compiles 9 kernels per dtype and tile size).
   a  Triton forward and all gradients vs the torch path and the fp64 reference (fp32/bf16/fp16, awkward
      sizes, packed sequences), decode (prefill + steps) vs the parallel forward.
   c  The Megatron SKA layer (local spec, TP = 1, one-rank nccl/gloo group): forward/backward, Triton vs torch.
-  d  CUDA-graph capture of the layer's forward; host synchronisations of `ska()`'s default path
-     (`torch.cuda.set_sync_debug_mode`).
   b  Timings (CUDA events, warm-up, median; B = 1) of SKA Triton fwd and fwd+bwd at T = 2K … 128K, bf16,
      H = 16, r = P = 64, next to SDPA (flash and cuDNN backends, forced) and fla's `chunk_gated_delta_rule`;
-     decode step vs context; peak memory. Last, since it uses whatever time is left.
+     decode step vs context; peak memory.
+  d  Host synchronisations of `ska()`'s default path (`torch.cuda.set_sync_debug_mode`); CUDA-graph capture
+     of the layer's forward (last: a failed capture can leave the CUDA context unusable).
 
 After every item the whole report is rewritten to DIR/gpu_check.json and DIR/gpu_check.md, so a timeout still
 leaves data. Anything that cannot run (no CUDA, no fla, no cuDNN) is recorded as "not run" with the reason.
@@ -90,6 +93,7 @@ class Profile:
     min_reps: int  # timed repetitions at least (after 2 warm-ups)
     decode_contexts: tuple[int, ...]
     limits: dict[str, float]  # seconds per section
+    prewarm_jobs: int  # parallel compile workers (the dry run prewarms only its first item: no cache on CPU)
 
 
 GPU = Profile(
@@ -115,7 +119,8 @@ GPU = Profile(
     bench_chunk=64,
     min_reps=3,
     decode_contexts=(2048, 16384, 131072),
-    limits=dict(a=100.0, c=60.0, d=50.0, b=190.0),
+    limits=dict(p=90.0, a=80.0, c=50.0, b=150.0, d=40.0),  # + ~15 s start-up: 425 s < the 450 s hard limit
+    prewarm_jobs=12,
 )
 
 DRY = Profile(
@@ -133,7 +138,8 @@ DRY = Profile(
     bench_chunk=4,
     min_reps=1,
     decode_contexts=(8, 16),
-    limits=dict(a=240.0, c=120.0, d=60.0, b=120.0),
+    limits=dict(p=120.0, a=240.0, c=120.0, b=120.0, d=60.0),
+    prewarm_jobs=1,
 )
 
 
@@ -325,8 +331,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (absolute when expected is zero); inf if anything is not finite."""
     if actual.numel() == 0:
         return 0.0
-    diff = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
     return diff / scale if scale > 0 else diff
 
 
@@ -378,20 +385,23 @@ TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 # ----------------------------------------------------------------------------- section a
 def section_correctness(report: Report, section: Section, profile: Profile, device: torch.device) -> None:
-    cases = [(dtype, case) for dtype in profile.dtypes for case in profile.cases]
-    cases += [(torch.float32, case) for case in profile.extra_fp32_cases]
-    for index, (dtype, case) in enumerate(cases):
-        label = dict(dtype=str(dtype).removeprefix("torch."), case=case.label())
-        guarded(report, section, "Triton and torch vs the fp64 reference (max-relative error; y, worst grad)",
-                label, lambda: _compare_backends(case, dtype, device, seed=index))
-    for dtype in profile.dtypes:
-        guarded(report, section, "Decode: prefill(T0) + steps vs the parallel forward (max-relative error)",
-                dict(dtype=str(dtype).removeprefix("torch.")), lambda: _compare_decode(profile, dtype, device))
+    items = [(dtype, case) for dtype in profile.dtypes for case in (*profile.cases, "decode")]
+    items += [(torch.float32, case) for case in profile.extra_fp32_cases]
+    for index, (dtype, case) in enumerate(items):
+        name = str(dtype).removeprefix("torch.")
+        if case == "decode":
+            guarded(report, section, "Decode: prefill(T0) + steps vs the parallel forward (max-relative error)",
+                    dict(dtype=name), lambda dtype=dtype: _compare_decode(profile, dtype, device))
+        else:
+            guarded(report, section, "Triton and torch vs the fp64 reference (max-relative error; y, worst grad)",
+                    dict(dtype=name, case=case.label()),
+                    lambda dtype=dtype, case=case, index=index: _compare_backends(case, dtype, device, seed=index))
 
 
 def _compare_backends(case: Case, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     master = random_inputs(case, seed)
-    reference = forward_backward(rounded(master, dtype), case, "reference", torch.float64, device)
+    # the fp64 reference loops over tokens: on the host it costs microseconds per op, not a kernel launch each
+    reference = forward_backward(rounded(master, dtype), case, "reference", torch.float64, torch.device("cpu"))
     result, worst = {}, {}
     t0 = time.perf_counter()
     for backend in ("triton", "torch"):
@@ -464,7 +474,7 @@ def model_parallel(device: torch.device) -> str:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=backend == "gloo")
     if device.type != "cuda":
         install_cpu_rng_tracker()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -487,13 +497,18 @@ def build_layer(profile: Profile, device: torch.device, dtype: torch.dtype, seed
     return layer.to(device), config
 
 
+def layer_dtype(device: torch.device) -> torch.dtype:
+    """Parameter dtype of the layer checks: bf16 on GPUs (as trained), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def layer_output(layer, hidden: torch.Tensor) -> torch.Tensor:
     out = layer(hidden, attention_mask=None)
     return out[0] if isinstance(out, tuple) else out
 
 
 def section_layer(report: Report, section: Section, profile: Profile, device: torch.device) -> None:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = layer_dtype(device)
     section.notes.append(f"process group: {model_parallel(device)}, TP = 1, local spec (ColumnParallelLinear / "
                          f"RowParallelLinear / TorchNorm), params {str(dtype).removeprefix('torch.')}, "
                          f"[s, b] = {list(profile.layer_tokens)}, layer fields {profile.layer}")
@@ -539,14 +554,10 @@ def section_graphs_and_syncs(report: Report, section: Section, profile: Profile,
         section.notes.append("dry run on CPU: CUDA-graph capture and sync debug mode are emulated (eager calls, "
                              "no sync detection); they only run on a GPU")
     model_parallel(device)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = layer_dtype(device)
     layer, config = build_layer(profile, device, dtype, seed=1)
     seq, batch = profile.layer_tokens
     static_in = torch.randn(seq, batch, config.hidden_size, device=device, dtype=dtype)
-    guarded(report, section, "CUDA-graph capture of the layer forward (no grad)", {},
-            lambda: _capture_forward(layer, static_in, cuda))
-    guarded(report, section, "CUDA-graph capture, fwd+bwd (torch.cuda.make_graphed_callables)", {},
-            lambda: _capture_fwd_bwd(layer, static_in, cuda))
     width = profile.bench_width
     shape = (1, profile.layer_tokens[0], profile.bench_heads, width)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -555,6 +566,10 @@ def section_graphs_and_syncs(report: Report, section: Section, profile: Profile,
     for mode in ("forward", "forward+backward"):
         guarded(report, section, "Host synchronisations in ska()'s default path (set_sync_debug_mode)",
                 dict(mode=mode, shape=list(shape)), lambda mode=mode: _sync_sites(q, k, v, eta, gamma, mode, cuda))
+    guarded(report, section, "CUDA-graph capture of the layer forward (no grad)", {},
+            lambda: _capture_forward(layer, static_in, cuda))
+    guarded(report, section, "CUDA-graph capture, fwd+bwd (torch.cuda.make_graphed_callables)", {},
+            lambda: _capture_fwd_bwd(layer, static_in, cuda))
 
 
 def _capture_forward(layer, static_in: torch.Tensor, cuda: bool) -> dict:
@@ -778,6 +793,75 @@ def _decode_bench(context: int, profile: Profile, device: torch.device) -> dict:
             "SKA prefill s (torch path, incl. warm-up)": prefill_s}
 
 
+# ----------------------------------------------------------------------------- section p: parallel compile
+def prewarm_tasks(profile: Profile) -> list[str]:
+    """Names of the items whose Triton launches are compiled ahead (see `run_prewarm_task`)."""
+    tasks = [f"case:{d}:{i}" for d in range(len(profile.dtypes)) for i in range(len(profile.cases))]
+    tasks += [f"extra:{i}" for i in range(len(profile.extra_fp32_cases))]
+    tasks += [f"decode:{d}" for d in range(len(profile.dtypes))] + ["bench:ska", "layer"]
+    return tasks + (["bench:fla"] if profile is GPU else [])
+
+
+def run_prewarm_task(task: str, profile: Profile, device: torch.device) -> None:
+    """Run one item's Triton calls exactly as its section does (same shapes, dtypes, strides: same
+    specialisations), which compiles them into Triton's cache. `task` may list several, comma-separated."""
+    if "," in task:
+        for one in task.split(","):
+            run_prewarm_task(one, profile, device)
+        return
+    kind, *index = task.split(":")
+    if kind in ("case", "extra"):
+        dtype, case = ((profile.dtypes[int(index[0])], profile.cases[int(index[1])]) if kind == "case" else
+                       (torch.float32, profile.extra_fp32_cases[int(index[0])]))
+        master = random_inputs(case, seed=0)
+        forward_backward(master, case, "triton", dtype, device)
+        if case.cu_seqlens is not None:
+            _packed_vs_alone(master, case, dtype, device)
+    elif kind == "decode":
+        _compare_decode(profile, profile.dtypes[int(index[0])], device)
+    elif kind == "layer":  # the layer's q, k, v are strided views: their own specialisations
+        model_parallel(device)
+        layer, config = build_layer(profile, device, layer_dtype(device))
+        config.ska_backend = "triton"
+        seq, batch = profile.layer_tokens
+        hidden = torch.randn(seq, batch, config.hidden_size, device=device, dtype=layer_dtype(device))
+        layer_output(layer, hidden.requires_grad_()).float().sum().backward()
+    elif task == "bench:ska" or task == "bench:fla":
+        forward, _ = (_ska_bench if task == "bench:ska" else _fla_bench)(profile.bench_lengths[0], profile, device)
+        forward().float().sum().backward()
+    else:
+        raise ValueError(f"unknown prewarm task {task!r}")
+    synchronize(device)
+
+
+def section_prewarm(report: Report, section: Section, profile: Profile, device: torch.device, argv: list[str]
+                    ) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tasks = prewarm_tasks(profile)
+    if profile is not GPU:  # CPU: nothing to cache; one worker runs one item of each kind, to keep them working
+        tasks = [",".join(t for t in tasks if t in ("case:0:0", "decode:0", "bench:ska", "layer"))]
+    section.notes.append(f"{len(tasks)} worker processes, {profile.prewarm_jobs} at a time; cache "
+                         f"{os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')}")
+
+    def work(task: str) -> dict:
+        start = time.monotonic()
+        budget = max(1.0, section.time_left())
+        try:
+            proc = subprocess.run([sys.executable, __file__, *argv, "--prewarm-task", task], capture_output=True,
+                                  text=True, timeout=budget)
+            result = dict(rc=proc.returncode)
+            if proc.returncode:
+                result["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+        except subprocess.TimeoutExpired:
+            result = dict(rc="timeout", error=f"not finished within the section limit ({budget:.0f} s)")
+        return dict(task=task, wall_s=time.monotonic() - start, **result)
+
+    with ThreadPoolExecutor(max_workers=profile.prewarm_jobs) as pool:
+        for item in pool.map(work, tasks):
+            report.add(section, dict(table="Prewarm workers", **item))
+
+
 # ----------------------------------------------------------------------------- main
 def environment(device: torch.device, dry_run: bool) -> dict:
     import triton
@@ -805,16 +889,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter")
-    parser.add_argument("--sections", default="acdb", help="which sections to run, in this order (default acdb)")
+    parser.add_argument("--sections", default="pacbd", help="which sections to run, in this order (default pacbd)")
+    parser.add_argument("--prewarm-task", help=argparse.SUPPRESS)  # internal: one worker of section p
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry-run on CPU")
-    if set(args.sections) - set("abcd"):
-        parser.error(f"--sections takes letters from 'abcd', got {args.sections!r}")
+    if set(args.sections) - set("pabcd"):
+        parser.error(f"--sections takes letters from 'pabcd', got {args.sections!r}")
     profile = DRY if args.dry_run else GPU
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
+    if args.prewarm_task:
+        run_prewarm_task(args.prewarm_task, profile, device)
+        return 0
     report = Report(args.out, environment(device, args.dry_run))
+    worker_argv = ["--dry-run"] if args.dry_run else []
     bodies = {
+        "p": ("Prewarm: parallel Triton compilation",
+              lambda report, section, profile, device: section_prewarm(report, section, profile, device, worker_argv)),
         "a": ("Triton vs torch vs reference; packed sequences; decode", section_correctness),
         "c": ("Megatron SKA layer (local spec, TP = 1) forward/backward", section_layer),
         "d": ("CUDA graphs and host synchronisations", section_graphs_and_syncs),

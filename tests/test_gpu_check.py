@@ -31,7 +31,7 @@ def test_dry_run_completes_every_section_and_every_check_passes(dry_run):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["meta"]["mode"].startswith("dry run")
     sections = report["sections"]
-    assert list(sections) == ["a", "c", "d", "b"]
+    assert list(sections) == ["p", "a", "c", "b", "d"]
     for key, section in sections.items():
         assert section["status"] == "ok", (key, section["status"], section["error"])
         for item in section["items"]:
