@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -104,9 +105,9 @@ GPU = Profile(
         Case(1, 3, 24, 20, 200, 16, cu_seqlens=(0, 1, 64, 65, 130, 200)),
     ),
     extra_fp32_cases=(
-        Case(2, 3, 24, 20, 200, 16, options=(("norm", "none"),)),
-        Case(2, 3, 24, 20, 200, 16, options=(("power", 0),)),
-        Case(2, 3, 24, 20, 200, 16, options=(("mode", "prefix"), ("masked", True))),
+        Case(1, 2, 24, 20, 130, 16, options=(("norm", "none"),)),
+        Case(1, 2, 24, 20, 130, 16, options=(("power", 0),)),
+        Case(1, 2, 24, 20, 130, 16, options=(("mode", "prefix"), ("masked", True))),
     ),
     decode=(2, 3, 24, 20, 16, 40),
     layer=dict(hidden_size=1024, num_attention_heads=16, ska_num_heads=16, ska_rank=64, ska_value_dim=64,
@@ -119,7 +120,7 @@ GPU = Profile(
     bench_chunk=64,
     min_reps=3,
     decode_contexts=(2048, 16384, 131072),
-    limits=dict(p=90.0, a=80.0, c=50.0, b=150.0, d=40.0),  # + ~15 s start-up: 425 s < the 450 s hard limit
+    limits=dict(p=80.0, a=80.0, c=50.0, b=140.0, d=40.0),  # 390 s + ~20 s start-up < the 450 s hard limit
     prewarm_jobs=12,
 )
 
@@ -373,13 +374,16 @@ def forward_backward(master: dict, case: Case, backend: str, dtype: torch.dtype,
     return dict(y=y.detach(), **{f"d{n}": g for n, g in zip(GRAD_NAMES, grads)})
 
 
-def rounded(master: dict, dtype: torch.dtype) -> dict:
-    """The master inputs rounded to `dtype` and back to fp64 (so the reference sees what the kernels see)."""
-    return {n: (x.to(dtype).double() if n in ("q", "k", "v", "mask") else x) for n, x in master.items()}
+@functools.lru_cache(maxsize=None)
+def reference_result(case: Case, seed: int) -> dict[str, torch.Tensor]:
+    """The fp64 reference on the fp64 master inputs, on the host (it loops over tokens: microseconds per op
+    there, a kernel launch each on a GPU), computed once per case and shared by every dtype. Errors of half-
+    precision runs therefore include the rounding of their inputs, equally for the Triton and torch paths."""
+    return forward_backward(random_inputs(case, seed), case, "reference", torch.float64, torch.device("cpu"))
 
 
-# tolerance on max-relative error vs the fp64 reference, per dtype; a backend also passes within 2x the
-# torch path's own error in the same dtype (half-precision inputs make both paths equally approximate)
+# tolerance on max-relative error vs the fp64 reference, per dtype; Triton also passes within 2x the torch
+# path's own error in the same dtype (half-precision inputs make both paths equally approximate)
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -387,7 +391,7 @@ TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 def section_correctness(report: Report, section: Section, profile: Profile, device: torch.device) -> None:
     items = [(dtype, case) for dtype in profile.dtypes for case in (*profile.cases, "decode")]
     items += [(torch.float32, case) for case in profile.extra_fp32_cases]
-    for index, (dtype, case) in enumerate(items):
+    for dtype, case in items:
         name = str(dtype).removeprefix("torch.")
         if case == "decode":
             guarded(report, section, "Decode: prefill(T0) + steps vs the parallel forward (max-relative error)",
@@ -395,13 +399,12 @@ def section_correctness(report: Report, section: Section, profile: Profile, devi
         else:
             guarded(report, section, "Triton and torch vs the fp64 reference (max-relative error; y, worst grad)",
                     dict(dtype=name, case=case.label()),
-                    lambda dtype=dtype, case=case, index=index: _compare_backends(case, dtype, device, seed=index))
+                    lambda dtype=dtype, case=case: _compare_backends(case, dtype, device, seed=0))
 
 
 def _compare_backends(case: Case, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     master = random_inputs(case, seed)
-    # the fp64 reference loops over tokens: on the host it costs microseconds per op, not a kernel launch each
-    reference = forward_backward(rounded(master, dtype), case, "reference", torch.float64, torch.device("cpu"))
+    reference = reference_result(case, seed)
     result, worst = {}, {}
     t0 = time.perf_counter()
     for backend in ("triton", "torch"):
@@ -624,6 +627,8 @@ def _sync_sites(q, k, v, eta, gamma, mode: str, cuda: bool) -> dict:
     original = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):  # only the sync debug mode's warnings
+            return
         ours = [f for f in traceback.extract_stack() if "echo_megatron" in f.filename]
         where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}" if ours else f"{filename}:{lineno}"
         sites[where] = sites.get(where, 0) + 1
@@ -858,7 +863,14 @@ def section_prewarm(report: Report, section: Section, profile: Profile, device: 
         return dict(task=task, wall_s=time.monotonic() - start, **result)
 
     with ThreadPoolExecutor(max_workers=profile.prewarm_jobs) as pool:
-        for item in pool.map(work, tasks):
+        results = pool.map(work, tasks)
+        start = time.monotonic()
+        for case in (*profile.cases, *profile.extra_fp32_cases):  # meanwhile, section a's references (host)
+            if section.time_left() > 0:
+                reference_result(case, 0)
+        section.notes.append(f"the fp64 references of section a were computed meanwhile, on the host, in "
+                             f"{time.monotonic() - start:.1f} s")
+        for item in results:
             report.add(section, dict(table="Prewarm workers", **item))
 
 
