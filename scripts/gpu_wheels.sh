@@ -2,16 +2,16 @@
 # Make .whl/ (git-ignored): the wheels scripts/gpu_check.sh installs on a GPU machine that has no network
 # (Python 3.12, torch 2.11 + CUDA 13, triton 3.6, einops, numpy; no megatron-core, fla, mamba-ssm, TE).
 # Pure-Python or cp312 manylinux x86-64 wheels, no dependencies resolved (the image has torch, numpy, einops):
-#   megatron-core 0.19.2  (Requires-Dist: torch, numpy, packaging>=24.2; extras not needed for one SKA layer)
-#   fla-core 0.6.0        (Requires-Dist: einops; torch/triton only through extras)
-#   packaging 26.4        (so megatron-core's packaging>=24.2 holds whatever the image has)
+#   megatron-core 0.19.2  (Requires-Dist: torch, numpy, packaging>=24.2 — all in the image; extras not needed)
+#   fla-core 0.6.0        (Requires-Dist: einops, in the image; torch/triton only through extras)
+# Nothing else: a carried wheel that the image also has would shadow the image's copy for every package.
 # Then it checks that the set installs into a clean --target dir and that megatron.core imports from there.
 #   scripts/gpu_wheels.sh            # needs PyPI; about 4 MiB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
 PY=${PYTHON:-python3}
-WHEELS=(megatron-core==0.19.2 fla-core==0.6.0 packaging==26.4)
+WHEELS=(megatron-core==0.19.2 fla-core==0.6.0)
 TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
         --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
