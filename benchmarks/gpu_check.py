@@ -883,6 +883,14 @@ def environment(device: torch.device, dry_run: bool) -> dict:
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                 python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                 triton=triton.__version__)
+    if device.type == "cuda":
+        meta["cudnn"] = torch.backends.cudnn.version()
+        try:
+            meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total",
+                                             "--format=csv,noheader"], capture_output=True, text=True,
+                                            timeout=20).stdout.strip() or "?"
+        except (OSError, subprocess.SubprocessError) as exc:
+            meta["driver"] = f"nvidia-smi failed ({type(exc).__name__})"
     for name in ("megatron.core", "fla", "transformers"):
         try:
             module = __import__(name, fromlist=["__version__"])
