@@ -41,7 +41,8 @@ def test_dry_run_completes_every_section_and_every_check_passes(dry_run):
     # both dtypes of the dry profile, every case, and decode, each compared (not just run)
     assert len([i for i in correctness if "case" in i]) == 2 * len(gpu_check.DRY.cases)
     assert all(i["triton y"] < 1e-3 for i in correctness if "case" in i)
-    assert [i["packed vs alone"] for i in correctness if "cu_seqlens" in i.get("case", "")] == [0.0, 0.0]
+    packed = [i["packed vs alone"] for i in correctness if "cu_seqlens" in i.get("case", "")]
+    assert len(packed) == len(gpu_check.DRY.dtypes) and max(packed) <= 1e-6
     assert len([i for i in correctness if "T0" in i]) == len(gpu_check.DRY.dtypes)
     layer = sections["c"]["items"]
     assert [i.get("ska_backend") for i in layer[:2]] == ["triton", "torch"] and layer[2]["pass"] is True
