@@ -276,7 +276,10 @@ def chunk_stats_bwd_kernel(
             dz += tl.where((t == end - 1)[:, None], boundary[None, :], 0.0)
             dk = dz * w[:, None]
             if NORM_KEYS != 0:  # d_norm · z/‖z‖ on the tokens attaining the chunk max (w = 1 there)
-                norms = _row_norms(z, w, weighted_norms)
+                # the same routine on a fresh load as the tie count above: `z` also feeds tl.dot, and
+                # compiled for a GPU its row sums may then differ in the last bit, dropping the max's gradient
+                norms = _token_norms(k_base, w_base, t, end, stride_kt, stride_kd, stride_wt, R, HAS_MASK,
+                                     weighted_norms, BR, ACC)
                 hit = ok & (norms == chunk_max) & (norms > 0)
                 z_cols = tl.load(k_base + t[:, None] * stride_kt + cols[None, :] * stride_kd,
                                  mask=ok[:, None] & (cols[None, :] < R), other=0.0).to(ACC)
