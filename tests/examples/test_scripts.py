@@ -1,25 +1,21 @@
 """The launch scripts in examples/: `bash -n`, and every flag they pass parses — torchrun's own parser for the
 rendezvous, Megatron-LM's parser (`megatron.training.arguments.add_megatron_arguments`) plus the Echo
 launcher's flags for the rest — with the environment variables of single-node, multi-node and real-data
-runs. `torchrun` is replaced by a stub that records its argv."""
+runs (`torchrun` is replaced by a stub that records its argv); examples/README.md's tables are current."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import subprocess
 import typing
-from pathlib import Path
-
 import pytest
 import typing_extensions
 
 from echo_megatron.megatron import PRESETS, SKAConfig, get_preset
+from scripts.examples_table import EXAMPLES, README, SCRIPTS, run_with_stub_torchrun, tables
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-GPU_SCRIPTS = ["pretrain_echo_50m.sh", "pretrain_echo_180m.sh", "pretrain_echo_1b.sh", "pretrain_echo_8b.sh"]
-SCRIPTS = GPU_SCRIPTS + ["pretrain_echo_tiny_cpu.sh"]
+GPU_SCRIPTS = [script for script in SCRIPTS if not script.endswith("_cpu.sh")]
 
 
 def launcher_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,24 +49,12 @@ def launcher_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_script(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    stub = tmp_path / "bin" / "torchrun"
-    stub.parent.mkdir(exist_ok=True)
-    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ARGV_FILE"\n')
-    stub.chmod(0o755)
-    environment = {"PATH": f"{stub.parent}:{os.environ['PATH']}", "ARGV_FILE": str(tmp_path / "argv"),
-                   "HOME": str(tmp_path), **env}
-    return subprocess.run(["bash", str(EXAMPLES / script), *args], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True)
-
-
-def launched(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[argparse.Namespace, list[str]]:
-    """torchrun's parsed arguments and the launcher's argv for `script` run with `env`."""
+def launched(script: str, *args: str, **env: str) -> tuple[argparse.Namespace, list[str]]:
+    """torchrun's parsed arguments and the launcher's argv for `script args` run with `env`."""
     from torch.distributed.run import get_args_parser
 
-    result = run_script(tmp_path, script, *args, **env)
-    assert result.returncode == 0, result.stderr
-    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    result, argv = run_with_stub_torchrun(script, *args, env=env)
+    assert result.returncode == 0 and argv is not None, result.stderr
     torchrun = get_args_parser().parse_args(argv)
     assert torchrun.module and torchrun.training_script == "echo_megatron.pretrain"
     return torchrun, torchrun.training_script_args
@@ -82,8 +66,8 @@ def test_bash_syntax(script):
 
 
 @pytest.mark.parametrize("script", GPU_SCRIPTS)
-def test_gpu_scripts_single_node_mock_data(tmp_path, launcher_parser, script):
-    torchrun, argv = launched(tmp_path, script)
+def test_gpu_scripts_single_node_mock_data(launcher_parser, script):
+    torchrun, argv = launched(script)
     args = launcher_parser.parse_args(argv)
     assert (torchrun.nproc_per_node, torchrun.nnodes) == ("8", "1")
     assert args.mock_data and args.data_path is None and args.bf16 and args.use_distributed_optimizer
@@ -101,9 +85,9 @@ def test_gpu_scripts_single_node_mock_data(tmp_path, launcher_parser, script):
 
 
 @pytest.mark.parametrize("script", GPU_SCRIPTS)
-def test_gpu_scripts_multi_node_real_data_and_overrides(tmp_path, launcher_parser, script):
+def test_gpu_scripts_multi_node_real_data_and_overrides(launcher_parser, script):
     torchrun, argv = launched(
-        tmp_path, script, "--train-samples", "1000", "--ska-chunk-size", "128",
+        script, "--train-samples", "1000", "--ska-chunk-size", "128",
         GPUS_PER_NODE="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29400", TP="2",
         DATA_PATH="0.7 data/a_text_document 0.3 data/b_text_document", TOKENIZER_MODEL="tok",
     )
@@ -118,14 +102,13 @@ def test_gpu_scripts_multi_node_real_data_and_overrides(tmp_path, launcher_parse
 
 
 @pytest.mark.parametrize("script", GPU_SCRIPTS)
-def test_data_path_without_tokenizer_is_an_error(tmp_path, script):
-    result = run_script(tmp_path, script, DATA_PATH="data/a_text_document")
-    assert result.returncode != 0 and "TOKENIZER_MODEL" in result.stderr
-    assert not (tmp_path / "argv").exists()
+def test_data_path_without_tokenizer_is_an_error(script):
+    result, argv = run_with_stub_torchrun(script, env={"DATA_PATH": "data/a_text_document"})
+    assert result.returncode != 0 and "TOKENIZER_MODEL" in result.stderr and argv is None
 
 
-def test_tiny_cpu_script(tmp_path, launcher_parser):
-    torchrun, argv = launched(tmp_path, "pretrain_echo_tiny_cpu.sh")
+def test_tiny_cpu_script(launcher_parser):
+    torchrun, argv = launched("pretrain_echo_tiny_cpu.sh")
     args = launcher_parser.parse_args(argv)
     assert torchrun.nproc_per_node == "2" and args.cpu and args.echo_preset == "echo-tiny" and args.mock_data
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
@@ -135,3 +118,8 @@ def test_unknown_flag_is_caught(launcher_parser):
     """The check can fail: a misspelt flag is rejected."""
     with pytest.raises((argparse.ArgumentError, SystemExit)):
         launcher_parser.parse_args(["--echo-preset", "echo-50m", "--overlap-grad-reduction"])
+
+
+def test_every_script_is_in_the_table_and_the_readme_is_current():
+    assert sorted(SCRIPTS) == sorted(p.name for p in EXAMPLES.glob("pretrain_*.sh"))
+    assert tables() in README.read_text(), "run: python scripts/examples_table.py --write"
