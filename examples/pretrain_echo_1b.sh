@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Echo-1B (preset echo-1b, 1.26B parameters): d = 2048, 24 blocks of (mixer, Koopman MLP), SKA at blocks
-# {5, 11, 17, 23} (16 heads, r = P = 128, S = 64), Mamba-2 elsewhere (d_state 128, 8 groups), vocabulary 32000.
+# Echo-1B (preset echo-1b, 1.28B parameters): d = 2048, 25 blocks of (mixer, Koopman MLP), SKA in every fifth
+# block (16 heads, r = 64, P = 128, S = 64), Mamba-2 elsewhere (d_state 128, 8 groups), vocabulary 32000.
 #   bash examples/pretrain_echo_1b.sh                                    # one node, mock data
 #   DATA_PATH=data/corpus_text_document TOKENIZER_MODEL=tokenizer/ bash examples/pretrain_echo_1b.sh
 #   NNODES=4 NODE_RANK=0..3 MASTER_ADDR=node0 bash examples/pretrain_echo_1b.sh    # on each node
 # Table of parameters, layout, memory and throughput estimates: examples/README.md.
 set -euo pipefail
 PRESET=echo-1b
-# Layout: 1.26B parameters with the distributed optimizer fit one 80 GB GPU (TP = PP = 1, see the memory
+# Layout: 1.28B parameters with the distributed optimizer fit one 80 GB GPU (TP = PP = 1, see the memory
 # table); data parallelism is the cheapest way to scale out at this size. On 40 GB GPUs use TP=2, which
 # also turns on sequence parallelism.
 TP=${TP:-1}

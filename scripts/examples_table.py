@@ -12,6 +12,7 @@ in the tables is exactly what the script passes. Parameters come from `echo_mega
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 README = EXAMPLES / "README.md"
+SKA_MEMORY = ROOT / "benchmarks" / "results" / "ska_activation_memory_h200.json"
 BEGIN, END = "<!-- examples-table:begin (scripts/examples_table.py --write) -->", "<!-- examples-table:end -->"
 SCRIPTS = ("pretrain_echo_50m.sh", "pretrain_echo_180m.sh", "pretrain_echo_1b.sh", "pretrain_echo_8b.sh",
            "pretrain_echo_tiny_cpu.sh")
@@ -29,9 +31,10 @@ SCRIPTS = ("pretrain_echo_50m.sh", "pretrain_echo_180m.sh", "pretrain_echo_1b.sh
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 MFU = 0.40
 GPU_MEMORY_GIB = 80
-ASSUMPTIONS = f"""\
-Estimates, not measurements (no GPU was used to make these tables):
-- tokens/s per GPU = {MFU:.0%} MFU × {PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100 SXM, dense bf16) / training FLOPs per
+ASSUMPTIONS = """\
+Estimates, not measurements of training runs (no launcher ran on a GPU for these tables; only the SKA
+operator's activation memory was measured, on one H200):
+- tokens/s per GPU = {mfu:.0%} MFU × {peak:.0f} TFLOP/s (H100 SXM, dense bf16) / training FLOPs per
   token from `echo_megatron.megatron.flops` (forward + backward, SKA linear in T). Megatron's own MFU
   formula counts the '*' layers as causal softmax attention; its figure is shown for comparison.
   Small models rarely reach 40% MFU (kernel launches and communication dominate): read the 50M and
@@ -43,8 +46,10 @@ Estimates, not measurements (no GPU was used to make these tables):
   norm vectors are counted in full).
 - activations: bf16 tensors saved for the backward per token and layer, micro-batch × sequence × Σ layers,
   divided by TP (sequence parallelism splits the rest): Mamba-2 2d + in_proj output + conv output + 2·d_in;
-  SKA 2d + q/k/v in bf16 and their fp32 copies + H·P, plus per chunk and head the fp32 L, L⁻¹M, W (3r²) and
-  the (K + 2) P×r readout factors, spread over the chunk's S tokens; MLP 2d + fc1 output + fc2 input;
+  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps: MEASURED on one H200 with the Triton
+  kernels, bf16, T = 4096 (benchmarks/ska_activation_memory.py, benchmarks/results/
+  ska_activation_memory_h200.json: {ska_memory});
+  MLP 2d + fc1 output + fc2 input;
   Koopman MLP 2d + 3·d_k; fp32 logits and softmax (2·V fp32); ×PP micro-batches in flight on the first
   pipeline stage. No recomputation, no allocator overhead or communication buffers.
 """
@@ -120,8 +125,20 @@ def script_layout(script: str) -> Layout:
     )
 
 
-def activation_elements_per_token(symbol: str, config, ffn: str) -> float:
-    """bf16-sized elements one layer saves for the backward per token (see ASSUMPTIONS)."""
+def measured_ska_bytes_per_token() -> dict[str, float]:
+    """Preset -> bytes per token the SKA operator keeps for its backward, measured with the Triton kernels."""
+    rows = json.loads(SKA_MEMORY.read_text())["rows"]
+    return {row["preset"]: row["saved_bytes_per_token"] for row in rows
+            if row["backend"] == "triton" and row["preset"].startswith("echo-")}
+
+
+def assumptions() -> str:
+    ska_memory = ", ".join(f"{name} {size / 1e3:.1f} kB" for name, size in measured_ska_bytes_per_token().items())
+    return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=ska_memory)
+
+
+def activation_elements_per_token(symbol: str, config, ffn: str, preset: str) -> float:
+    """bf16-sized elements one layer of `preset` saves for the backward per token (see ASSUMPTIONS)."""
     from echo_megatron.megatron.flops import MAMBA_EXPAND
     from echo_megatron.megatron.koopman_mlp import koopman_width
 
@@ -134,9 +151,7 @@ def activation_elements_per_token(symbol: str, config, ffn: str) -> float:
         return 2 * d + (inner + xbc + heads) + xbc + 2 * inner
     if symbol == "*":
         h, r, p = config.ska_num_heads, config.ska_rank, config.ska_value_dim
-        qkv = h * (2 * r + p)
-        per_chunk = h * (3 * r * r + (config.ska_power + 2) * p * r) * 2  # fp32 = 2 bf16 elements
-        return 2 * d + qkv * 3 + h * p + per_chunk / config.ska_chunk_size
+        return 2 * d + h * (2 * r + p) + h * p + measured_ska_bytes_per_token()[preset] / 2
     if ffn == "koopman":
         return 2 * d + 3 * koopman_width(d)
     return 2 * d + config.ffn_hidden_size * (3 if config.gated_linear_unit else 2)
@@ -179,10 +194,12 @@ def estimate(script: str) -> Row:
                                   ffn=preset.ffn, attention="softmax")
     bytes_per_param = 6 + 12 / layout.dp if layout.distributed_optimizer else 18
     state = params / layout.tp * bytes_per_param
-    per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn)
-                    for symbol, count in counts.items() if count)
-    per_token += 2 * preset.vocab_size * 2 + config.hidden_size  # fp32 logits and softmax, embedding output
-    activations = layout.micro_batch * seq * per_token * 2 / layout.tp * layout.pp
+    activations = 0.0
+    if not layout.cpu:
+        per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn, layout.preset)
+                        for symbol, count in counts.items() if count)
+        per_token += 2 * preset.vocab_size * 2 + config.hidden_size  # fp32 logits and softmax, embedding output
+        activations = layout.micro_batch * seq * per_token * 2 / layout.tp * layout.pp
     return Row(script, layout, params, by_kind, flops.total / seq, megatron.total / seq, state / 2**30,
                activations / 2**30)
 
@@ -191,7 +208,7 @@ def _millions(n: float) -> str:
     """3 significant figures with a B / M / k suffix."""
     if n >= 1e9:
         return f"{n / 1e9:.2f}B"
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def render(rows: list[Row]) -> str:
@@ -218,7 +235,7 @@ def render(rows: list[Row]) -> str:
         flops = f"{row.flops_per_token / 1e9:.2f} GFLOP ({row.megatron_flops_per_token / 1e9:.2f})"
         out.append(f"| `{row.script}` | `{lay.preset}` | {_millions(row.params)} ({kinds}) | {layout} | {flops} | "
                    f"{memory} | {throughput} |")
-    return "\n".join(out) + "\n\n" + ASSUMPTIONS
+    return "\n".join(out) + "\n\n" + assumptions()
 
 
 def tables() -> str:
