@@ -139,14 +139,12 @@ def assumptions() -> str:
 
 def activation_elements_per_token(symbol: str, config, ffn: str, preset: str) -> float:
     """bf16-sized elements one layer of `preset` saves for the backward per token (see ASSUMPTIONS)."""
-    from echo_megatron.megatron.flops import MAMBA_EXPAND
+    from echo_megatron.megatron.flops import mamba_inner_and_heads
     from echo_megatron.megatron.koopman_mlp import koopman_width
 
     d = config.hidden_size
     if symbol == "M":
-        inner = (config.mamba_num_heads * config.mamba_head_dim if config.mamba_num_heads
-                 else MAMBA_EXPAND * d)
-        heads = config.mamba_num_heads or inner // config.mamba_head_dim
+        inner, heads = mamba_inner_and_heads(config)
         xbc = inner + 2 * config.mamba_num_groups * config.mamba_state_dim
         return 2 * d + (inner + xbc + heads) + xbc + 2 * inner
     if symbol == "*":

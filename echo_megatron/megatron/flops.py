@@ -125,16 +125,19 @@ def softmax_attention_layer_flops(
     return _trained(projections + core)
 
 
+def mamba_inner_and_heads(config: TransformerConfig) -> tuple[int, int]:
+    """(d_in, heads) of a Mamba-2 mixer, as MambaMixer derives them from the config."""
+    if config.mamba_num_heads is not None:
+        return config.mamba_num_heads * config.mamba_head_dim, config.mamba_num_heads
+    inner = MAMBA_EXPAND * config.hidden_size
+    return inner, inner // config.mamba_head_dim
+
+
 def mamba_layer_flops(config: TransformerConfig, tokens: int) -> FlopCount:
     """A Mamba-2 layer as Megatron counts it: in_proj d → 2·d_in + 2·G·N + heads, the SSD scan
     estimate 7·tokens·d_in·N, out_proj d_in → d (d_in, heads as MambaMixer derives them)."""
     d, state, groups = config.hidden_size, config.mamba_state_dim, config.mamba_num_groups
-    if config.mamba_num_heads is not None:
-        heads = config.mamba_num_heads
-        inner = heads * config.mamba_head_dim
-    else:
-        inner = MAMBA_EXPAND * d
-        heads = inner // config.mamba_head_dim
+    inner, heads = mamba_inner_and_heads(config)
     in_proj = 2 * tokens * d * (2 * inner + 2 * groups * state + heads)
     scan = MAMBA_SCAN_FLOPS_PER_STATE * tokens * inner * state
     out_proj = 2 * tokens * inner * d

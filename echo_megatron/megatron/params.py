@@ -12,7 +12,7 @@ from __future__ import annotations
 from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols, get_hybrid_layer_counts
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .flops import ATTENTION_KINDS, FFN_KINDS, MAMBA_EXPAND
+from .flops import ATTENTION_KINDS, FFN_KINDS, mamba_inner_and_heads
 from .koopman_mlp import koopman_width
 
 MAMBA_CONV_WIDTH = 4  # MambaMixer's d_conv (with a bias per channel)
@@ -29,12 +29,7 @@ def mamba_layer_params(config: TransformerConfig) -> int:
     """Pre-norm d; in_proj d → 2·d_in + 2·G·N + heads; conv1d (d_in + 2·G·N)·(4 + 1); dt_bias, A_log,
     D per head; gated norm d_in; out_proj d_in → d."""
     d, state, groups = config.hidden_size, config.mamba_state_dim, config.mamba_num_groups
-    if config.mamba_num_heads is not None:
-        heads = config.mamba_num_heads
-        inner = heads * config.mamba_head_dim
-    else:
-        inner = MAMBA_EXPAND * d
-        heads = inner // config.mamba_head_dim
+    inner, heads = mamba_inner_and_heads(config)
     conv_channels = inner + 2 * groups * state
     return (d + d * (2 * inner + 2 * groups * state + heads) + conv_channels * (MAMBA_CONV_WIDTH + 1)
             + 3 * heads + inner + inner * d)
