@@ -13,7 +13,7 @@ PRESET=echo-8b
 # MLP width, vocabulary) over NVLink. No pipeline (PP = 1); the remaining GPUs are data parallel.
 TP=${TP:-4}
 PP=${PP:-1}
-MICRO_BATCH=${MICRO_BATCH:-1}
+MICRO_BATCH=${MICRO_BATCH:-4}  # as Megatron-LM's 8B example (see the memory estimate in examples/README.md)
 GLOBAL_BATCH=${GLOBAL_BATCH:-1024}  # 1024 x 4096 = 4M tokens per step
 SEQ_LEN=${SEQ_LEN:-4096}
 LR=${LR:-2.5e-4}  # Megatron-LM's 8B hybrid example: 2.5e-4 cosine to 2.5e-5

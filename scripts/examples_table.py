@@ -34,12 +34,15 @@ GPU_MEMORY_GIB = 80
 ASSUMPTIONS = """\
 Estimates, not measurements of training runs (no launcher ran on a GPU for these tables; only the SKA
 operator's activation memory was measured, on one H200):
-- tokens/s per GPU = {mfu:.0%} MFU × {peak:.0f} TFLOP/s (H100 SXM, dense bf16) / training FLOPs per
+- tokens/s per GPU = {mfu:.0%} MFU × {peak:.0f} TFLOP/s (H100 or H200 SXM, dense bf16) / training FLOPs per
   token from `echo_megatron.megatron.flops` (forward + backward, SKA linear in T). Megatron's own MFU
   formula counts the '*' layers as causal softmax attention; its figure is shown for comparison.
   Small models rarely reach 40% MFU (kernel launches and communication dominate): read the 50M and
-  180M rows as upper bounds. SKA's per-chunk Cholesky and triangular solves are counted as FLOPs but
-  run below matmul efficiency.
+  180M rows as upper bounds. SKA's chunked operator runs far below matmul efficiency: the last column
+  is the MEASURED bound (benchmarks/ska_activation_memory.py, Triton kernels, one H200, batch 1,
+  T = 4096, forward + backward) on tokens/s per GPU if a GPU did nothing but its share (1/TP) of the SKA
+  operators; where it is not far above the estimate, the estimate is too optimistic (batch 1 gives the
+  kernels the least parallelism, so the bound is conservative for larger micro-batches).
 - model and optimizer state: Megatron's `theoretical_memory_usage` rule, 18 bytes per parameter, or
   6 + 12/DP with the distributed optimizer (bf16 weights, fp32 gradients, fp32 master weights and Adam
   moments), for the parameters of one tensor-parallel rank (all matrices split by TP; the few replicated
@@ -125,15 +128,17 @@ def script_layout(script: str) -> Layout:
     )
 
 
-def measured_ska_bytes_per_token() -> dict[str, float]:
-    """Preset -> bytes per token the SKA operator keeps for its backward, measured with the Triton kernels."""
-    rows = json.loads(SKA_MEMORY.read_text())["rows"]
-    return {row["preset"]: row["saved_bytes_per_token"] for row in rows
+def ska_measurements() -> dict[str, dict]:
+    """Preset -> the SKA operator measured with the Triton kernels on one H200 (B = 1): saved bytes per
+    token, forward+backward ms at `tokens` tokens."""
+    results = json.loads(SKA_MEMORY.read_text())
+    return {row["preset"]: {**row, "tokens": results["tokens"]} for row in results["rows"]
             if row["backend"] == "triton" and row["preset"].startswith("echo-")}
 
 
 def assumptions() -> str:
-    ska_memory = ", ".join(f"{name} {size / 1e3:.1f} kB" for name, size in measured_ska_bytes_per_token().items())
+    ska_memory = ", ".join(f"{name} {row['saved_bytes_per_token'] / 1e3:.1f} kB"
+                           for name, row in ska_measurements().items())
     return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=ska_memory)
 
 
@@ -149,7 +154,7 @@ def activation_elements_per_token(symbol: str, config, ffn: str, preset: str) ->
         return 2 * d + (inner + xbc + heads) + xbc + 2 * inner
     if symbol == "*":
         h, r, p = config.ska_num_heads, config.ska_rank, config.ska_value_dim
-        return 2 * d + h * (2 * r + p) + h * p + measured_ska_bytes_per_token()[preset] / 2
+        return 2 * d + h * (2 * r + p) + h * p + ska_measurements()[preset]["saved_bytes_per_token"] / 2
     if ffn == "koopman":
         return 2 * d + 3 * koopman_width(d)
     return 2 * d + config.ffn_hidden_size * (3 if config.gated_linear_unit else 2)
@@ -165,6 +170,7 @@ class Row:
     megatron_flops_per_token: float
     state_gib: float
     activation_gib: float
+    ska_bound: float  # tokens/s per GPU if it ran only the SKA operators at their measured speed
 
     @property
     def tokens_per_s(self) -> float:
@@ -192,14 +198,16 @@ def estimate(script: str) -> Row:
                                   ffn=preset.ffn, attention="softmax")
     bytes_per_param = 6 + 12 / layout.dp if layout.distributed_optimizer else 18
     state = params / layout.tp * bytes_per_param
-    activations = 0.0
+    activations = ska_bound = 0.0
     if not layout.cpu:
+        measured = ska_measurements()[layout.preset]
+        ska_bound = measured["tokens"] / (measured["fwd_bwd_ms"] / 1e3 * counts["*"] / layout.tp)
         per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn, layout.preset)
                         for symbol, count in counts.items() if count)
         per_token += 2 * preset.vocab_size * 2 + config.hidden_size  # fp32 logits and softmax, embedding output
         activations = layout.micro_batch * seq * per_token * 2 / layout.tp * layout.pp
     return Row(script, layout, params, by_kind, flops.total / seq, megatron.total / seq, state / 2**30,
-               activations / 2**30)
+               activations / 2**30, ska_bound)
 
 
 def _millions(n: float) -> str:
@@ -212,14 +220,14 @@ def _millions(n: float) -> str:
 def render(rows: list[Row]) -> str:
     out = ["| script | preset | parameters (Mamba-2 / SKA / FFN / embeddings) | layout on the default GPUs | "
            "train FLOPs per token (Megatron's count) | memory per GPU, estimate (state + activations) | "
-           "tokens/s per GPU, estimate |", "|---|---|---|---|---|---|---|"]
+           "tokens/s per GPU, estimate | SKA operators alone, measured bound |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lay = row.layout
         kinds = " / ".join(_millions(row.params_by_kind[k]) for k in ("Mamba-2", "SKA", "FFN", "embeddings"))
         if lay.cpu:
             layout = f"{lay.gpus} CPU processes (gloo): TP {lay.tp}{' + SP' if lay.sequence_parallel else ''}, " \
                      f"DP {lay.dp}; micro-batch {lay.micro_batch}, global {lay.global_batch} × {lay.seq_length}"
-            memory = throughput = "CPU smoke test (not estimated)"
+            memory = throughput = bound = "CPU smoke test (not estimated)"
         else:
             accumulation = lay.global_batch // (lay.micro_batch * lay.dp)
             layout = (f"{lay.gpus} GPUs: TP {lay.tp}{' + SP' if lay.sequence_parallel else ''}, PP {lay.pp}, "
@@ -230,9 +238,10 @@ def render(rows: list[Row]) -> str:
             if total > GPU_MEMORY_GIB:
                 memory += f" > {GPU_MEMORY_GIB} GiB"
             throughput = f"≈ {_millions(row.tokens_per_s)}"
+            bound = f"≤ {_millions(row.ska_bound)}"
         flops = f"{row.flops_per_token / 1e9:.2f} GFLOP ({row.megatron_flops_per_token / 1e9:.2f})"
         out.append(f"| `{row.script}` | `{lay.preset}` | {_millions(row.params)} ({kinds}) | {layout} | {flops} | "
-                   f"{memory} | {throughput} |")
+                   f"{memory} | {throughput} | {bound} |")
     return "\n".join(out) + "\n\n" + assumptions()
 
 

@@ -129,11 +129,11 @@ def test_ska_memory_benchmark_shapes_are_the_presets():
     """benchmarks/ska_activation_memory.py runs without Megatron, so it spells the shapes out: they must be
     the presets' (H, r, P, S, K), and its committed H200 results must cover every GPU script's preset."""
     from benchmarks.ska_activation_memory import SHAPES
-    from scripts.examples_table import measured_ska_bytes_per_token, script_layout
+    from scripts.examples_table import script_layout, ska_measurements
 
     for name, shape in SHAPES.items():
         if name in PRESETS:
             config = get_preset(name).make_config()
             assert shape == (config.ska_num_heads, config.ska_rank, config.ska_value_dim, config.ska_chunk_size,
                              config.ska_power)
-    assert {script_layout(script).preset for script in GPU_SCRIPTS} <= set(measured_ska_bytes_per_token())
+    assert {script_layout(script).preset for script in GPU_SCRIPTS} <= set(ska_measurements())
