@@ -3,6 +3,7 @@
     echo-megatron mqar                      # CPU demo preset, results in ./mqar_cpu
     echo-megatron mqar --preset paper       # SPEC §10 grid at the Echo-50M size (GPUs, torchrun)
     torchrun --nproc-per-node 2 -m echo_megatron.cli mqar --tp 2 ...
+    echo-megatron preprocess --input corpus.jsonl --tokenizer TOKENIZER_DIR --output-prefix data/corpus
 """
 
 from __future__ import annotations
@@ -129,6 +130,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _preprocess(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from echo_megatron.pretrain.preprocess import PreprocessError, preprocess
+
+    try:
+        result = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
+                            workers=args.workers, append_eod=args.append_eod, progress=not args.no_progress)
+    except PreprocessError as error:
+        print(f"echo-megatron preprocess: error: {error}", file=sys.stderr)
+        return 1
+    print(f"{result.documents} documents, {result.tokens} tokens ({result.skipped} empty lines or documents "
+          f"skipped): {result.bin_path}, {result.idx_path}\ntrain with --data-path {result.prefix}")
+    return 0
+
+
+def _add_preprocess(commands) -> None:
+    preprocess = commands.add_parser(
+        "preprocess", help="tokenise a JSON-lines corpus into Megatron's indexed dataset (.bin/.idx)",
+        description="Megatron-LM's tools/preprocess_data.py for the megatron-core wheel: writes "
+                    "PREFIX_<json-key>_document.bin/.idx for --data-path (an existing dataset at that prefix is "
+                    "replaced only when the new one is complete).",
+    )
+    preprocess.add_argument("--input", required=True, help="JSON-lines file, one document per line")
+    preprocess.add_argument("--tokenizer", required=True,
+                            help="local tokenizer directory (transformers.AutoTokenizer format), loaded as Megatron's "
+                                 "HuggingFaceTokenizer; train with --tokenizer-type HuggingFaceTokenizer "
+                                 "--tokenizer-model DIR")
+    preprocess.add_argument("--output-prefix", required=True, help="output path prefix")
+    preprocess.add_argument("--json-key", default="text", help="field holding each document's text (default: text)")
+    preprocess.add_argument("--workers", type=_positive_int, default=1, help="tokenising processes (default: 1)")
+    preprocess.add_argument("--append-eod", action="store_true", help="end every document with the EOD (eos) token")
+    preprocess.add_argument("--no-progress", action="store_true", help="no progress bar")
+    preprocess.set_defaults(func=_preprocess, parser=preprocess)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from echo_megatron.tasks.mqar_benchmark import ARCHS, PRESETS
 
@@ -164,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU intra-op threads per process (default: $OMP_NUM_THREADS, else 1)")
     mqar.add_argument("--no-progress", action="store_true", help="no progress bars")
     mqar.set_defaults(func=_mqar, parser=mqar)
+    _add_preprocess(commands)
     return parser
 
 

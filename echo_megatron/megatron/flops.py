@@ -4,7 +4,8 @@ quadratic softmax attention).
 Conventions (those of Megatron-LM's `num_floating_point_operations`):
 - a multiply-add is 2 FLOPs; a [m, n] × [n, k] matmul costs 2·m·n·k;
 - backward = 2 × forward (data gradient + weight gradient), so a training step is 3 × forward;
-  SKA's power iteration runs without gradient and adds nothing to the backward;
+  exceptions, all in SKA's per-chunk algebra (see `ska_operator_flops`): the power iteration runs
+  without gradient, triangular solves and the Cholesky factorisation have torch's backward costs;
 - elementwise work (norms, activations, residuals, softmax, the Koopman pair rotation, scalings) is
   not counted; the embedding lookup is free; the logits cost 2·tokens·d·V;
 - counts are for the whole model (all tensor-parallel ranks together) and unpadded tokens.
@@ -50,6 +51,9 @@ class FlopCount:
     def __add__(self, other: "FlopCount") -> "FlopCount":
         return FlopCount(self.forward + other.forward, self.backward + other.backward)
 
+    def __sub__(self, other: "FlopCount") -> "FlopCount":
+        return FlopCount(self.forward - other.forward, self.backward - other.backward)
+
     def __mul__(self, times: int) -> "FlopCount":
         return FlopCount(self.forward * times, self.backward * times)
 
@@ -67,21 +71,27 @@ def ska_operator_flops(
 ) -> FlopCount:
     """The SKA operator of SPEC §2–3 (chunk_causal), without projections, for `batch_size` sequences.
 
-    Per head, with n = ceil(T/S) chunks:
-      statistics  G, M: 2·T·r² each; C: 2·T·P·r
-      prefix sums over chunks: n·(2r² + P·r) additions
-      per chunk: Cholesky r³/3; W = L⁻¹ M L⁻ᵀ two solves 2·r³; power iteration (no gradient)
-        (4·n_pi + 2)·r²; R = C L⁻ᵀ W^K L⁻¹: two solves 2·P·r² and K matmuls 2·K·P·r²
-      readout Y = η R_c Q_c: 2·T·P·r
+    Per head, with n = ceil(T/S) chunks (forward; backward):
+      products    statistics G, M: 2·T·r² each, C: 2·T·P·r; K powers 2·K·P·r² per chunk;
+                  readout Y = η R_c Q_c: 2·T·P·r                       (backward 2×)
+      prefix sums over chunks: n·(2r² + P·r) additions                 (backward: a reverse sum, 1×)
+      triangular solves per chunk: W = L⁻¹ M L⁻ᵀ 2·r³, R's C·L⁻ᵀ and ·L⁻¹ 2·P·r²
+                  (backward 3×: a solve for the right-hand side, a 2·n²·m product for L)
+      Cholesky per chunk: r³/3        (backward 4·r³: torch's cholesky_backward, a product and two solves)
+      power iteration per chunk: (4·n_pi + 2)·r², no gradient
+    With K = 0 the readout C G̃⁻¹ uses neither M nor W: both are still computed, neither has a backward.
     """
     t, r, p = seq_length, rank, value_dim
     chunks = math.ceil(t / chunk_size)
-    statistics = 2 * t * r * r * 2 + 2 * t * p * r
-    prefix = chunks * (2 * r * r + p * r)
-    algebra = chunks * (r**3 / 3 + 2 * r**3 + (2 + 2 * power) * p * r * r)
-    readout = 2 * t * p * r
+    lag = FlopCount(2 * t * r * r, 2 * 2 * t * r * r * (power > 0))
+    products = 2 * t * r * r + 2 * t * p * r + chunks * 2 * power * p * r * r + 2 * t * p * r
+    prefix = FlopCount(chunks * (2 * r * r + p * r), chunks * ((1 + (power > 0)) * r * r + p * r))
+    whitening, readout_solves = chunks * 2 * r**3, chunks * 2 * p * r * r
+    solves = FlopCount(whitening + readout_solves, 3 * (whitening * (power > 0) + readout_solves))
+    cholesky = FlopCount(chunks * r**3 / 3, chunks * 4 * r**3)
     power_iteration = chunks * (4 * power_iters + 2) * r * r
-    per_sequence = _trained(statistics + prefix + algebra + readout) + FlopCount(power_iteration, 0)
+    per_sequence = (_trained(products) + lag + prefix + solves + cholesky
+                    + FlopCount(power_iteration, 0))
     return per_sequence * (batch_size * num_heads)
 
 
@@ -115,16 +125,19 @@ def softmax_attention_layer_flops(
     return _trained(projections + core)
 
 
+def mamba_inner_and_heads(config: TransformerConfig) -> tuple[int, int]:
+    """(d_in, heads) of a Mamba-2 mixer, as MambaMixer derives them from the config."""
+    if config.mamba_num_heads is not None:
+        return config.mamba_num_heads * config.mamba_head_dim, config.mamba_num_heads
+    inner = MAMBA_EXPAND * config.hidden_size
+    return inner, inner // config.mamba_head_dim
+
+
 def mamba_layer_flops(config: TransformerConfig, tokens: int) -> FlopCount:
     """A Mamba-2 layer as Megatron counts it: in_proj d → 2·d_in + 2·G·N + heads, the SSD scan
     estimate 7·tokens·d_in·N, out_proj d_in → d (d_in, heads as MambaMixer derives them)."""
     d, state, groups = config.hidden_size, config.mamba_state_dim, config.mamba_num_groups
-    if config.mamba_num_heads is not None:
-        heads = config.mamba_num_heads
-        inner = heads * config.mamba_head_dim
-    else:
-        inner = MAMBA_EXPAND * d
-        heads = inner // config.mamba_head_dim
+    inner, heads = mamba_inner_and_heads(config)
     in_proj = 2 * tokens * d * (2 * inner + 2 * groups * state + heads)
     scan = MAMBA_SCAN_FLOPS_PER_STATE * tokens * inner * state
     out_proj = 2 * tokens * inner * d

@@ -1,9 +1,20 @@
-"""Named Echo model presets (SPEC §8): `echo-50m`, `echo-180m` and the CPU-sized `echo-tiny`.
+"""Named Echo model presets (SPEC §8): `echo-50m`, `echo-180m`, the larger `echo-1b` and `echo-8b`, and
+the CPU-sized `echo-tiny`.
 
 The paper counts a block as a mixer plus its feed-forward; in Megatron's hybrid pattern each is a
 layer, so "16 layers with SKA at {3, 7, 11, 15}" is the 32-symbol pattern "M-M-M-*-…". With the
 Koopman MLP (no gate) in every '-', Mamba-2 d_state 64, head width 64, one group, RMSNorm, no linear
-biases and tied embeddings this gives 50.1M (echo-50m) and 184.7M (echo-180m) parameters.
+biases and tied embeddings this gives 50.1M (echo-50m) and 184.9M (echo-180m) parameters
+(`echo_megatron.megatron.params.hybrid_model_params`; tested against real builds).
+
+`echo-1b` (1.28B) scales the same recipe: d = 2048, 25 blocks with SKA in every fifth, {4, 9, 14, 19, 24},
+16 heads with r = 64, P = 128 (H·P = d), Megatron's Mamba-2 defaults (d_state 128, head 64, 8 groups).
+`echo-8b` is Megatron-LM's 8B hybrid (`examples/mamba`: 56 layers `MEGATRON_8B_PATTERN`, d = 4096,
+32 heads, 8 query groups for the softmax baseline, plain 4d MLPs, Mamba-2 defaults, 256k vocabulary)
+with SKA (32 heads, r = 64, P = 128) in its four '*' slots: 7.64B tied, 8.69B with untied embeddings
+(as Megatron's example trains it). r = 64 rather than 128: the Triton kernels run out of shared memory
+at r = 128 on an H200 (measured, benchmarks/ska_activation_memory.py), and the per-chunk r×r algebra
+costs r³.
 """
 
 from __future__ import annotations
@@ -52,6 +63,10 @@ class HybridPreset:
                                   ffn=ffn or self.ffn, attention=attention, **model_kwargs)
 
 
+# Megatron-LM's 8B hybrid (examples/mamba): 24 Mamba-2, 4 attention and 28 MLP layers.
+MEGATRON_8B_PATTERN = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
+
+
 def _mamba(state_dim: int, head_dim: int, groups: int) -> dict:
     return dict(mamba_state_dim=state_dim, mamba_head_dim=head_dim, mamba_num_groups=groups)
 
@@ -66,6 +81,16 @@ PRESETS: Mapping[str, HybridPreset] = MappingProxyType({
         name="echo-180m", pattern=echo_pattern(24, {8, 16}), vocab_size=32000, ffn="koopman",
         config_fields=dict(hidden_size=768, num_attention_heads=12, ska_num_heads=12, ska_rank=48, ska_value_dim=64,
                            ska_chunk_size=64, **_mamba(64, 64, 1)),
+    ),
+    "echo-1b": HybridPreset(
+        name="echo-1b", pattern=echo_pattern(25, {4, 9, 14, 19, 24}), vocab_size=32000, ffn="koopman",
+        config_fields=dict(hidden_size=2048, num_attention_heads=16, ska_num_heads=16, ska_rank=64,
+                           ska_value_dim=128, ska_chunk_size=64, **_mamba(128, 64, 8)),
+    ),
+    "echo-8b": HybridPreset(
+        name="echo-8b", pattern=MEGATRON_8B_PATTERN, vocab_size=256000, ffn="mlp",
+        config_fields=dict(hidden_size=4096, num_attention_heads=32, num_query_groups=8, ska_num_heads=32,
+                           ska_rank=64, ska_value_dim=128, ska_chunk_size=64, **_mamba(128, 64, 8)),
     ),
     # SPEC §8 synthetic size: d=128, 2 Mamba-2 + 2 SKA blocks, r=24, 4 heads, d_state 16, vocab 128,
     # SwiGLU; 2 Mamba groups so that it also runs at tensor-parallel size 2.

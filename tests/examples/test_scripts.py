@@ -1,0 +1,139 @@
+"""The launch scripts in examples/: `bash -n`, and every flag they pass parses — torchrun's own parser for the
+rendezvous, Megatron-LM's parser (`megatron.training.arguments.add_megatron_arguments`) plus the Echo
+launcher's flags for the rest — with the environment variables of single-node, multi-node and real-data
+runs (`torchrun` is replaced by a stub that records its argv); examples/README.md's tables are current."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import typing
+import pytest
+import typing_extensions
+
+from echo_megatron.megatron import PRESETS, SKAConfig, get_preset
+from scripts.examples_table import EXAMPLES, README, SCRIPTS, run_with_stub_torchrun, tables
+
+GPU_SCRIPTS = [script for script in SCRIPTS if not script.endswith("_cpu.sh")]
+
+
+def launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `echo_megatron.pretrain` adds to Megatron's (issue 8): --cpu, --echo-preset,
+    --echo-attention, --echo-ffn and one --ska-* flag per `SKAConfig.ska_*` field."""
+    group = parser.add_argument_group("echo launcher")
+    group.add_argument("--cpu", action="store_true")
+    group.add_argument("--echo-preset", choices=sorted(PRESETS))
+    group.add_argument("--echo-attention", choices=["ska", "softmax"])
+    group.add_argument("--echo-ffn", choices=["mlp", "koopman"])
+    hints = typing.get_type_hints(SKAConfig)
+    for field in dataclasses.fields(SKAConfig):
+        if field.name.startswith("ska_"):
+            kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None))
+            flag = "--" + field.name.replace("_", "-")
+            if kind is bool:
+                group.add_argument(flag, action="store_true")
+            else:
+                group.add_argument(flag, type=kind)
+
+
+@pytest.fixture(scope="module")
+def launcher_parser() -> argparse.ArgumentParser:
+    with pytest.MonkeyPatch.context() as patch:  # megatron.training needs typing.override (Python 3.12)
+        patch.setattr(typing, "override", typing_extensions.override, raising=False)
+        from megatron.training.arguments import add_megatron_arguments
+
+        parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
+        add_megatron_arguments(parser)
+    launcher_flags(parser)
+    return parser
+
+
+def launched(script: str, *args: str, **env: str) -> tuple[argparse.Namespace, list[str]]:
+    """torchrun's parsed arguments and the launcher's argv for `script args` run with `env`."""
+    from torch.distributed.run import get_args_parser
+
+    result, argv = run_with_stub_torchrun(script, *args, env=env)
+    assert result.returncode == 0 and argv is not None, result.stderr
+    torchrun = get_args_parser().parse_args(argv)
+    assert torchrun.module and torchrun.training_script == "echo_megatron.pretrain"
+    return torchrun, torchrun.training_script_args
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(EXAMPLES / script)], check=True)
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_scripts_single_node_mock_data(launcher_parser, script):
+    torchrun, argv = launched(script)
+    args = launcher_parser.parse_args(argv)
+    assert (torchrun.nproc_per_node, torchrun.nnodes) == ("8", "1")
+    assert args.mock_data and args.data_path is None and args.bf16 and args.use_distributed_optimizer
+    assert args.overlap_grad_reduce and args.overlap_param_gather
+    assert args.sequence_parallel == (args.tensor_model_parallel_size > 1)
+    # the layout is consistent on one node of 8 GPUs: heads and groups split over TP, the global batch
+    # is a whole number of micro-batches per data-parallel rank
+    config = get_preset(args.echo_preset).make_config()
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    assert config.ska_num_heads % tp == 0 and config.mamba_num_groups % tp == 0
+    data_parallel = 8 // (tp * pp)
+    assert args.global_batch_size % (args.micro_batch_size * data_parallel) == 0
+    assert args.lr_decay_samples + args.lr_warmup_samples == args.train_samples
+    assert args.min_lr == pytest.approx(args.lr / 10)
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_scripts_multi_node_real_data_and_overrides(launcher_parser, script):
+    torchrun, argv = launched(
+        script, "--train-samples", "1000", "--ska-chunk-size", "128",
+        GPUS_PER_NODE="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29400", TP="2",
+        DATA_PATH="0.7 data/a_text_document 0.3 data/b_text_document", TOKENIZER_MODEL="tok",
+    )
+    # (flag parsing only: echo-50m's 7 heads need TP = 1, which the launcher checks before training)
+    assert (torchrun.nproc_per_node, torchrun.nnodes, torchrun.node_rank) == ("4", "2", 1)
+    assert (torchrun.master_addr, torchrun.master_port) == ("node0", 29400)
+    args = launcher_parser.parse_args(argv)
+    assert args.data_path == ["0.7", "data/a_text_document", "0.3", "data/b_text_document"]
+    assert not args.mock_data and args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model == "tok"
+    assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
+    assert args.train_samples == 1000 and args.ska_chunk_size == 128  # the script's arguments win
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_data_path_without_tokenizer_is_an_error(script):
+    result, argv = run_with_stub_torchrun(script, env={"DATA_PATH": "data/a_text_document"})
+    assert result.returncode != 0 and "TOKENIZER_MODEL" in result.stderr and argv is None
+
+
+def test_tiny_cpu_script(launcher_parser):
+    torchrun, argv = launched("pretrain_echo_tiny_cpu.sh")
+    args = launcher_parser.parse_args(argv)
+    assert torchrun.nproc_per_node == "2" and args.cpu and args.echo_preset == "echo-tiny" and args.mock_data
+    assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
+
+
+def test_unknown_flag_is_caught(launcher_parser):
+    """The check can fail: a misspelt flag is rejected."""
+    with pytest.raises((argparse.ArgumentError, SystemExit)):
+        launcher_parser.parse_args(["--echo-preset", "echo-50m", "--overlap-grad-reduction"])
+
+
+def test_every_script_is_in_the_table_and_the_readme_is_current():
+    assert sorted(SCRIPTS) == sorted(p.name for p in EXAMPLES.glob("pretrain_*.sh"))
+    assert tables() in README.read_text(), "run: python scripts/examples_table.py --write"
+
+
+def test_ska_memory_benchmark_shapes_are_the_presets():
+    """benchmarks/ska_activation_memory.py runs without Megatron, so it spells the shapes out: they must be
+    the presets' (H, r, P, S, K), and its committed H200 results must cover every GPU script's preset."""
+    from benchmarks.ska_activation_memory import SHAPES
+    from scripts.examples_table import script_layout, ska_measurements
+
+    for name, shape in SHAPES.items():
+        if name in PRESETS:
+            config = get_preset(name).make_config()
+            assert shape == (config.ska_num_heads, config.ska_rank, config.ska_value_dim, config.ska_chunk_size,
+                             config.ska_power)
+    assert {script_layout(script).preset for script in GPU_SCRIPTS} <= set(ska_measurements())
