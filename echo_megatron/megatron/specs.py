@@ -45,7 +45,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
 from .norm import TorchNorm
 from .parallel import missing_parallel_state
@@ -228,8 +227,9 @@ def build_hybrid_model(
     Koopman MLP) in '-'.
 
     Args:
-        config: `SKAConfig` (any `TransformerConfig` when the pattern has no SKA layer); its
-            `num_layers` must equal the number of layers in `pattern`.
+        config: `SKAConfig`, or a plain `TransformerConfig` (SKA then runs with
+            `SKAConfig.from_transformer_config`'s defaults); its `num_layers` must equal the number
+            of layers in `pattern`.
         pattern: Megatron hybrid layer pattern, e.g. "M-*-M-*-" (with '|' for pipeline stages).
         vocab_size, seq_length: vocabulary size and maximum sequence length.
         spec: "local" (Megatron parallel linears + torch norms; CPU mode) or "te" (Transformer Engine).
@@ -241,9 +241,9 @@ def build_hybrid_model(
     model-parallel state and RNG seed; on a machine without CUDA it also enables the CPU mode).
     """
     stack = stack_spec(spec, ffn, attention)
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig (an SKAConfig to tune SKA), got {type(config).__name__}")
     check_pattern(pattern, config)
-    if attention == "ska" and Symbols.ATTENTION in pattern and not isinstance(config, SKAConfig):
-        raise TypeError(f"attention='ska' needs an SKAConfig, got {type(config).__name__}")
     for name, value in (("vocab_size", vocab_size), ("seq_length", seq_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")

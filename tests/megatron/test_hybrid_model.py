@@ -199,8 +199,7 @@ def test_presets():
         (dict(pattern="M*M"), ValueError, "has 3 layers but config.num_layers = 4"),
         (dict(vocab_size=0), ValueError, "vocab_size must be an int >= 1"),
         (dict(spec="te"), RuntimeError, "spec='te' needs Transformer Engine"),
-        (dict(config=TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4)), TypeError,
-         "needs an SKAConfig"),
+        (dict(config=object()), TypeError, "config must be a TransformerConfig"),
     ],
 )
 def test_builder_errors(kwargs, error, match):
