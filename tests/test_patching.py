@@ -142,10 +142,10 @@ def _repro(env, script, *args, cwd):
 
 
 def _patch_copy(root, env, cwd):
-    check = _run(env, "-m", "echo_megatron.cli", "patch-megatron", "--check", cwd=cwd)
-    assert check.returncode == 1 and f"{root / 'megatron' / 'core'}:" in check.stdout, check.stdout + check.stderr
+    """`echo-megatron patch-megatron` in a subprocess that imports megatron from the copy."""
     apply = _run(env, "-m", "echo_megatron.cli", "patch-megatron", cwd=cwd)
     assert apply.returncode == 0, apply.stderr[-4000:]
+    assert f"megatron-core at {root / 'megatron' / 'core'}:" in apply.stdout
     assert "mamba-static-decode-batch: applied" in apply.stdout
     assert "distrib-optimizer-torch-adam-resume: applied" in apply.stdout
     assert dict(run("check", root=root)) == {name: "applied" for name in NAMES}
@@ -165,17 +165,37 @@ def test_mamba_static_decode_at_batch_3_before_and_after(megatron_copy, tmp_path
     assert after["megatron"]["max_abs_diff"] < 1e-9 and after["forward_step"]["max_abs_diff"] < 1e-9
 
 
+def _resume_is_exact(env, tmp_path, sharding):
+    code, after = _repro(env, "distrib_optimizer_resume.py", str(tmp_path / f"ckpt_{sharding}"), sharding, cwd=tmp_path)
+    assert code == 0 and after["ok"], after
+    assert after["resumed"] == after["uninterrupted"] and after["max_param_diff"] == 0.0
+    assert after["adam_steps"] == [6.0] and after["distinct_step_tensors"] == after["params_with_state"] > 1
+
+
 def test_distributed_optimizer_resume_with_torch_adam_before_and_after(megatron_copy, tmp_path):
+    """megatron.training's default optimizer checkpoint format, dp_reshardable."""
     root, env = megatron_copy
     code, before = _repro(env, "distrib_optimizer_resume.py", str(tmp_path / "ckpt_before"), cwd=tmp_path)
     assert code == 1 and before == {"ok": False, "error": "AssertionError: "}
     _patch_copy(root, env, tmp_path)
-    for sharding in ("dp_reshardable", "fully_reshardable"):
-        code, after = _repro(env, "distrib_optimizer_resume.py", str(tmp_path / f"ckpt_{sharding}"), sharding,
-                             cwd=tmp_path)
-        assert code == 0 and after["ok"], after
-        assert after["resumed"] == after["uninterrupted"] and after["max_param_diff"] == 0.0
-        assert after["adam_steps"] == [6.0] and after["distinct_step_tensors"] == after["params_with_state"] > 1
+    _resume_is_exact(env, tmp_path, "dp_reshardable")
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_resume_fully_reshardable_after(megatron_copy, tmp_path):
+    """--dist-ckpt-optim-fully-reshardable (unpatched: KeyError 'step' once the assert is fixed)."""
+    root, env = megatron_copy
+    _patch_copy(root, env, tmp_path)
+    _resume_is_exact(env, tmp_path, "fully_reshardable")
+
+
+def test_check_command_reports_the_unpatched_venv(capsys):
+    from echo_megatron.cli import main
+
+    assert main(["patch-megatron", "--check"]) == 1  # exit 1: not every patch is applied
+    out = capsys.readouterr().out
+    assert f"megatron-core at {INSTALLED / 'megatron' / 'core'}:" in out
+    assert all(f"  {name}: not applied" in out for name in NAMES)
 
 
 def test_megatron_root_is_what_import_would_load():
