@@ -9,7 +9,6 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.inference.contexts import BaseInferenceContext, StaticInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from echo_megatron.megatron import SKASubmodules, SpectralKoopmanAttention, effective_gamma
 from echo_megatron.ops import ska
