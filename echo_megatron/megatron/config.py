@@ -84,7 +84,9 @@ class SKAConfig(TransformerConfig):
     def from_transformer_config(cls, config: TransformerConfig) -> "SKAConfig":
         """`config` itself if it is an `SKAConfig`; else an `SKAConfig` with exactly `config`'s attribute
         values (Megatron's `__post_init__` is not re-run on them) and the SKA defaults: H =
-        `num_attention_heads`, r = P = `kv_channels`, the other `ska_*` fields as declared above."""
+        `num_attention_heads`, r = P = `kv_channels`, the other `ska_*` fields as declared above.
+        A snapshot: attributes Megatron sets on `config` later (e.g. `no_sync_func`) stay on `config`;
+        the SKA layer reads only its own options and the model-shape fields from it."""
         if isinstance(config, cls):
             return config
         if not isinstance(config, TransformerConfig):
