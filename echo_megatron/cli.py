@@ -4,6 +4,7 @@
     echo-megatron mqar --preset paper       # SPEC §10 grid at the Echo-50M size (GPUs, torchrun)
     torchrun --nproc-per-node 2 -m echo_megatron.cli mqar --tp 2 ...
     echo-megatron preprocess --input corpus.jsonl --tokenizer TOKENIZER_DIR --output-prefix data/corpus
+    echo-megatron patch-megatron [--check|--revert]   # our megatron-core 0.19.2 fixes (patches/)
 """
 
 from __future__ import annotations
@@ -164,6 +165,23 @@ def _add_preprocess(commands) -> None:
     preprocess.set_defaults(func=_preprocess, parser=preprocess)
 
 
+def _patch_megatron(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from echo_megatron.patching import PatchError, megatron_root, run
+
+    action = "check" if args.check else "revert" if args.revert else "apply"
+    try:
+        report = run(action)
+    except PatchError as error:
+        print(f"echo-megatron patch-megatron: error: {error}", file=sys.stderr)
+        return 2
+    print(f"megatron-core at {megatron_root() / 'megatron' / 'core'}:")
+    for name, state in report:
+        print(f"  {name}: {state}")
+    if action == "check":
+        return 0 if all(state == "applied" for _, state in report) else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from echo_megatron.tasks.mqar_benchmark import ARCHS, PRESETS
 
@@ -200,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     mqar.add_argument("--no-progress", action="store_true", help="no progress bars")
     mqar.set_defaults(func=_mqar, parser=mqar)
     _add_preprocess(commands)
+
+    patch = commands.add_parser(
+        "patch-megatron", help="apply our fixes (patches/) to the installed megatron-core 0.19.2",
+        description="Apply the .patch files shipped in patches/ to the installed megatron-core (0.19.2 only; "
+                    "idempotent, all-or-nothing). Exit status of --check: 0 when every patch is applied, 1 otherwise.",
+    )
+    mode = patch.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report each patch's state; change nothing")
+    mode.add_argument("--revert", action="store_true", help="restore megatron-core's original files")
+    patch.set_defaults(func=_patch_megatron, parser=patch)
     return parser
 
 

@@ -2,12 +2,17 @@
 
 Every SKA field is named `ska_*`, so Megatron-LM's argument machinery (`--ska-rank` ->
 `args.ska_rank` -> `core_transformer_config_from_args(args, SKAConfig)`) can drive them.
+
+A plain `TransformerConfig` works too (Megatron-LM's `pretrain_hybrid.py --spec
+echo_megatron.megatron.specs echo_hybrid_stack_spec` builds one): `SKAConfig.from_transformer_config`
+reads it with the defaults below — H = `num_attention_heads`, r = P = `kv_channels`, every other
+`ska_*` field at its `SKAConfig` default. `SKAConfig` stays the way to tune SKA.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -73,6 +78,29 @@ class SKAConfig(TransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._resolve_ska_fields()
+
+    @classmethod
+    def from_transformer_config(cls, config: TransformerConfig) -> "SKAConfig":
+        """`config` itself if it is an `SKAConfig`; else an `SKAConfig` with exactly `config`'s attribute
+        values (Megatron's `__post_init__` is not re-run on them) and the SKA defaults: H =
+        `num_attention_heads`, r = P = `kv_channels`, the other `ska_*` fields as declared above.
+        A snapshot: attributes Megatron sets on `config` later (e.g. `no_sync_func`) stay on `config`;
+        the SKA layer reads only its own options and the model-shape fields from it."""
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig (or an SKAConfig), got {type(config).__name__}")
+        derived = object.__new__(cls)
+        derived.__dict__.update(vars(config))
+        for field in fields(cls):
+            if field.name.startswith("ska_") and field.name not in derived.__dict__:
+                setattr(derived, field.name, field.default)
+        derived._resolve_ska_fields()
+        return derived
+
+    def _resolve_ska_fields(self) -> None:
+        """The one place that derives the `ska_*` defaults from the attention fields and validates them."""
         if self.ska_num_heads is None:
             self.ska_num_heads = self.num_attention_heads
         if self.ska_rank is None:

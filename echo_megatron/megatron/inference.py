@@ -5,8 +5,9 @@ Each cached layer keeps its state in `context.key_value_memory_dict[layer_number
 softmax-attention layers (baselines) a KV cache. A step at sequence offset 0 is a prefill and resets
 every state; later steps decode one token each.
 
-Megatron-Core 0.19's Mamba mixer decodes only one sequence (batch size 1) under static batching;
-models without Mamba layers decode any batch size.
+Megatron-Core 0.19.2's Mamba mixer decodes only one sequence (batch size 1) under static batching
+(`patches/mamba-static-decode-batch.patch` fixes it: `echo-megatron patch-megatron`); with the patch
+applied, or without Mamba layers, any batch size decodes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from torch import Tensor
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.ssm.mamba_mixer import MambaMixer
+
+from echo_megatron.patching import patch_applied
+
+MAMBA_DECODE_PATCH = "mamba-static-decode-batch"
 
 
 def static_inference_context(batch_size: int, max_sequence_length: int, all_logits: bool = False) -> StaticInferenceContext:
@@ -35,10 +40,12 @@ def forward_step(model: torch.nn.Module, context: StaticInferenceContext, input_
     materialises last-token logits.
     """
     batch, length = input_ids.shape
-    if context.sequence_len_offset > 0 and batch > 1 and any(isinstance(m, MambaMixer) for m in model.modules()):
+    if (context.sequence_len_offset > 0 and batch > 1 and any(isinstance(m, MambaMixer) for m in model.modules())
+            and not patch_applied(MAMBA_DECODE_PATCH)):
         raise NotImplementedError(
-            "Megatron-Core 0.19's Mamba mixer decodes only batch size 1 under static batching "
-            "(MambaMixer._decode hands [1, b, ·] to _ssm_decode, which reads it as [b, s, ·]); decode one sequence at a time"
+            "Megatron-Core 0.19.2's Mamba mixer decodes only batch size 1 under static batching "
+            "(MambaMixer._decode hands [1, b, ·] to _ssm_decode, which reads it as [b, s, ·]): decode one "
+            f"sequence at a time, or apply patches/{MAMBA_DECODE_PATCH}.patch with `echo-megatron patch-megatron`"
         )
     if context.sequence_len_offset + length > context.max_sequence_length:
         raise ValueError(f"sequence_len_offset {context.sequence_len_offset} + {length} tokens exceeds "

@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
@@ -67,7 +68,9 @@ class SpectralKoopmanAttention(MegatronModule):
     """SKA mixer: hidden_states [s/SP, b, d] -> (out [s/SP, b, d], bias [d] or None).
 
     Args:
-        config: an `SKAConfig`.
+        config: an `SKAConfig`, or a plain `TransformerConfig` (then H = `num_attention_heads`,
+            r = P = `kv_channels` and the other SKA options at `SKAConfig`'s defaults; see
+            `SKAConfig.from_transformer_config`).
         submodules: `SKASubmodules(in_proj, out_proj)`.
         layer_number: 1-based global layer number (key of the inference state).
         pg_collection: process groups (`tp` splits the heads; context parallelism is not supported).
@@ -75,7 +78,7 @@ class SpectralKoopmanAttention(MegatronModule):
 
     def __init__(
         self,
-        config: SKAConfig,
+        config: TransformerConfig,
         submodules: SKASubmodules,
         layer_number: Optional[int] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
@@ -84,8 +87,7 @@ class SpectralKoopmanAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pp_layer_offset: Optional[int] = None,
     ):
-        if not isinstance(config, SKAConfig):
-            raise TypeError(f"SpectralKoopmanAttention needs an SKAConfig (ska_* fields), got {type(config).__name__}")
+        config = SKAConfig.from_transformer_config(config)
         super().__init__(config)
         del cp_comm_type, pp_layer_offset  # accepted for TransformerLayer compatibility
         if pg_collection is None:

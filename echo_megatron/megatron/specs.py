@@ -45,9 +45,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
 from .norm import TorchNorm
+from .parallel import missing_parallel_state
 from .ska_layer import SKASubmodules, SpectralKoopmanAttention
 
 SPEC_KINDS = ("local", "te")
@@ -227,8 +227,9 @@ def build_hybrid_model(
     Koopman MLP) in '-'.
 
     Args:
-        config: `SKAConfig` (any `TransformerConfig` when the pattern has no SKA layer); its
-            `num_layers` must equal the number of layers in `pattern`.
+        config: `SKAConfig`, or a plain `TransformerConfig` (SKA then runs with
+            `SKAConfig.from_transformer_config`'s defaults); its `num_layers` must equal the number
+            of layers in `pattern`.
         pattern: Megatron hybrid layer pattern, e.g. "M-*-M-*-" (with '|' for pipeline stages).
         vocab_size, seq_length: vocabulary size and maximum sequence length.
         spec: "local" (Megatron parallel linears + torch norms; CPU mode) or "te" (Transformer Engine).
@@ -236,21 +237,27 @@ def build_hybrid_model(
         **model_kwargs: passed to `HybridModel` (e.g. share_embeddings_and_output_weights,
             pg_collection, pre_process/post_process, parallel_output).
 
-    On a machine without CUDA, call `echo_megatron.megatron.cpu.enable_cpu_mode()` first.
+    Call `echo_megatron.megatron.initialize_single_process(seed)` first (process group, Megatron's
+    model-parallel state and RNG seed; on a machine without CUDA it also enables the CPU mode).
     """
     stack = stack_spec(spec, ffn, attention)
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig (an SKAConfig to tune SKA), got {type(config).__name__}")
     check_pattern(pattern, config)
-    if attention == "ska" and Symbols.ATTENTION in pattern and not isinstance(config, SKAConfig):
-        raise TypeError(f"attention='ska' needs an SKAConfig, got {type(config).__name__}")
     for name, value in (("vocab_size", vocab_size), ("seq_length", seq_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    missing = missing_parallel_state(needs_groups="pg_collection" not in model_kwargs)
+    if missing:
+        raise RuntimeError(f"{missing}: call echo_megatron.megatron.initialize_single_process(seed=0) before "
+                           "build_hybrid_model (under torchrun it uses the launcher's ranks)")
     if not torch.cuda.is_available():
         from .cpu import cpu_mode_enabled  # CPU-only machines: this check never runs on GPUs
 
         if not cpu_mode_enabled():
-            raise RuntimeError("CUDA is not available: call echo_megatron.megatron.cpu.enable_cpu_mode() before "
-                               "building Megatron models on the CPU")
+            raise RuntimeError("CUDA is not available: call echo_megatron.megatron.initialize_single_process() "
+                               "(or echo_megatron.megatron.cpu.enable_cpu_mode()) before building Megatron "
+                               "models on the CPU")
         if spec == "te":
             raise RuntimeError("spec='te' needs Transformer Engine and CUDA; use spec='local' on the CPU")
     return HybridModel(

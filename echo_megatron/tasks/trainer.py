@@ -15,8 +15,6 @@ functions in the same order (collectives).
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm.auto import tqdm
 
+from echo_megatron.megatron.parallel import initialize_single_process
 from echo_megatron.tasks.mqar import IGNORE_INDEX, MQARData
 
 # 1-D parameters (norm weights, biases, SKA η/ρ, Mamba A_log/D/dt_bias, Koopman eigenvalues) are
@@ -79,42 +78,10 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def initialize_distributed(tensor_parallel_size: int = 1, seed: int = 0) -> None:
-    """Process groups (gloo on CPU, nccl on GPU) and Megatron's model-parallel state; idempotent.
-
-    Under ``torchrun`` the launcher's ``RANK``/``WORLD_SIZE``/``MASTER_*`` are used; under plain
-    ``python`` a single-rank group on a free local port. On CPU, Megatron-Core and mamba-ssm run
-    through ``echo_megatron.megatron.cpu.enable_cpu_mode()``.
-    """
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        from echo_megatron.megatron.cpu import enable_cpu_mode
-
-        enable_cpu_mode()
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    world = torch.distributed.get_world_size()
-    if tensor_parallel_size < 1 or world % tensor_parallel_size:
-        raise ValueError(f"tensor_parallel_size must be >= 1 and divide the world size {world}, got {tensor_parallel_size}")
-    if parallel_state.model_parallel_is_initialized():
-        current = parallel_state.get_tensor_model_parallel_world_size()
-        if current != tensor_parallel_size:
-            raise ValueError(f"model parallel already initialised with tensor_parallel_size={current}, asked {tensor_parallel_size}")
-    else:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
-    seed_everything(seed)
+    """Process groups (gloo on CPU, nccl on GPU), Megatron's model-parallel state and seeds; idempotent.
+    See `echo_megatron.megatron.initialize_single_process` (torchrun's ranks, or one local rank)."""
+    initialize_single_process(seed=seed, tensor_model_parallel_size=tensor_parallel_size)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,10 @@
-"""SKAConfig: defaults and every validation error (each names the field)."""
+"""SKAConfig: defaults and every validation error (each names the field); a plain TransformerConfig."""
+
+import dataclasses
 
 import pytest
+
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from echo_megatron.megatron import SKAConfig
 
@@ -46,3 +50,18 @@ def test_sequence_max_needs_the_explicit_opt_in():
 def test_validation_errors_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
         SKAConfig(**BASE, **fields)
+
+
+def test_plain_transformer_config_gets_the_documented_defaults():
+    plain = TransformerConfig(**BASE, kv_channels=24, hidden_dropout=0.25)
+    derived = SKAConfig.from_transformer_config(plain)
+    assert isinstance(derived, SKAConfig) and derived is not plain
+    assert (derived.ska_num_heads, derived.ska_rank, derived.ska_value_dim) == (4, 24, 24)
+    reference = SKAConfig(**BASE, kv_channels=24)  # every other ska_* at SKAConfig's declared default
+    ska_fields = [f.name for f in dataclasses.fields(SKAConfig) if f.name.startswith("ska_")]
+    assert {n: getattr(derived, n) for n in ska_fields} == {n: getattr(reference, n) for n in ska_fields}
+    for field in dataclasses.fields(TransformerConfig):  # the Megatron fields exactly as given, not re-derived
+        assert getattr(derived, field.name) is getattr(plain, field.name), field.name
+    assert SKAConfig.from_transformer_config(reference) is reference
+    with pytest.raises(TypeError, match="config must be a TransformerConfig"):
+        SKAConfig.from_transformer_config(dict(BASE))

@@ -10,7 +10,6 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from echo_megatron.megatron import (
     KoopmanMLP,
@@ -23,6 +22,7 @@ from echo_megatron.megatron import (
     get_preset,
     stack_spec,
 )
+from echo_megatron.megatron import inference
 from echo_megatron.megatron.inference import cache_nbytes, forward_step, greedy_generate, static_inference_context
 from echo_megatron.ops import SKAState
 
@@ -113,11 +113,13 @@ def test_prefill_and_decode_equal_the_full_forward(dtype, tolerance, pattern, ba
     torch.testing.assert_close(forward_step(model, context, ids[:, :prompt_length]), logits[0], rtol=0, atol=0)
 
 
-def test_batched_decode_of_mamba_layers_is_refused_clearly():
+def test_batched_decode_of_mamba_layers_is_refused_clearly(monkeypatch):
+    """Unless patches/mamba-static-decode-batch.patch is applied (tests/test_patching.py runs that case)."""
+    monkeypatch.setattr(inference, "patch_applied", lambda name: False)
     model = tiny_model().eval()
     context = static_inference_context(2, 8)
     forward_step(model, context, batch(b=2, t=4))
-    with pytest.raises(NotImplementedError, match="batch size 1"):
+    with pytest.raises(NotImplementedError, match="batch size 1 .* `echo-megatron patch-megatron`"):
         forward_step(model, context, batch(b=2, t=1))
 
 
@@ -199,8 +201,7 @@ def test_presets():
         (dict(pattern="M*M"), ValueError, "has 3 layers but config.num_layers = 4"),
         (dict(vocab_size=0), ValueError, "vocab_size must be an int >= 1"),
         (dict(spec="te"), RuntimeError, "spec='te' needs Transformer Engine"),
-        (dict(config=TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4)), TypeError,
-         "needs an SKAConfig"),
+        (dict(config=object()), TypeError, "config must be a TransformerConfig"),
     ],
 )
 def test_builder_errors(kwargs, error, match):

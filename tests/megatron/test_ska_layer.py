@@ -9,7 +9,6 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.inference.contexts import BaseInferenceContext, StaticInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from echo_megatron.megatron import SKASubmodules, SpectralKoopmanAttention, effective_gamma
 from echo_megatron.ops import ska
@@ -113,8 +112,8 @@ def test_sharded_state_dict_splits_qkv_and_maps_heads():
 
 
 def test_errors():
-    with pytest.raises(TypeError, match="needs an SKAConfig"):
-        SpectralKoopmanAttention(TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4), LOCAL)
+    with pytest.raises(TypeError, match="config must be a TransformerConfig"):
+        SpectralKoopmanAttention(object(), LOCAL)
     layer = make_layer()
     hidden = torch.randn(3, 1, HIDDEN)
     context = StaticInferenceContext(1, 16)
