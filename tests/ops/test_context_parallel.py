@@ -1,0 +1,117 @@
+"""Context-parallel SKA (`echo_megatron.ops.context_parallel`) == SKA on the whole sequences, forward and every
+gradient, on Megatron's load-balanced CP layout: 2 gloo processes (torch.multiprocessing.spawn), one spawn for
+all cases; each rank writes its worst errors to a JSON file the test checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from echo_megatron.ops import ska
+from echo_megatron.ops.context_parallel import check_context_parallel_layout, ska_context_parallel
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from .common import GRAD_NAMES, make_inputs, rel_err
+
+CP = 2
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+# (name, dtype, norm, power, chunk_size, batch, seq_len): segments of 16 tokens hold 2 chunks (S=8) or 1 (S=16).
+CASES = [(f"{str(dtype)[6:]}_{norm}_K{power}", dtype, norm, power, 8, 2, 64)
+         for dtype in (torch.float64, torch.float32) for norm in ("causal_max", "none") for power in (0, 1, 2)]
+CASES.append(("float64_causal_max_K2_S16", torch.float64, "causal_max", 2, 16, 1, 64))
+PACKED_DOCS = [32, 64, 16]  # global document lengths, each a multiple of 2·CP·S with S = 4
+
+
+def _weights(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.linspace(-1.0, 2.0, shape.numel(), dtype=torch.float64).view(shape).to(dtype)
+
+
+def _full_run(inputs: dict, **options) -> dict[str, torch.Tensor]:
+    """CP = 1: y and the gradients of a fixed weighted sum of y."""
+    y = ska(inputs["q"], inputs["k"], inputs["v"], eta=inputs["eta"], gamma=inputs["gamma"], backend="torch", **options)
+    grads = torch.autograd.grad((y * _weights(y.shape, y.dtype)).sum(), [inputs[n] for n in GRAD_NAMES])
+    return {"y": y.detach(), **dict(zip(GRAD_NAMES, grads))}
+
+
+def _cp_run(inputs: dict, split, weights: torch.Tensor, **options) -> dict[str, torch.Tensor]:
+    """CP = 2 on this rank's tokens; per-head gradients summed over the group (as Megatron's DP×CP all-reduce)."""
+    local = {n: split(inputs[n]).detach().requires_grad_() for n in ("q", "k", "v")}
+    params = {n: inputs[n].detach().requires_grad_() for n in ("eta", "gamma")}
+    y = ska_context_parallel(local["q"], local["k"], local["v"], params["eta"], params["gamma"], cp_group=None,
+                             **options)
+    (y * split(weights)).sum().backward()
+    for param in params.values():
+        dist.all_reduce(param.grad)
+    return {"y": y.detach(), **{n: local[n].grad for n in ("q", "k", "v")}, **{n: params[n].grad for n in params}}
+
+
+def _errors(expected: dict, actual: dict, split) -> dict[str, float]:
+    return {name: rel_err(actual[name], split(want) if name in ("y", "q", "k", "v") else want)
+            for name, want in expected.items()}
+
+
+def _megatron_split(x: torch.Tensor) -> torch.Tensor:
+    """This rank's tokens of x [B, T, ...], exactly as Megatron's data path cuts them."""
+    return get_batch_on_this_cp_rank({"x": x}, is_hybrid_cp=False, cp_group=dist.group.WORLD)["x"]
+
+
+def _packed_split(x: torch.Tensor) -> torch.Tensor:
+    """Per-document balancing (TE's thd_get_partitioned_indices): segments i and 2c-1-i of every document."""
+    rank, pieces, start = dist.get_rank(), [], 0
+    for length in PACKED_DOCS:
+        segments = x[:, start:start + length].chunk(2 * CP, dim=1)
+        pieces += [segments[rank], segments[2 * CP - 1 - rank]]
+        start += length
+    return torch.cat(pieces, dim=1)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=CP)
+    results = {}
+    for name, dtype, norm, power, chunk_size, batch, seq_len in CASES:
+        inputs = make_inputs(batch, seq_len, 2, 5, 3, dtype=dtype, seed=power + 7, requires_grad=True)
+        options = dict(chunk_size=chunk_size, power=power, norm=norm)
+        expected = _full_run(inputs, **options)
+        actual = _cp_run(inputs, _megatron_split, _weights(expected["y"].shape, dtype), **options)
+        results[name] = _errors(expected, actual, _megatron_split)
+    inputs = make_inputs(1, sum(PACKED_DOCS), 2, 5, 3, seed=3, requires_grad=True)
+    cu_seqlens = torch.tensor([0] + PACKED_DOCS).cumsum(0)
+    options = dict(chunk_size=4, power=2, norm="causal_max", cu_seqlens=cu_seqlens)
+    expected = _full_run(inputs, **options)
+    actual = _cp_run(inputs, _packed_split, _weights(expected["y"].shape, torch.float64), **options)
+    results["float64_packed_thd"] = _errors(expected, actual, _packed_split)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cp_errors(tmp_path_factory) -> list[dict]:
+    from tests.megatron.common import free_port
+
+    out_dir = tmp_path_factory.mktemp("cp")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=CP, join=True)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(CP)]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["float64_packed_thd"])
+def test_cp2_equals_cp1_forward_and_gradients(cp_errors, case):
+    tolerance = TOLERANCE[torch.float32 if case.startswith("float32") else torch.float64]
+    for rank, errors in enumerate(cp_errors):
+        worst = max(errors[case].values())
+        assert worst <= tolerance, f"rank {rank}: {errors[case]}"
+
+
+def test_layout_check_names_the_sizes():
+    check_context_parallel_layout(256, 2, 64)
+    check_context_parallel_layout(100, 1, 64)  # no CP: no constraint
+    with pytest.raises(ValueError, match=r"seq_length \(192\) must be a multiple of .* = 256"):
+        check_context_parallel_layout(192, 2, 64)
