@@ -45,6 +45,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from echo_megatron.ops.context_parallel import check_context_parallel_layout
+
 from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
 from .norm import TorchNorm
@@ -245,6 +247,8 @@ def build_hybrid_model(
     for name, value in (("vocab_size", vocab_size), ("seq_length", seq_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if attention == "ska" and Symbols.ATTENTION in pattern:
+        check_context_parallel_layout(seq_length, config.context_parallel_size, config.ska_chunk_size)
     if not torch.cuda.is_available():
         from .cpu import cpu_mode_enabled  # CPU-only machines: this check never runs on GPUs
 
