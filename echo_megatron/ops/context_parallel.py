@@ -10,7 +10,7 @@ Per layer:
   1. per-chunk statistics of the local tokens, every local segment on its own chunk grid (`chunked`);
   2. per-segment totals (G, M, C sums, the max key norm m) and each segment's first and last key;
   3. one all-gather of those over the CP group; its backward sums the gradients of the gathered copies over
-     the group (an all-reduce), so the backward pass is exact too;
+     the group (an all-to-all, the traffic of a reduce-scatter), so the backward pass is exact too;
   4. in global segment order: the exclusive prefix of the totals, with the lag pair z_first(s) z_last(s−1)ᵀ
      that joins segment s to s−1 counted in segment s (its chunk 0), exactly once;
   5. the local chunk scan starting from those prefixes (`chunked._exclusive_prefix(initial=...)`), readout.
@@ -52,7 +52,8 @@ def check_context_parallel_layout(seq_length: int, cp_size: int, chunk_size: int
 
 
 class _AllGather(torch.autograd.Function):
-    """[...] -> [c, ...] over `group`; backward: all-reduce the gradient of the stack, keep this rank's slice."""
+    """[...] -> [c, ...] over `group`; backward: rank j receives every rank's gradient of slice j (an all-to-all,
+    as a reduce-scatter moves: (c−1)·size per rank; gloo has no reduce-scatter) and sums them."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -64,9 +65,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        received = [torch.empty_like(grad[0]) for _ in range(grad.shape[0])]
+        dist.all_to_all(received, [g.contiguous() for g in grad.unbind(0)], group=ctx.group)
+        return torch.stack(received).sum(dim=0), None
 
 
 def local_segment_bounds(local_len: int, cp_size: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor:

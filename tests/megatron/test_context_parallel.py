@@ -51,3 +51,14 @@ def test_sequence_length_must_hold_whole_chunks_per_segment(model_parallel_tp1):
 def test_unsupported_options_under_context_parallelism(options, message):
     with pytest.raises(ValueError, match=message):
         _check_context_parallel_options(tiny_config(**options))
+
+
+def test_comm_bytes_known_values():
+    from echo_megatron.megatron.flops import ring_attention_cp_comm_bytes, ska_cp_comm_bytes
+
+    ska = ska_cp_comm_bytes(cp_size=8, num_heads=12, rank=48, value_dim=64)
+    per_rank = 2 * 12 * (2 * 48 * 48 + 64 * 48 + 1 + 2 * 48) * 4  # bytes one rank contributes
+    assert (ska.forward, ska.backward) == (7 * per_rank, 7 * per_rank)
+    assert ska_cp_comm_bytes(cp_size=8, num_heads=12, rank=48, value_dim=64, tensor_parallel_size=2).total == ska.total / 2
+    ring = ring_attention_cp_comm_bytes(seq_length=32768, cp_size=8, num_query_groups=12, head_dim=64)
+    assert ring.forward == 7 * 4096 * 2 * 12 * 64 * 2 and ring.backward == 2 * ring.forward

@@ -115,3 +115,17 @@ def test_layout_check_names_the_sizes():
     check_context_parallel_layout(100, 1, 64)  # no CP: no constraint
     with pytest.raises(ValueError, match=r"seq_length \(192\) must be a multiple of .* = 256"):
         check_context_parallel_layout(192, 2, 64)
+
+
+def test_exchange_size_matches_the_flops_accounting():
+    """The all-gathered payload per sequence is exactly what `flops.ska_cp_exchange_numbers` counts."""
+    from echo_megatron.megatron.flops import ska_cp_exchange_numbers
+    from echo_megatron.ops.chunked import ChunkLayout, chunk_statistics
+    from echo_megatron.ops.context_parallel import _segment_totals, local_segment_bounds
+
+    inputs = make_inputs(3, 32, 2, 5, 3)
+    bounds = local_segment_bounds(32, 4, None, torch.device("cpu"))
+    layout = ChunkLayout.build(32, 8, bounds, torch.device("cpu"))
+    payload = _segment_totals(chunk_statistics(inputs["k"], inputs["v"], layout, None), layout, inputs["k"], bounds)
+    assert payload.shape[:3] == (3, 2, 2)
+    assert payload[0].numel() == ska_cp_exchange_numbers(num_heads=2, rank=5, value_dim=3) == 2 * 2 * (50 + 15 + 11)
