@@ -1,7 +1,7 @@
-"""torchrun --nproc-per-node N -m tests.megatron.hybrid_cp_worker <tp> <dtype:norm:power>...: the Echo hybrid "M*M-" with
+"""torchrun --nproc-per-node N -m tests.megatron.hybrid_cp_worker <tp> <dtype:norm:power[:sp]>...: the Echo hybrid "M*M-" with
 context parallelism CP = N / tp equals CP = 1, logits and every parameter gradient.
 
-Per setting "<dtype>:<norm>:<power>" (e.g. "float64:causal_max:2"): build the model at CP = 1 (the other ranks are data-parallel replicas)
+Per setting "<dtype>:<norm>:<power>[:sp]" (e.g. "float64:causal_max:2", ":sp" = sequence parallel): build the model at CP = 1 (the other ranks are data-parallel replicas)
 with distinct per-head η, ρ; run a fixed batch; then build it at CP = N / tp from the same state dict, give
 each rank its tokens exactly as `megatron.core.utils.get_batch_on_this_cp_rank` does, sum the local
 cross-entropy, backward, and all-reduce every gradient over the CP group (Megatron's DP×CP gradient
@@ -32,14 +32,15 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 MAMBA_NORM_GRAD = "mixer.norm.weight.grad"
 
 
-def build(tp: int, cp: int, dtype: torch.dtype, norm: str, power: int, state: dict | None = None):
+def build(tp: int, cp: int, dtype: torch.dtype, norm: str, power: int, sequence_parallel: bool,
+          state: dict | None = None):
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     install_cpu_rng_tracker()
     tensor_parallel.model_parallel_cuda_manual_seed(1)
-    model = tiny_model(seed=1, tensor_model_parallel_size=tp, context_parallel_size=cp, ska_zero_init_output=False,
-                       seq_length=SEQ, params_dtype=dtype, ska_norm=norm, ska_power=power)
+    model = tiny_model(seed=1, tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sequence_parallel,
+                       ska_zero_init_output=False, seq_length=SEQ, params_dtype=dtype, ska_norm=norm, ska_power=power)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -57,6 +58,8 @@ def run(model, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Te
     for name, param in model.named_parameters():
         grad = param.grad.clone()
         torch.distributed.all_reduce(grad, group=parallel_state.get_context_parallel_group())
+        if getattr(param, "sequence_parallel", False):  # replicated norms see a sequence shard: summed over TP
+            torch.distributed.all_reduce(grad, group=tp_group)
         if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
             grad = _gather_tp(grad, param.partition_dim, tp_group)
         result[f"{name}.grad"] = grad
@@ -80,9 +83,9 @@ def relative_errors(actual: dict, expected: dict) -> dict[str, float]:
 
 def check_setting(tp: int, cp: int, setting: str, tokens: torch.Tensor, labels: torch.Tensor) -> str:
     """One "<dtype>:<norm>:<power>" setting; returns the line to print."""
-    dtype_name, norm, power = setting.split(":")
-    dtype, power = getattr(torch, dtype_name), int(power)
-    model = build(tp, 1, dtype, norm, power)
+    dtype_name, norm, power, *flags = setting.split(":")
+    dtype, power, sequence_parallel = getattr(torch, dtype_name), int(power), flags == ["sp"]
+    model = build(tp, 1, dtype, norm, power, sequence_parallel)
     with torch.no_grad():  # distinct per-head values, so a mis-mapped head shows
         for layer in ska_modules(model):
             layer.eta.copy_(1.0 + 0.1 * torch.arange(layer.eta.numel()))
@@ -93,9 +96,10 @@ def check_setting(tp: int, cp: int, setting: str, tokens: torch.Tensor, labels: 
     if dtype != torch.float64:
         # fp32 round-off through the model's solves reaches ~1e-4 on whole-model gradients (already between
         # CP = 1 in fp32 and in fp64): CP may differ by at most 4x that round-off, and never need beat 1e-5.
-        round_off = relative_errors(reference, run(build(tp, 1, torch.float64, norm, power, state), tokens, labels))
+        round_off = relative_errors(reference, run(build(tp, 1, torch.float64, norm, power, sequence_parallel, state), tokens,
+                                                  labels))
         tolerance = {key: max(tolerance[key], 4 * round_off[key]) for key in reference}
-    actual = run(build(tp, cp, dtype, norm, power, state), tokens, labels)
+    actual = run(build(tp, cp, dtype, norm, power, sequence_parallel, state), tokens, labels)
     cp_group = parallel_state.get_context_parallel_group()
     reference["logits"] = get_batch_on_this_cp_rank({"x": reference["logits"]}, is_hybrid_cp=False,
                                                     cp_group=cp_group)["x"]

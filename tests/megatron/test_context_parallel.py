@@ -36,7 +36,7 @@ def test_cp2_equals_cp1_in_hybrid_model():
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_cp2_tp2_equals_tp2_in_hybrid_model():
-    _torchrun(4, 2, ["float64:causal_max:2", "float32:none:1"])
+    _torchrun(4, 2, ["float64:causal_max:2", "float64:none:1:sp", "float32:none:1:sp"])
 
 
 def test_sequence_length_must_hold_whole_chunks_per_segment(model_parallel_tp1):
