@@ -37,8 +37,8 @@ MAMBA_SCAN_FLOPS_PER_STATE = 7  # Megatron's SSD-scan estimate: 7 · tokens · d
 
 
 @dataclass(frozen=True)
-class FlopCount:
-    """Forward and backward FLOPs of one training step's worth of work."""
+class ForwardBackward:
+    """A quantity split into its forward and backward parts."""
 
     forward: float
     backward: float
@@ -46,6 +46,11 @@ class FlopCount:
     @property
     def total(self) -> float:
         return self.forward + self.backward
+
+
+@dataclass(frozen=True)
+class FlopCount(ForwardBackward):
+    """Forward and backward FLOPs of one training step's worth of work."""
 
     def __add__(self, other: "FlopCount") -> "FlopCount":
         return FlopCount(self.forward + other.forward, self.backward + other.backward)
@@ -230,15 +235,8 @@ def hybrid_model_flops(
 # ---- Context-parallel communication volume (bytes per layer per rank) ----
 
 @dataclass(frozen=True)
-class CommBytes:
+class CommBytes(ForwardBackward):
     """Bytes one rank receives for one layer over its context-parallel group, forward and backward."""
-
-    forward: float
-    backward: float
-
-    @property
-    def total(self) -> float:
-        return self.forward + self.backward
 
 
 def ska_cp_exchange_numbers(*, num_heads: int, rank: int, value_dim: int) -> int:
