@@ -41,8 +41,8 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import deprecate_inference_params, get_pg_rank, get_pg_size
 
-from echo_megatron.ops import SKAState, ska, ska_prefill, ska_step
-from echo_megatron.ops.context_parallel import CP_NORMS, ska_context_parallel
+from echo_megatron.ops import SKAState, ska, ska_context_parallel, ska_prefill, ska_step
+from echo_megatron.ops.context_parallel import CP_NORMS
 
 from .config import SKAConfig
 
