@@ -17,8 +17,8 @@ from echo_megatron.megatron.flops import ring_attention_cp_comm_bytes, ska_cp_co
 SEQ_LENGTHS = (32 * 1024, 128 * 1024, 1024 * 1024)
 # name: (SKA heads, r, P), (attention key/value groups, head dim)
 MODELS = {
-    "Echo-180M (d=768)": ((12, 48, 64), (12, 64)),
-    "8B-class (d=4096, GQA 8)": ((32, 128, 128), (8, 128)),
+    "Echo-180M (d=768; SKA 12 heads r=48 P=64; attention 12×64)": ((12, 48, 64), (12, 64)),
+    "8B-class (d=4096; SKA 32 heads r=128 P=128; attention GQA 8×128)": ((32, 128, 128), (8, 128)),
 }
 
 
