@@ -42,7 +42,7 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import deprecate_inference_params, get_pg_rank, get_pg_size
 
 from echo_megatron.ops import SKAState, ska, ska_context_parallel, ska_prefill, ska_step
-from echo_megatron.ops.context_parallel import CP_NORMS
+from echo_megatron.ops.context_parallel import CP_BACKENDS, CP_NORMS
 
 from .config import SKAConfig
 
@@ -224,7 +224,8 @@ class SpectralKoopmanAttention(MegatronModule):
             y = self._inference(q, k, v, inference_context)
         elif self.cp_group is not None:
             y = ska_context_parallel(q, k, v, self.eta, self.gamma(), cp_group=self.cp_group,
-                                     cu_seqlens=_packed_cu_seqlens(packed_seq_params, batch), **self.operator_options())
+                                     cu_seqlens=_packed_cu_seqlens(packed_seq_params, batch),
+                                     backend=self.config.ska_backend, **self.operator_options())
         else:
             y = ska(q, k, v, eta=self.eta, gamma=self.gamma(), cu_seqlens=_packed_cu_seqlens(packed_seq_params, batch),
                     backend=self.config.ska_backend, **self.operator_options())
@@ -281,13 +282,13 @@ class SpectralKoopmanAttention(MegatronModule):
 
 
 def _check_context_parallel_options(config: SKAConfig) -> None:
-    """Options that context-parallel SKA supports: causal norms and the PyTorch operator path."""
+    """Options that context-parallel SKA supports: causal norms, the torch and Triton paths."""
     if config.ska_norm not in CP_NORMS:
         raise ValueError(f"context parallelism needs ska_norm in {CP_NORMS}, got {config.ska_norm!r} "
                          "(sequence_max is non-causal)")
-    if config.ska_backend not in ("auto", "torch"):
-        raise ValueError(f"context parallelism runs the PyTorch operator path: ska_backend must be 'auto' or 'torch', "
-                         f"got {config.ska_backend!r} (the Triton kernels take no initial statistics)")
+    if config.ska_backend not in CP_BACKENDS:
+        raise ValueError(f"context parallelism needs ska_backend in {CP_BACKENDS}, got {config.ska_backend!r} "
+                         "(the slow reference has no context-parallel form)")
 
 
 def _packed_cu_seqlens(packed_seq_params: Optional[PackedSeqParams], batch: int) -> Optional[Tensor]:

@@ -13,17 +13,20 @@ Per layer:
      the group (an all-to-all, the traffic of a reduce-scatter), so the backward pass is exact too;
   4. in global segment order: the exclusive prefix of the totals, with the lag pair z_first(s) z_last(s−1)ᵀ
      that joins segment s to s−1 counted in segment s (its chunk 0), exactly once;
-  5. the local chunk scan starting from those prefixes (`chunked._exclusive_prefix(initial=...)`), readout.
+  5. the local chunk scan starting from those prefixes, readout.
 
-Backend: this runs the PyTorch path (`echo_megatron.ops.chunked`) on every device: the Triton kernels do not
-take initial statistics. Modes: chunk_causal with norm "causal_max" or "none" (sequence_max and prefix mode
-are non-causal and not offered under CP); no mask. Decode is unaffected (it never runs under CP).
+Backends: "torch" composes `echo_megatron.ops.chunked` (the scan takes the prefixes as `initial`); "triton"
+composes the Triton stages of `echo_megatron.ops.triton.function` (statistics, segmented scan, dense algebra,
+readout kernels, unchanged) and adds the prefixes and join pairs to the scan's input and output with PyTorch
+ops; "auto" is Triton on CUDA tensors, torch otherwise. Modes: chunk_causal with norm "causal_max" or "none"
+(sequence_max and prefix mode are non-causal and not offered under CP); no mask. Decode is unaffected.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked import (
@@ -39,6 +42,7 @@ from .chunked import (
 from .validation import DECODE_NORMS, check_heads, check_options
 
 CP_NORMS = DECODE_NORMS  # the causal norms: m over the visible tokens, or no norm
+CP_BACKENDS = ("auto", "torch", "triton")
 
 
 def check_context_parallel_layout(seq_length: int, cp_size: int, chunk_size: int) -> None:
@@ -90,14 +94,18 @@ def local_segment_bounds(local_len: int, cp_size: int, cu_seqlens: Tensor | None
     return local_bounds
 
 
-def _segment_totals(per_chunk: Statistics, layout: ChunkLayout, k: Tensor, bounds: Tensor) -> Tensor:
-    """Per-local-segment totals and edge keys flattened: [B, H, 2N, 2r² + P·r + 1 + 2r]."""
-    totals = _sequence_totals(per_chunk, layout)
+def _flat_rows(stats: Statistics) -> Tensor:
+    """G | M | C flattened per row, the Triton stages' layout: [..., 2r² + P·r]."""
+    return torch.cat([stats.gram.flatten(-2), stats.lag.flatten(-2), stats.cross.flatten(-2)], dim=-1)
+
+
+def _segment_payload(rows: Tensor, max_norm: Tensor, k: Tensor, bounds: Tensor) -> Tensor:
+    """Per-local-segment totals rows [B, H, 2N, 2r² + P·r] and max norms [B, H, 2N], plus each segment's first
+    and last key (k [B, T, H, r], work dtype) -> what is all-gathered: [B, H, 2N, 2r² + P·r + 1 + 2r]."""
     filled = (bounds[1:] > bounds[:-1]).to(k.dtype)[None, :, None, None]  # empty segments have no edge keys
     first = k.index_select(1, bounds[:-1].clamp(max=k.shape[1] - 1)) * filled
     last = k.index_select(1, (bounds[1:] - 1).clamp(min=0)) * filled
-    return torch.cat([totals.gram.flatten(-2), totals.lag.flatten(-2), totals.cross.flatten(-2),
-                      totals.max_norm[..., None], first.transpose(1, 2), last.transpose(1, 2)], dim=-1)
+    return torch.cat([rows, max_norm[..., None], first.transpose(1, 2), last.transpose(1, 2)], dim=-1)
 
 
 def _initial_statistics(gathered: Tensor, cp_rank: int, rank: int, value_dim: int) -> InitialStatistics:
@@ -128,7 +136,7 @@ def _initial_statistics(gathered: Tensor, cp_rank: int, rank: int, value_dim: in
 def ska_context_parallel(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, cp_group: dist.ProcessGroup | None,
     chunk_size: int = 64, power: int = 2, eps: float = 1e-3, norm: str = "causal_max",
-    cu_seqlens: Tensor | None = None, power_iters: int = 6,
+    cu_seqlens: Tensor | None = None, power_iters: int = 6, backend: str = "auto",
 ) -> Tensor:
     """chunk_causal SKA on this rank's part of Megatron's CP layout; equals `ska` on the whole sequences.
 
@@ -137,29 +145,74 @@ def ska_context_parallel(
             (T_local = T / c), or of each document of a packed row (B = 1).
         eta, gamma: [H]. cp_group: the context-parallel group (None: the default group).
         cu_seqlens: global (padded) document offsets [N+1] of a packed row, each length a multiple of 2c·S.
+        backend: "auto" (Triton on CUDA tensors, else torch), "torch" or "triton" (interpreted on CPU).
         Other options as in `echo_megatron.ops.ska`; norm must be "causal_max" or "none".
     Returns:
         y [B, T_local, H, P] in the dtype of q (statistics in fp32, fp64 for fp64 inputs).
     """
     check_heads(q, k, v, eta, gamma, token_axes=2)
     check_options(chunk_size=chunk_size, power=power, eps=eps, norm=norm, power_iters=power_iters, norms=CP_NORMS)
+    if backend not in CP_BACKENDS:
+        raise ValueError(f"backend must be one of {CP_BACKENDS} under context parallelism, got {backend!r}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens (packed sequences) requires batch size B == 1, got B = {q.shape[0]}")
-    cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    bounds = local_segment_bounds(q.shape[1], cp_size, cu_seqlens, q.device)
+    bounds = local_segment_bounds(q.shape[1], dist.get_world_size(cp_group), cu_seqlens, q.device)
     lengths = (bounds[1:] - bounds[:-1]).tolist()
     if any(length % chunk_size for length in lengths):
         raise ValueError(f"context parallelism: every segment must be a multiple of chunk_size ({chunk_size}) tokens,"
                          f" got segment lengths {sorted(set(lengths))}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    run = _triton_path if backend == "triton" else _torch_path
+    options = dict(chunk_size=chunk_size, power=power, eps=eps, norm=norm, power_iters=power_iters)
+    return run(q, k, v, eta, gamma, bounds, cp_group, **options).to(q.dtype)
+
+
+def _exchange(payload: Tensor, cp_group: dist.ProcessGroup | None, rank: int, value_dim: int) -> InitialStatistics:
+    gathered = _AllGather.apply(payload, cp_group)
+    return _initial_statistics(gathered, dist.get_rank(cp_group), rank, value_dim)
+
+
+def _torch_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bounds: Tensor,
+                cp_group: dist.ProcessGroup | None, *, chunk_size: int, power: int, eps: float, norm: str,
+                power_iters: int) -> Tensor:
+    """`chunked` stages with the prefixes as the scan's `initial`; y in the work dtype."""
     work = work_dtype(q.dtype)
-    q_w, k_w, v_w, eta_w, gamma_w = (x.to(work) for x in (q, k, v, eta, gamma))
+    q, k, v, eta, gamma = (x.to(work) for x in (q, k, v, eta, gamma))
     layout = ChunkLayout.build(q.shape[1], chunk_size, bounds, q.device)
-    per_chunk = chunk_statistics(k_w, v_w, layout, None)
-    gathered = _AllGather.apply(_segment_totals(per_chunk, layout, k_w, bounds), cp_group)
-    initial = _initial_statistics(gathered, cp_rank, k.shape[-1], v.shape[-1])
+    per_chunk = chunk_statistics(k, v, layout, None)
+    totals = _sequence_totals(per_chunk, layout)
+    initial = _exchange(_segment_payload(_flat_rows(totals), totals.max_norm, k, bounds), cp_group, k.shape[-1],
+                        v.shape[-1])
     visible = _exclusive_prefix(per_chunk, layout, initial)
-    heads = q.shape[2]
-    readout = readout_matrices(visible, gamma_w.view(1, heads, 1), power=power, eps=eps, norm=norm,
-                               power_iters=power_iters)
-    y = torch.einsum("bhcpr,bcshr->bcshp", readout, layout.to_chunks(q_w)) * eta_w[:, None]
-    return layout.from_chunks(y).to(q.dtype)
+    readout = readout_matrices(visible, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm, power_iters=power_iters)
+    y = torch.einsum("bhcpr,bcshr->bcshp", readout, layout.to_chunks(q)) * eta[:, None]
+    return layout.from_chunks(y)
+
+
+def _triton_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bounds: Tensor,
+                 cp_group: dist.ProcessGroup | None, *, chunk_size: int, power: int, eps: float, norm: str,
+                 power_iters: int) -> Tensor:
+    """The Triton stages (as `ska_triton`), with the join pairs added to each segment's chunk-0 row before the
+    scan and the prefixes added to its output; y in the work dtype."""
+    from .triton.function import NORM_KEYS, ChunkStatistics, ChunkTable, Readout, SegmentMax, SegmentScan
+    from .triton.function import visible_readout_matrices
+
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # the interpreter's bf16 tl.dot is wrong
+        q, k, v = q.float(), k.float(), v.float()
+    work = work_dtype(q.dtype)
+    rank, value_dim = k.shape[-1], v.shape[-1]
+    table = ChunkTable.build(q.shape[1], chunk_size, bounds, q.device)
+    stats, chunk_max = ChunkStatistics.apply(k, v, None, table, NORM_KEYS[norm])
+    totals = SegmentScan.apply(stats, table, True)
+    initial = _exchange(_segment_payload(totals, SegmentMax.apply(chunk_max, table, True), k.to(work), bounds),
+                        cp_group, rank, value_dim)
+    first_chunks = table.seg_chunks[:-1].long()
+    join_rows = F.pad(initial.join_lag.flatten(-2), (rank * rank, value_dim * rank))
+    visible = SegmentScan.apply(stats.index_add(2, first_chunks, join_rows), table, False)
+    visible = visible + _flat_rows(initial.totals).index_select(2, table.segment)
+    max_norm = torch.maximum(SegmentMax.apply(chunk_max, table, False),
+                             initial.totals.max_norm.index_select(2, table.segment))
+    readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
+                                       power=power, eps=eps, norm=norm, power_iters=power_iters)
+    return Readout.apply(q, readout, eta.to(work), table, False)
