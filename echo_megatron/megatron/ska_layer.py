@@ -214,8 +214,8 @@ class SpectralKoopmanAttention(MegatronModule):
         SKA is causal by construction: `attention_mask` and the rotary/attention kwargs are ignored.
         Packed THD batches (b = 1) use `packed_seq_params.cu_seqlens_q(_padded)`: every sequence is
         independent. Under context parallelism (CP size c > 1) the rank holds segments i and 2c−1−i of
-        each sequence (or document) and exchanges per-segment statistics only. With a static inference context the layer prefills at sequence offset 0 and
-        decodes token by token afterwards (constant memory).
+        each sequence (or document) and exchanges per-segment statistics only. With a static inference
+        context the layer prefills at sequence offset 0 and decodes token by token afterwards (constant memory).
         """
         inference_context = deprecate_inference_params(inference_context, inference_params)
         q, k, v = self.project(hidden_states)
