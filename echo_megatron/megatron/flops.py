@@ -38,8 +38,8 @@ MAMBA_SCAN_FLOPS_PER_STATE = 7  # Megatron's SSD-scan estimate: 7 · tokens · d
 
 
 @dataclass(frozen=True)
-class FlopCount:
-    """Forward and backward FLOPs of one training step's worth of work."""
+class ForwardBackward:
+    """A quantity split into its forward and backward parts."""
 
     forward: float
     backward: float
@@ -47,6 +47,11 @@ class FlopCount:
     @property
     def total(self) -> float:
         return self.forward + self.backward
+
+
+@dataclass(frozen=True)
+class FlopCount(ForwardBackward):
+    """Forward and backward FLOPs of one training step's worth of work."""
 
     def __add__(self, other: "FlopCount") -> "FlopCount":
         return FlopCount(self.forward + other.forward, self.backward + other.backward)
@@ -238,3 +243,44 @@ def hybrid_model_flops(
     logits = 2 * tokens * d * vocab_size * (1 + mtp_depths)
     mtp_projections = 2 * tokens * (2 * d) * d * mtp_depths
     return total + _trained(logits + mtp_projections)
+
+
+# ---- Context-parallel communication volume (bytes per layer per rank) ----
+
+@dataclass(frozen=True)
+class CommBytes(ForwardBackward):
+    """Bytes one rank receives for one layer over its context-parallel group, forward and backward."""
+
+
+def ska_cp_exchange_numbers(*, num_heads: int, rank: int, value_dim: int) -> int:
+    """Numbers one rank contributes per sequence to the SKA CP all-gather (`echo_megatron.ops.context_parallel`):
+    for each of its 2 segments and each head, G and M (r² each), C (P·r), the max key norm m (1) and the
+    segment's first and last keys (2r)."""
+    return 2 * num_heads * (2 * rank * rank + value_dim * rank + 1 + 2 * rank)
+
+
+def ska_cp_comm_bytes(
+    *, cp_size: int, num_heads: int, rank: int, value_dim: int, batch_size: int = 1,
+    tensor_parallel_size: int = 1, bytes_per_number: int = 4,
+) -> CommBytes:
+    """SKA under context parallelism, as implemented: forward, one all-gather of every rank's segment totals
+    (a rank receives (c−1)·s numbers, s = `ska_cp_exchange_numbers` of its H/TP heads per sequence);
+    backward, one all-to-all returning each rank the c−1 other ranks' gradients of its s numbers (the traffic
+    of a reduce-scatter). Independent of the sequence length. Statistics are fp32 (4 bytes) for bf16/fp32
+    models."""
+    local = ska_cp_exchange_numbers(num_heads=num_heads // tensor_parallel_size, rank=rank, value_dim=value_dim)
+    per_direction = (cp_size - 1) * local * batch_size * bytes_per_number
+    return CommBytes(per_direction, per_direction)
+
+
+def ring_attention_cp_comm_bytes(
+    *, seq_length: int, cp_size: int, num_query_groups: int, head_dim: int, batch_size: int = 1,
+    tensor_parallel_size: int = 1, bytes_per_number: int = 2,
+) -> CommBytes:
+    """Causal ring attention (Megatron/TE `cp_comm_type="p2p"`), modelled: in the forward every rank receives
+    the K and V blocks of the T/c tokens of each of the c−1 other ranks, (c−1)/c·T·2·G·d_h numbers (G key/value
+    groups on this TP rank); in the backward K, V travel the ring again together with their gradients dK, dV
+    (twice the forward). bf16 (2 bytes) by default."""
+    groups = max(1, num_query_groups // tensor_parallel_size)
+    forward = (cp_size - 1) * (seq_length // cp_size) * 2 * groups * head_dim * batch_size * bytes_per_number
+    return CommBytes(forward, 2 * forward)

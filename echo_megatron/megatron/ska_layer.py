@@ -42,7 +42,8 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import deprecate_inference_params, get_pg_rank, get_pg_size
 
-from echo_megatron.ops import SKAState, ska, ska_prefill, ska_step
+from echo_megatron.ops import SKAState, ska, ska_context_parallel, ska_prefill, ska_step
+from echo_megatron.ops.context_parallel import CP_BACKENDS, CP_NORMS
 
 from .config import SKAConfig
 
@@ -73,7 +74,8 @@ class SpectralKoopmanAttention(MegatronModule):
             `SKAConfig.from_transformer_config`).
         submodules: `SKASubmodules(in_proj, out_proj)`.
         layer_number: 1-based global layer number (key of the inference state).
-        pg_collection: process groups (`tp` splits the heads; context parallelism is not supported).
+        pg_collection: process groups (`tp` splits the heads; `cp`, as in Megatron's attention, is the
+            context-parallel group: with more than one rank the layer runs `ska_context_parallel`).
     """
 
     def __init__(
@@ -95,8 +97,9 @@ class SpectralKoopmanAttention(MegatronModule):
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
         cp_group = getattr(pg_collection, "cp", None)
-        if cp_group is not None and get_pg_size(cp_group) > 1:
-            raise NotImplementedError("SpectralKoopmanAttention does not support context parallelism (cp size > 1)")
+        self.cp_group = cp_group if cp_group is not None and get_pg_size(cp_group) > 1 else None
+        if self.cp_group is not None:
+            _check_context_parallel_options(config)
         tp_size = get_pg_size(self.tp_group)
         if config.ska_num_heads % tp_size:
             raise ValueError(f"ska_num_heads ({config.ska_num_heads}) must be divisible by the tensor-parallel size ({tp_size})")
@@ -212,14 +215,19 @@ class SpectralKoopmanAttention(MegatronModule):
 
         SKA is causal by construction: `attention_mask` and the rotary/attention kwargs are ignored.
         Packed THD batches (b = 1) use `packed_seq_params.cu_seqlens_q(_padded)`: every sequence is
-        independent. With a static inference context the layer prefills at sequence offset 0 and
-        decodes token by token afterwards (constant memory).
+        independent. Under context parallelism (CP size c > 1) the rank holds segments i and 2c−1−i of
+        each sequence (or document) and exchanges per-segment statistics only. With a static inference
+        context the layer prefills at sequence offset 0 and decodes token by token afterwards (constant memory).
         """
         inference_context = deprecate_inference_params(inference_context, inference_params)
         q, k, v = self.project(hidden_states)
         batch, seq_len = q.shape[:2]
         if inference_context is not None:
             y = self._inference(q, k, v, inference_context)
+        elif self.cp_group is not None:
+            y = ska_context_parallel(q, k, v, self.eta, self.gamma(), cp_group=self.cp_group,
+                                     cu_seqlens=_packed_cu_seqlens(packed_seq_params, batch),
+                                     backend=self.config.ska_backend, **self.operator_options())
         else:
             y = ska(q, k, v, eta=self.eta, gamma=self.gamma(), cu_seqlens=_packed_cu_seqlens(packed_seq_params, batch),
                     backend=self.config.ska_backend, **self.operator_options())
@@ -232,6 +240,9 @@ class SpectralKoopmanAttention(MegatronModule):
             raise NotImplementedError("SpectralKoopmanAttention supports static inference contexts only (no dynamic batching)")
         if self.config.sequence_parallel:
             raise ValueError("SpectralKoopmanAttention inference needs sequence_parallel=False (as Megatron's Mamba mixer)")
+        if self.cp_group is not None:
+            raise ValueError("SpectralKoopmanAttention inference needs context_parallel_size=1 (decoding is not "
+                             "split over context-parallel ranks)")
         cache = context.key_value_memory_dict
         if context.sequence_len_offset == 0:
             y, state = ska_prefill(q, k, v, eta=self.eta, gamma=self.gamma(), **self.operator_options())
@@ -270,6 +281,16 @@ class SpectralKoopmanAttention(MegatronModule):
                 sharded[key] = _split_tensor_factory(sharded[key], list(self.in_proj_split_sections),
                                                      list(IN_PROJ_SPLIT_NAMES), 0)
         return sharded
+
+
+def _check_context_parallel_options(config: SKAConfig) -> None:
+    """Options that context-parallel SKA supports: causal norms, the torch and Triton paths."""
+    if config.ska_norm not in CP_NORMS:
+        raise ValueError(f"context parallelism needs ska_norm in {CP_NORMS}, got {config.ska_norm!r} "
+                         "(sequence_max is non-causal)")
+    if config.ska_backend not in CP_BACKENDS:
+        raise ValueError(f"context parallelism needs ska_backend in {CP_BACKENDS}, got {config.ska_backend!r} "
+                         "(the slow reference has no context-parallel form)")
 
 
 def _packed_cu_seqlens(packed_seq_params: Optional[PackedSeqParams], batch: int) -> Optional[Tensor]:

@@ -45,6 +45,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from echo_megatron.ops.context_parallel import check_context_parallel_layout
+
+from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
 from .norm import TorchNorm
 from .parallel import missing_parallel_state
@@ -251,6 +254,9 @@ def build_hybrid_model(
     if missing:
         raise RuntimeError(f"{missing}: call echo_megatron.megatron.initialize_single_process(seed=0) before "
                            "build_hybrid_model (under torchrun it uses the launcher's ranks)")
+    if attention == "ska" and Symbols.ATTENTION in pattern:
+        check_context_parallel_layout(seq_length, config.context_parallel_size,
+                                      SKAConfig.from_transformer_config(config).ska_chunk_size)
     if not torch.cuda.is_available():
         from .cpu import cpu_mode_enabled  # CPU-only machines: this check never runs on GPUs
 

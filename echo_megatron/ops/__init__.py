@@ -9,11 +9,12 @@ from torch import Tensor
 
 from . import decode as _decode
 from .chunked import ska_chunked
+from .context_parallel import ska_context_parallel
 from .decode import SKAState
 from .reference import ska_reference
 from .validation import DECODE_NORMS, check_heads, check_options, check_sequence_inputs
 
-__all__ = ["ska", "ska_prefill", "ska_step", "SKAState", "ska_chunked", "ska_reference"]
+__all__ = ["ska", "ska_prefill", "ska_step", "SKAState", "ska_chunked", "ska_reference", "ska_context_parallel"]
 
 
 def _triton_available() -> bool:

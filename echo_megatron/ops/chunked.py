@@ -112,17 +112,37 @@ def chunk_statistics(k: Tensor, v: Tensor, layout: ChunkLayout, mask: Tensor | N
     return Statistics(gram, lag, cross, max_norm)
 
 
-def _exclusive_prefix(stats: Statistics, layout: ChunkLayout) -> Statistics:
-    """Statistics of all earlier chunks of the same sequence, per chunk: [B, H, NC, ...]."""
+class InitialStatistics(NamedTuple):
+    """What precedes each sequence of a layout (context parallelism: segments held by other ranks).
+
+    totals: statistics of every earlier token, leading dims [B, H, N] (N sequences of the layout);
+    join_lag: the lag pair z_first z_prevᵀ joining each sequence to the token before it [B, H, N, r, r]
+    (zero where there is none); it belongs to the sequence's chunk 0, like a pair at a chunk boundary.
+    """
+
+    totals: Statistics
+    join_lag: Tensor
+
+
+def _exclusive_prefix(stats: Statistics, layout: ChunkLayout, initial: InitialStatistics | None = None) -> Statistics:
+    """Statistics of all earlier chunks of the same sequence, per chunk: [B, H, NC, ...].
+
+    With `initial`, sequence n also sees `initial.totals[:, :, n]`, and its chunk 0 holds `initial.join_lag`.
+    """
 
     def shift(x: Tensor) -> Tensor:  # inclusive scan -> exclusive scan, along dim 2
         return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
 
     pieces: list[list[Tensor]] = [[], [], [], []]
-    for c0, c1 in layout.segments:
-        for i, x in enumerate(stats[:3]):
-            pieces[i].append(shift(x[:, :, c0:c1].cumsum(dim=2)))
-        pieces[3].append(shift(stats.max_norm[:, :, c0:c1].cummax(dim=2).values))
+    for n, (c0, c1) in enumerate(layout.segments):
+        sums = [x[:, :, c0:c1] for x in stats[:3]]
+        if initial is not None:
+            sums[1] = torch.cat([sums[1][:, :, :1] + initial.join_lag[:, :, n, None], sums[1][:, :, 1:]], dim=2)
+        for i, x in enumerate(sums):
+            before = shift(x.cumsum(dim=2))
+            pieces[i].append(before if initial is None else before + initial.totals[i][:, :, n, None])
+        before = shift(stats.max_norm[:, :, c0:c1].cummax(dim=2).values)
+        pieces[3].append(before if initial is None else torch.maximum(before, initial.totals.max_norm[:, :, n, None]))
     return Statistics(*(torch.cat(p, dim=2) for p in pieces))
 
 
