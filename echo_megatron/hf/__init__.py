@@ -1,0 +1,19 @@
+"""Hugging Face side of echo-megatron: `EchoHybridConfig`, `EchoHybridForCausalLM` (transformers 5) and converters.
+
+Importing this package registers `echo_hybrid` with `AutoConfig` and `AutoModelForCausalLM`.
+"""
+
+from ._nemotron_import import import_nemotron_h
+
+import_nemotron_h()  # before anything imports mamba-ssm through the CPU-mode stubs (see _nemotron_import)
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from .cache import SKACacheLayer  # noqa: E402
+from .configuration import EchoHybridConfig  # noqa: E402
+from .modeling import EchoHybridForCausalLM, EchoHybridModel  # noqa: E402
+
+AutoConfig.register(EchoHybridConfig.model_type, EchoHybridConfig, exist_ok=True)
+AutoModelForCausalLM.register(EchoHybridConfig, EchoHybridForCausalLM, exist_ok=True)
+
+__all__ = ["EchoHybridConfig", "EchoHybridForCausalLM", "EchoHybridModel", "SKACacheLayer"]
