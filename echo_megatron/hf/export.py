@@ -1,0 +1,171 @@
+"""Export Megatron models and checkpoints to Hugging Face directories, and import them back.
+
+- `export_model(model, out_dir)`: an in-memory TP = 1 `HybridModel` -> HF directory.
+- `export_checkpoint(ckpt_dir, out_dir)`: a torch_dist checkpoint (`echo-megatron export-hf`), model-free.
+- `import_checkpoint(hf_dir, ckpt_dir)`: HF directory -> torch_dist "release" checkpoint (`echo-megatron
+  import-hf`) that the launcher loads with `--load` at any TP size.
+
+Outputs are atomic: written into a temporary sibling and renamed; an existing non-empty output is an error
+unless `force`; on any failure nothing is left behind. HF directories hold safetensors shards (with an index
+when sharded), `config.json` (with `auto_map` and the remote-code shims for `echo_hybrid`), a generation
+config and, when given, the tokenizer. The vocabulary keeps Megatron's padding (`vocab_size` = embedding
+rows); `megatron_vocab_size` in an `echo_hybrid` config records the tokenizer's size when known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHForCausalLM
+
+from .configuration import EchoHybridConfig
+from .convert import ArchitectureFields, ConversionError, embeddings_tied, hf_config, hf_to_megatron, megatron_to_hf
+from .modeling import EchoHybridForCausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REMOTE_CODE = {
+    "configuration_echo_hybrid.py": "from echo_megatron.hf.configuration import EchoHybridConfig  # noqa: F401\n",
+    "modeling_echo_hybrid.py": "from echo_megatron.hf.modeling import EchoHybridForCausalLM  # noqa: F401\n",
+}
+CONFIG_CLASSES = {"nemotron_h": NemotronHConfig, "echo_hybrid": EchoHybridConfig}
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch dtype, or one of `DTYPES`' names -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; on success it replaces `path`, on failure it is removed
+    (with any parent directories this call created)."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"output {str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ConversionError(f"output directory {str(path)!r} exists and is not empty (pass --force / force=True "
+                              "to replace it)")
+    created = [parent for parent in reversed(path.parents) if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _token_ids(tokenizer) -> dict:
+    return {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+
+
+def _export(fields: ArchitectureFields, tensors, out_dir, *, dtype, tokenizer, force: bool, max_shard_size):
+    """Megatron checkpoint-named tensors + fields -> HF directory; returns the HF config."""
+    dtype = resolve_dtype(dtype) or next(iter(tensors.values())).dtype
+    loaded_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer is not None else None
+    if loaded_tokenizer is not None and fields.megatron_vocab_size is None:
+        fields = fields.__class__(**{**fields.__dict__, "megatron_vocab_size": len(loaded_tokenizer)})
+    config = hf_config(fields, tensors, dtype=dtype, token_ids=_token_ids(loaded_tokenizer) if loaded_tokenizer else None)
+    state = megatron_to_hf(tensors, config, tied_embeddings=fields.tied_embeddings)
+    model_class = NemotronHForCausalLM if config.model_type == "nemotron_h" else EchoHybridForCausalLM
+    with torch.device("meta"):
+        model = model_class(config)
+    model.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()}, strict=True, assign=True)
+    model.generation_config = GenerationConfig.from_model_config(config)
+    with atomic_directory(out_dir, force=force) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if config.model_type == "echo_hybrid":
+            for name, source in REMOTE_CODE.items():
+                (tmp / name).write_text(source)
+        if loaded_tokenizer is not None:
+            loaded_tokenizer.save_pretrained(tmp)
+    return config
+
+
+def export_model(model, out_dir, *, dtype=None, tokenizer=None, force: bool = False, max_shard_size="2GB"):
+    """Export an in-memory Megatron `HybridModel` (TP = 1, built by `build_hybrid_model`) to `out_dir`.
+
+    dtype: None (the model's), torch dtype or "fp32" | "bf16" | "fp16". tokenizer: a tokenizer directory
+    (copied; its special token ids go into the config). Returns the HF config written.
+    """
+    from .megatron_io import fields_from_model, megatron_tensors
+
+    tensors = megatron_tensors(model)
+    return _export(fields_from_model(model, tensors), tensors, out_dir, dtype=dtype, tokenizer=tokenizer, force=force,
+                   max_shard_size=max_shard_size)
+
+
+def export_checkpoint(ckpt_dir, out_dir, *, iteration: Optional[int] = None, dtype=None, tokenizer=None,
+                      force: bool = False, max_shard_size="2GB"):
+    """Export a torch_dist checkpoint written by megatron.training (`echo-megatron export-hf`)."""
+    from .megatron_io import fields_from_args, megatron_session, read_checkpoint
+
+    resolve_dtype(dtype)
+    with megatron_session():
+        args, tensors, _ = read_checkpoint(ckpt_dir, iteration)
+    return _export(fields_from_args(args, tensors), tensors, out_dir, dtype=dtype, tokenizer=tokenizer, force=force,
+                   max_shard_size=max_shard_size)
+
+
+def read_hf_directory(hf_dir) -> tuple[object, dict]:
+    """(config, state dict) of an exported HF directory (`config.json` + safetensors, sharded or not)."""
+    root = Path(hf_dir)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{str(root)!r} has no config.json: not a Hugging Face model directory")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ConversionError(f"model_type must be one of {tuple(CONFIG_CLASSES)}, got {model_type!r}")
+    config = CONFIG_CLASSES[model_type].from_pretrained(str(root))
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        if not (root / name).is_file():
+            raise ConversionError(f"safetensors shard {name!r} listed by {str(root)!r} is missing")
+        try:
+            state.update(load_file(str(root / name)))
+        except Exception as error:
+            raise ConversionError(f"cannot read safetensors shard {str(root / name)!r}: {error}") from error
+    return config, state
+
+
+def import_checkpoint(hf_dir, ckpt_dir, *, force: bool = False) -> None:
+    """HF directory -> torch_dist "release" checkpoint for `--load` (fp32, TP-independent; `echo-megatron
+    import-hf`)."""
+    from .megatron_io import args_namespace, build_model, fields_from_hf, load_tensors_into, megatron_session, write_checkpoint
+
+    config, state = read_hf_directory(hf_dir)
+    tied = embeddings_tied(state)
+    fields = fields_from_hf(config, tied)
+    fields.check_supported()
+    tensors = hf_to_megatron(state, config, tied_embeddings=tied)
+    with megatron_session():
+        model = build_model(fields, config.mamba_num_heads)
+        load_tensors_into(model, {name: tensor.float() for name, tensor in tensors.items()})
+        with atomic_directory(ckpt_dir, force=force) as tmp:
+            write_checkpoint(model, args_namespace(fields, config.mamba_num_heads), tmp)
