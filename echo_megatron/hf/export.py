@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHForCausalLM
@@ -132,7 +131,8 @@ def export_checkpoint(ckpt_dir, out_dir, *, iteration: Optional[int] = None, dty
 
 
 def read_hf_directory(hf_dir) -> tuple[object, dict]:
-    """(config, state dict) of an exported HF directory (`config.json` + safetensors, sharded or not)."""
+    """(config, state dict with NemotronH module names) of an exported HF directory, read by transformers itself
+    (stock nemotron_h checkpoints store `backbone.*` names that its loader maps)."""
     root = Path(hf_dir)
     config_file = root / "config.json"
     if not config_file.is_file():
@@ -140,18 +140,22 @@ def read_hf_directory(hf_dir) -> tuple[object, dict]:
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in CONFIG_CLASSES:
         raise ConversionError(f"model_type must be one of {tuple(CONFIG_CLASSES)}, got {model_type!r}")
-    config = CONFIG_CLASSES[model_type].from_pretrained(str(root))
     index = root / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for name in files:
-        if not (root / name).is_file():
-            raise ConversionError(f"safetensors shard {name!r} listed by {str(root)!r} is missing")
-        try:
-            state.update(load_file(str(root / name)))
-        except Exception as error:
-            raise ConversionError(f"cannot read safetensors shard {str(root / name)!r}: {error}") from error
-    return config, state
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        raise ConversionError(f"safetensors file(s) {missing} of {str(root)!r} are missing")
+    model_class = NemotronHForCausalLM if model_type == "nemotron_h" else EchoHybridForCausalLM
+    try:
+        model, info = model_class.from_pretrained(str(root), dtype="auto", output_loading_info=True)
+    except Exception as error:
+        raise ConversionError(f"cannot load the Hugging Face model in {str(root)!r}: {type(error).__name__}: "
+                              f"{error}") from error
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ConversionError(f"the Hugging Face checkpoint in {str(root)!r} does not match its config: "
+                              + ", ".join(f"{kind} {names}" for kind, names in problems.items() if names))
+    return model.config, {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
 
 def import_checkpoint(hf_dir, ckpt_dir, *, force: bool = False) -> None:

@@ -278,7 +278,8 @@ def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespac
         metadata = dist_checkpointing.load_tensors_metadata(str(path))
         wanted = {key: value for key, value in metadata.items()
                   if isinstance(value, ShardedTensor) and key.startswith(MODEL_PREFIXES)}
-        tensors = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
+        loaded = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
+        tensors = {key: loaded[key] for key in wanted}  # load() adds the common state dict
     except ConversionError:
         raise
     except Exception as error:  # corrupt or partial checkpoints fail deep inside torch.distributed.checkpoint
@@ -305,11 +306,14 @@ def write_checkpoint(model, args: Namespace, ckpt_dir: Path) -> None:
 def load_tensors_into(model, tensors: Mapping[str, Tensor]) -> None:
     """Load checkpoint-named full tensors into a TP = 1 model through its own `sharded_state_dict` (so every
     factory merge — fused projections, norms mapped onto TE names — is Megatron's)."""
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories, apply_factory_merges
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject, ShardedTensor, ShardedTensorFactory, apply_factories, apply_factory_merges,
+    )
 
-    sharded = model.sharded_state_dict()
-    built = dict(sharded)
+    built = model.sharded_state_dict()
+    factories, _ = extract_matching_values(built, lambda x: isinstance(x, ShardedTensorFactory),
+                                           return_lists_as_dicts=True)
     apply_factories(built)
     missing: list[str] = []
 
@@ -326,7 +330,7 @@ def load_tensors_into(model, tensors: Mapping[str, Tensor]) -> None:
     dict_list_map_inplace(fill, built)
     if missing:
         raise ConversionError(f"tensors missing for the Megatron model: {missing}")
-    state = apply_factory_merges(built, sharded)
+    state = apply_factory_merges(built, factories)
     model.load_state_dict(state, strict=True)
 
 
