@@ -226,8 +226,9 @@ def _activation_function(name: str):
     return functions[name]
 
 
-def build_model(fields: ArchitectureFields, mamba_num_heads: Optional[int] = None):
-    """A CPU, fp32, TP = 1 `HybridModel` for `fields` (inside `megatron_session()`)."""
+def build_model(fields: ArchitectureFields, mamba_num_heads: Optional[int] = None, **config_overrides):
+    """A CPU, fp32 `HybridModel` for `fields` at the initialised TP size (TP = 1 in `megatron_session()`);
+    `config_overrides` go to `SKAConfig` (e.g. `tensor_model_parallel_size=2`)."""
     from echo_megatron.megatron import SKAConfig, build_hybrid_model
 
     config = SKAConfig(
@@ -237,7 +238,7 @@ def build_model(fields: ArchitectureFields, mamba_num_heads: Optional[int] = Non
         layernorm_epsilon=fields.norm_epsilon, normalization=fields.normalization, add_bias_linear=False,
         mamba_state_dim=fields.mamba_state_dim, mamba_head_dim=fields.mamba_head_dim,
         mamba_num_groups=fields.mamba_num_groups, mamba_num_heads=mamba_num_heads, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=True, **dict(fields.ska),
+        attention_dropout=0.0, use_cpu_initialization=True, **{**dict(fields.ska), **config_overrides},
     )
     return build_hybrid_model(config, fields.pattern, fields.vocab_size, fields.seq_length, ffn=fields.ffn,
                               attention=fields.attention,
@@ -271,6 +272,7 @@ def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespac
     """(stored args, model tensors by checkpoint name, iteration) of a torch_dist checkpoint (one gloo rank)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path, iteration = iteration_dir(ckpt_dir, iteration)
     try:
@@ -282,8 +284,10 @@ def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespac
         tensors = {key: loaded[key] for key in wanted}  # load() adds the common state dict
     except ConversionError:
         raise
-    except Exception as error:  # corrupt or partial checkpoints fail deep inside torch.distributed.checkpoint
-        raise ConversionError(f"cannot read the Megatron checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
+    except (Exception, CheckpointException) as error:  # corrupt or partial checkpoints fail inside torch DCP
+        cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) else error
+        raise ConversionError(f"cannot read the Megatron checkpoint {str(path)!r}: {type(cause).__name__}: "
+                              f"{cause}") from error
     args = common.get("args")
     if not isinstance(args, Namespace):
         raise ConversionError(f"{str(path)!r} has no stored Megatron args (common state dict keys: {sorted(common)})")

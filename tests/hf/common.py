@@ -65,13 +65,15 @@ def launcher_args(model, **overrides) -> Namespace:
     return Namespace(**fields)
 
 
-def save_launcher_checkpoint(model, directory: Path, iteration: int = 8) -> Path:
-    """Write `model` as megatron.training's save_checkpoint does (torch_dist, iter_NNNNNNN, tracker file)."""
+def save_launcher_checkpoint(model, directory: Path, iteration: int = 8, **args_overrides) -> Path:
+    """Write `model` as megatron.training's save_checkpoint does (torch_dist, iter_NNNNNNN, tracker file);
+    `args_overrides` change the stored args."""
     from megatron.core import dist_checkpointing
 
     path = directory / f"iter_{iteration:07d}"
     path.mkdir(parents=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": launcher_args(model), "iteration": iteration,
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": launcher_args(model, **args_overrides),
+                             "iteration": iteration,
                              "checkpoint_version": 3.0}, str(path))
     (directory / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return directory
