@@ -77,31 +77,38 @@ def test_export_bf16_and_sharded(checkpoints, tmp_path, model_parallel_tp1):
 FRESH_LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-expected = torch.load(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[3] == "remote")
-with torch.no_grad():
-    logits = model(expected["ids"]).logits
-error = ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item()
-assert error <= 1e-4, error
-print(type(model).__name__, "echo_megatron" in sys.modules, f"{error:.2e}")
+
+def check(directory, expected_file, **kwargs):
+    expected = torch.load(expected_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    with torch.no_grad():
+        logits = model(expected["ids"]).logits
+    error = ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item()
+    assert error <= 1e-4, error
+    return type(model).__name__
+
+stock = check(sys.argv[1], sys.argv[2])
+stock_imported_echo = "echo_megatron" in sys.modules
+echo = check(sys.argv[3], sys.argv[4], trust_remote_code=True)
+print(stock, stock_imported_echo, echo)
 """
 
 
-@pytest.mark.parametrize("name, remote, expected_class, imports_echo", [
-    ("ska", "remote", "EchoHybridForCausalLM", True),
-    ("softmax_gqa", "stock", "NemotronHForCausalLM", False),
-])
-def test_fresh_process_load(name, remote, expected_class, imports_echo, checkpoints, tmp_path, model_parallel_tp1):
-    ckpt, reference = checkpoints[name]
-    assert main(["export-hf", str(ckpt), str(tmp_path / "hf")]) == 0
-    torch.save({"ids": IDS, "logits": reference}, tmp_path / "expected.pt")
+def test_fresh_process_loads(checkpoints, tmp_path, model_parallel_tp1):
+    """A new process loads the stock nemotron_h export without ever importing echo_megatron, then the
+    echo_hybrid export through `trust_remote_code=True` (auto_map); both give Megatron's logits."""
+    argv = []
+    for name in ("softmax_gqa", "ska"):
+        ckpt, reference = checkpoints[name]
+        assert main(["export-hf", str(ckpt), str(tmp_path / name)]) == 0
+        torch.save({"ids": IDS, "logits": reference}, tmp_path / f"{name}.pt")
+        argv += [str(tmp_path / name), str(tmp_path / f"{name}.pt")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(tmp_path / "hf"), str(tmp_path / "expected.pt"),
-                             remote], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, *argv], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    model_class, echo_imported, _ = result.stdout.split()[-3:]
-    assert model_class == expected_class and echo_imported == str(imports_echo)
+    assert result.stdout.split()[-3:] == ["NemotronHForCausalLM", "False", "EchoHybridForCausalLM"]
 
 
 @pytest.mark.multiproc
