@@ -170,28 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _export_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from echo_megatron.hf import ConversionError, export_checkpoint
+def _convert_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`export-hf` and `import-hf` (echo_megatron.hf): conversion errors are reported, never half-written."""
+    from echo_megatron.hf import ConversionError, export_checkpoint, import_checkpoint
 
     try:
-        config = export_checkpoint(args.ckpt_dir, args.out_dir, iteration=args.iteration, dtype=args.dtype,
-                                   tokenizer=args.tokenizer, force=args.force)
+        if args.command == "export-hf":
+            config = export_checkpoint(args.ckpt_dir, args.out_dir, iteration=args.iteration, dtype=args.dtype,
+                                       tokenizer=args.tokenizer, force=args.force)
+            message = f"wrote a {config.model_type} model ({config.num_hidden_layers} layers) to {args.out_dir}"
+        else:
+            import_checkpoint(args.hf_dir, args.ckpt_dir, force=args.force)
+            message = f"wrote a torch_dist checkpoint to {args.ckpt_dir} (load it with --load, any TP size)"
     except ConversionError as error:
-        print(f"echo-megatron export-hf: error: {error}", file=sys.stderr)
+        print(f"echo-megatron {args.command}: error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {config.model_type} model ({config.num_hidden_layers} layers, vocab {config.vocab_size}) to {args.out_dir}")
-    return 0
-
-
-def _import_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from echo_megatron.hf import ConversionError, import_checkpoint
-
-    try:
-        import_checkpoint(args.hf_dir, args.ckpt_dir, force=args.force)
-    except ConversionError as error:
-        print(f"echo-megatron import-hf: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote a torch_dist checkpoint to {args.ckpt_dir} (load it with --load {args.ckpt_dir}, any TP size)")
+    print(message)
     return 0
 
 
@@ -207,8 +201,6 @@ def _add_hf_parsers(commands) -> None:
     export.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
     export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights dtype (default: the checkpoint's)")
     export.add_argument("--tokenizer", help="tokenizer directory to copy (AutoTokenizer.from_pretrained(OUT_DIR))")
-    export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    export.set_defaults(func=_export_hf, parser=export)
     back = commands.add_parser(
         "import-hf", help="convert an exported Hugging Face directory back to a Megatron torch_dist checkpoint",
         description="Hugging Face directory (nemotron_h or echo_hybrid) -> Megatron 'release' checkpoint that "
@@ -216,8 +208,9 @@ def _add_hf_parsers(commands) -> None:
     )
     back.add_argument("hf_dir", help="Hugging Face model directory")
     back.add_argument("ckpt_dir", help="output checkpoint directory (must not exist or be empty, unless --force)")
-    back.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    back.set_defaults(func=_import_hf, parser=back)
+    for command in (export, back):
+        command.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+        command.set_defaults(func=_convert_hf, parser=command)
 
 
 def main(argv: list[str] | None = None) -> int:
