@@ -107,3 +107,25 @@ def test_beam_search_scores_equal_recomputed_log_probabilities(model):
         positions = torch.arange(prompt.shape[1] - 1, sequence.shape[1] - 1)
         recomputed = log_probs[0, positions, sequence[0, positions + 1]].sum()
         assert abs(out.sequences_scores[row] - recomputed) <= 1e-4 * abs(recomputed), row
+
+
+@torch.no_grad()
+def test_generate_with_softmax_and_ska_layers():
+    """A stack holding both a growing softmax KV cache and SKA states: left-padded greedy generation equals
+    the prompt alone (the softmax masks are sized from the SKA layer's token count when it comes first)."""
+    torch.manual_seed(1)
+    config = EchoHybridConfig(
+        layers_block_type=["ska", "linear_attention", "full_attention", "mlp"], vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8, ska_num_heads=4,
+        ska_rank=12, ska_value_dim=16, ska_chunk_size=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    model = EchoHybridForCausalLM(config).eval()
+    short, long = _prompt(10, 7), _prompt(17, 8)
+    batch = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.long), short], dim=1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :7] = 0
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for row, prompt in enumerate((short, long)):
+        alone = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert torch.equal(out[row, -12:], alone[0, -12:]), row
