@@ -15,6 +15,7 @@ rows); `megatron_vocab_size` in an `echo_hybrid` config records the tokenizer's 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -87,7 +88,7 @@ def _export(fields: ArchitectureFields, tensors, out_dir, *, dtype, tokenizer, f
     dtype = resolve_dtype(dtype) or next(iter(tensors.values())).dtype
     loaded_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer is not None else None
     if loaded_tokenizer is not None and fields.megatron_vocab_size is None:
-        fields = fields.__class__(**{**fields.__dict__, "megatron_vocab_size": len(loaded_tokenizer)})
+        fields = dataclasses.replace(fields, megatron_vocab_size=len(loaded_tokenizer))
     config = hf_config(fields, tensors, dtype=dtype, token_ids=_token_ids(loaded_tokenizer) if loaded_tokenizer else None)
     state = megatron_to_hf(tensors, config, tied_embeddings=fields.tied_embeddings)
     model_class = NemotronHForCausalLM if config.model_type == "nemotron_h" else EchoHybridForCausalLM

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 import echo_megatron.hf  # noqa: F401  (before CPU mode: transformers' NemotronH must pick its PyTorch path)
-from echo_megatron.hf.megatron_io import write_checkpoint
 from tests.megatron.common import VOCAB, full_logits, tiny_model
 
 SEQ = 40  # five SKA chunks of S = 8; crosses the CPU Mamba scan chunk (32) as well
@@ -85,4 +84,4 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 __all__ = ["ARCHITECTURES", "SEQ", "VOCAB", "full_logits", "perturb", "perturbed_model", "launcher_args",
-           "save_launcher_checkpoint", "relative_error", "write_checkpoint"]
+           "save_launcher_checkpoint", "relative_error"]
