@@ -107,16 +107,31 @@ def _export(fields: ArchitectureFields, tensors, out_dir, *, dtype, tokenizer, f
 
 
 def export_model(model, out_dir, *, dtype=None, tokenizer=None, force: bool = False, max_shard_size="2GB"):
-    """Export an in-memory Megatron `HybridModel` (TP = 1, built by `build_hybrid_model`) to `out_dir`.
+    """Export an in-memory Megatron `HybridModel` (built by `build_hybrid_model`) to `out_dir`.
 
-    dtype: None (the model's), torch dtype or "fp32" | "bf16" | "fp16". tokenizer: a tokenizer directory
-    (copied; its special token ids go into the config). Returns the HF config written.
+    With torch.distributed initialised this is a collective call (every rank calls it; tensor-parallel shards
+    are gathered) and rank 0 writes. dtype: None (the model's), torch dtype or "fp32" | "bf16" | "fp16".
+    tokenizer: a tokenizer directory (copied; its special token ids go into the config). Returns the HF config.
     """
-    from .megatron_io import fields_from_model, megatron_tensors
+    from .megatron_io import fields_from_model, gathered_tensors, megatron_tensors, tensor_parallel_size
 
-    tensors = megatron_tensors(model)
-    return _export(fields_from_model(model, tensors), tensors, out_dir, dtype=dtype, tokenizer=tokenizer, force=force,
-                   max_shard_size=max_shard_size)
+    resolve_dtype(dtype)
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    tensors = gathered_tensors(model) if tensor_parallel_size(model) > 1 else megatron_tensors(model)
+    if not distributed:
+        return _export(fields_from_model(model, tensors), tensors, out_dir, dtype=dtype, tokenizer=tokenizer,
+                       force=force, max_shard_size=max_shard_size)
+    result: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            result[0] = _export(fields_from_model(model, tensors), tensors, out_dir, dtype=dtype,
+                                tokenizer=tokenizer, force=force, max_shard_size=max_shard_size)
+        except ConversionError as error:
+            result[0] = error
+    torch.distributed.broadcast_object_list(result, src=0)
+    if isinstance(result[0], ConversionError):
+        raise result[0]
+    return result[0]
 
 
 def export_checkpoint(ckpt_dir, out_dir, *, iteration: Optional[int] = None, dtype=None, tokenizer=None,

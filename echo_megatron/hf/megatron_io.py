@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
+import tempfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Mapping, Optional
@@ -189,16 +191,19 @@ def args_namespace(fields: ArchitectureFields, mamba_num_heads: int) -> Namespac
 
 
 # ---------------------------------------------------------------------------------------------- models
+def tensor_parallel_size(model) -> int:
+    tp = getattr(getattr(model, "pg_collection", None), "tp", None)
+    return tp.size() if tp is not None else 1
+
+
 def megatron_tensors(model) -> dict[str, Tensor]:
     """Checkpoint-named full tensors of an in-memory TP = 1 `HybridModel` (its `sharded_state_dict`, factories
     applied: fused projections split as in distributed checkpoints)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    tp = getattr(getattr(model, "pg_collection", None), "tp", None)
-    if tp is not None and tp.size() > 1:
-        raise ConversionError(f"export_model needs a TP = 1 model (got TP = {tp.size()}): save a torch_dist "
-                              "checkpoint and use `echo-megatron export-hf` for tensor-parallel models")
+    if tensor_parallel_size(model) > 1:
+        raise ConversionError("megatron_tensors needs a TP = 1 model; use gathered_tensors (collective) at TP > 1")
     out: dict[str, Tensor] = {}
     pending = list(nested_values(model.sharded_state_dict()))
     while pending:
@@ -209,6 +214,35 @@ def megatron_tensors(model) -> dict[str, Tensor]:
             full = out.setdefault(item.key, item.data.new_empty(item.global_shape))
             full[_global_slices(item)] = item.data.detach().reshape(full[_global_slices(item)].shape)
     return out
+
+
+def gathered_tensors(model) -> dict[str, Tensor]:
+    """Collective over the default process group (every rank calls it): the full checkpoint-named tensors of a
+    tensor-parallel model, on every rank, through a temporary distributed checkpoint (one shared filesystem,
+    e.g. a single node)."""
+    from megatron.core import dist_checkpointing
+
+    directory = [tempfile.mkdtemp(prefix="echo-hf-export-") if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(directory, src=0)
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), directory[0])
+        return _load_model_tensors(directory[0])
+    finally:
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(directory[0], ignore_errors=True)
+
+
+def _load_model_tensors(path: str) -> dict[str, Tensor]:
+    """Full model tensors of a distributed checkpoint (optimizer and common state left out)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    metadata = dist_checkpointing.load_tensors_metadata(path)
+    wanted = {key: value for key, value in metadata.items()
+              if isinstance(value, ShardedTensor) and key.startswith(MODEL_PREFIXES)}
+    loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
+    return {key: loaded[key] for key in wanted}  # load() adds the common state dict
 
 
 def _global_slices(item) -> tuple[slice, ...]:
@@ -271,17 +305,12 @@ def iteration_dir(ckpt_dir: str | os.PathLike, iteration: Optional[int] = None) 
 def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespace, dict[str, Tensor], int]:
     """(stored args, model tensors by checkpoint name, iteration) of a torch_dist checkpoint (one gloo rank)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from torch.distributed.checkpoint.api import CheckpointException
 
     path, iteration = iteration_dir(ckpt_dir, iteration)
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-        metadata = dist_checkpointing.load_tensors_metadata(str(path))
-        wanted = {key: value for key, value in metadata.items()
-                  if isinstance(value, ShardedTensor) and key.startswith(MODEL_PREFIXES)}
-        loaded = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
-        tensors = {key: loaded[key] for key in wanted}  # load() adds the common state dict
+        tensors = _load_model_tensors(str(path))
     except ConversionError:
         raise
     except (Exception, CheckpointException) as error:  # corrupt or partial checkpoints fail inside torch DCP
@@ -291,7 +320,7 @@ def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespac
     args = common.get("args")
     if not isinstance(args, Namespace):
         raise ConversionError(f"{str(path)!r} has no stored Megatron args (common state dict keys: {sorted(common)})")
-    return args, dict(tensors), iteration
+    return args, tensors, iteration
 
 
 def write_checkpoint(model, args: Namespace, ckpt_dir: Path) -> None:

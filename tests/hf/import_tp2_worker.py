@@ -1,5 +1,6 @@
-"""torchrun --nproc-per-node 2 -m tests.hf.import_tp2_worker CKPT_DIR EXPECTED.pt: an `import-hf` checkpoint loads
-at TP = 2 (model built from its stored args), gives the HF model's logits, and trains on (loss falls).
+"""torchrun --nproc-per-node 2 -m tests.hf.import_tp2_worker CKPT_DIR EXPECTED.pt HF_DIR OUT_DIR: an `import-hf`
+checkpoint loads at TP = 2 (model built from its stored args) and gives the HF model's logits; `export_model` of
+the TP = 2 model (collective) writes the same tensors as HF_DIR; then training goes on (loss falls).
 Prints "PASSED" on rank 0."""
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import torch.nn.functional as F
 import echo_megatron.hf  # noqa: F401  (before CPU mode)
 from megatron.core import dist_checkpointing, parallel_state
 
+from safetensors.torch import load_file
+
+from echo_megatron.hf import export_model
 from echo_megatron.hf.megatron_io import build_model, fields_from_args, iteration_dir, read_checkpoint
 from echo_megatron.megatron.cpu import enable_cpu_mode
 
 from tests.megatron.common import full_logits, initialize_model_parallel
 
 
-def main(ckpt_dir: Path, expected_file: Path) -> None:
+def main(ckpt_dir: Path, expected_file: Path, hf_dir: Path, out_dir: Path) -> None:
     enable_cpu_mode()
     torch.distributed.init_process_group("gloo")
     initialize_model_parallel(2, seed=5)
@@ -33,6 +37,12 @@ def main(ckpt_dir: Path, expected_file: Path) -> None:
     logits = full_logits(model.eval(), expected["ids"])
     error = ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item()
     assert error <= 1e-4, f"TP=2 logits differ from the HF model's: {error:.2e}"
+    export_model(model, out_dir)
+    if torch.distributed.get_rank() == 0:
+        original, gathered = load_file(hf_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
+        assert sorted(original) == sorted(gathered)
+        for name, tensor in original.items():
+            assert torch.equal(gathered[name], tensor), name
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     ids = expected["ids"]
@@ -52,4 +62,4 @@ def main(ckpt_dir: Path, expected_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(*(Path(arg) for arg in sys.argv[1:5]))

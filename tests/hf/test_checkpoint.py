@@ -112,14 +112,15 @@ def test_fresh_process_loads(checkpoints, tmp_path, model_parallel_tp1):
 
 
 @pytest.mark.multiproc
-def test_imported_checkpoint_loads_and_trains_at_tp2(checkpoints, tmp_path, model_parallel_tp1):
+def test_imported_checkpoint_loads_exports_and_trains_at_tp2(checkpoints, tmp_path, model_parallel_tp1):
     ckpt, reference = checkpoints["ska"]
     assert main(["export-hf", str(ckpt), str(tmp_path / "hf")]) == 0
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
     assert (tmp_path / "imported" / "latest_checkpointed_iteration.txt").read_text() == "release"
     torch.save({"ids": IDS, "logits": reference}, tmp_path / "expected.pt")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "tests.hf.import_tp2_worker", str(tmp_path / "imported"), str(tmp_path / "expected.pt")]
+               "-m", "tests.hf.import_tp2_worker", str(tmp_path / "imported"), str(tmp_path / "expected.pt"),
+               str(tmp_path / "hf"), str(tmp_path / "hf_from_tp2")]
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
