@@ -115,8 +115,9 @@ class EchoKoopmanMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         g_re, g_im = nn.functional.silu(self.lift(x)).unflatten(-1, (-1, 2)).unbind(-1)
         dtype = torch.promote_types(self.gamma.dtype, torch.float32)
-        modulus = torch.hypot(self.gamma.to(dtype), self.omega.to(dtype)).clamp_min(1.0)
-        lam_re, lam_im_neg = (self.gamma.to(dtype) / modulus).to(g_re.dtype), (self.omega.to(dtype) / modulus).to(g_re.dtype)
+        gamma, omega = self.gamma.to(dtype), self.omega.to(dtype)
+        modulus = torch.hypot(gamma, omega).clamp_min(1.0)  # |λ̂| <= 1
+        lam_re, lam_im_neg = (gamma / modulus).to(g_re.dtype), (omega / modulus).to(g_re.dtype)
         z = torch.stack((lam_re * g_re + lam_im_neg * g_im, lam_re * g_im - lam_im_neg * g_re), dim=-1).flatten(-2)
         if self.gate is not None:
             z = z * torch.sigmoid(self.gate(x))
