@@ -2,6 +2,8 @@
 
     echo-megatron mqar                      # CPU demo preset, results in ./mqar_cpu
     echo-megatron mqar --preset paper       # SPEC §10 grid at the Echo-50M size (GPUs, torchrun)
+    echo-megatron export-hf CKPT_DIR OUT_DIR --tokenizer TOKENIZER_DIR   # Megatron checkpoint -> Hugging Face
+    echo-megatron import-hf HF_DIR CKPT_DIR                               # Hugging Face -> Megatron (--load)
     torchrun --nproc-per-node 2 -m echo_megatron.cli mqar --tp 2 ...
     echo-megatron preprocess --input corpus.jsonl --tokenizer TOKENIZER_DIR --output-prefix data/corpus
     echo-megatron patch-megatron [--check|--revert]   # our megatron-core 0.19.2 fixes (patches/)
@@ -228,7 +230,51 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="report each patch's state; change nothing")
     mode.add_argument("--revert", action="store_true", help="restore megatron-core's original files")
     patch.set_defaults(func=_patch_megatron, parser=patch)
+    _add_hf_parsers(commands)
     return parser
+
+
+def _convert_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`export-hf` and `import-hf` (echo_megatron.hf): conversion errors are reported, never half-written."""
+    from echo_megatron.hf import ConversionError, export_checkpoint, import_checkpoint
+
+    try:
+        if args.command == "export-hf":
+            config = export_checkpoint(args.ckpt_dir, args.out_dir, iteration=args.iteration, dtype=args.dtype,
+                                       tokenizer=args.tokenizer, force=args.force)
+            message = f"wrote a {config.model_type} model ({config.num_hidden_layers} layers) to {args.out_dir}"
+        else:
+            import_checkpoint(args.hf_dir, args.ckpt_dir, force=args.force)
+            message = f"wrote a torch_dist checkpoint to {args.ckpt_dir} (load it with --load, any TP size)"
+    except ConversionError as error:
+        print(f"echo-megatron {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
+
+
+def _add_hf_parsers(commands) -> None:
+    """`export-hf` and `import-hf` (echo_megatron.hf)."""
+    export = commands.add_parser(
+        "export-hf", help="convert a Megatron torch_dist checkpoint to a Hugging Face model directory",
+        description="Megatron checkpoint (echo_megatron.pretrain) -> Hugging Face directory: stock nemotron_h for "
+                    "softmax/MLP stacks, echo_hybrid (trust_remote_code or `import echo_megatron.hf`) otherwise.",
+    )
+    export.add_argument("ckpt_dir", help="Megatron checkpoint directory (with latest_checkpointed_iteration.txt)")
+    export.add_argument("out_dir", help="output directory (must not exist or be empty, unless --force)")
+    export.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights dtype (default: the checkpoint's)")
+    export.add_argument("--tokenizer", help="tokenizer directory to copy (AutoTokenizer.from_pretrained(OUT_DIR))")
+    back = commands.add_parser(
+        "import-hf", help="convert an exported Hugging Face directory back to a Megatron torch_dist checkpoint",
+        description="Hugging Face directory (nemotron_h or echo_hybrid) -> Megatron 'release' checkpoint that "
+                    "echo_megatron.pretrain loads with --load at any tensor-parallel size.",
+    )
+    back.add_argument("hf_dir", help="Hugging Face model directory")
+    back.add_argument("ckpt_dir", help="output checkpoint directory (must not exist or be empty, unless --force)")
+    for command in (export, back):
+        command.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+        command.set_defaults(func=_convert_hf, parser=command)
 
 
 def main(argv: list[str] | None = None) -> int:
