@@ -1,5 +1,7 @@
 """Every ```python block of README.md runs as pasted: each in a fresh interpreter (blocks that call
-`initialize_single_process` own their process), from a scratch directory, with the checkout on the path."""
+`initialize_single_process` own their process), from a scratch directory, with the checkout on the path.
+A block that loads "OUT_DIR" (the Hugging Face section) finds there what `echo-megatron export-hf` writes:
+a tiny SKA hybrid with its tokenizer."""
 
 import os
 import re
@@ -30,12 +32,25 @@ def test_block_extraction_finds_every_fence():
     assert python_blocks(text) == [(3, "a = 1\n"), (9, "b = 2\nc = 3\n")]
 
 
+def export_tiny_model(directory: Path) -> None:
+    """`directory`: a perturbed tiny `M*M-` SKA hybrid exported to Hugging Face format, with a tokenizer."""
+    from echo_megatron.hf import export_model
+    from tests.hf.common import perturbed_model, write_tokenizer
+    from tests.megatron.common import single_process_model_parallel
+
+    tokenizer = write_tokenizer(directory.parent / "tokenizer")
+    with single_process_model_parallel():
+        export_model(perturbed_model("ska"), directory, tokenizer=tokenizer)
+
+
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 def test_readme_python_block_runs(line, code, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", "1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a block runs as a user's single process would, not as a torchrun rank
+    if '"OUT_DIR"' in code:
+        export_tiny_model(tmp_path / "OUT_DIR")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, f"README.md block at line {line} failed:\n{result.stderr[-4000:]}"

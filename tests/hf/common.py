@@ -78,10 +78,23 @@ def save_launcher_checkpoint(model, directory: Path, iteration: int = 8, **args_
     return directory
 
 
+def write_tokenizer(directory: Path) -> Path:
+    """A WordLevel tokenizer over VOCAB ids ("w0" …, then <unk>, <s>, </s>) saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 3)} | {"<unk>": VOCAB - 3, "<s>": VOCAB - 2, "</s>": VOCAB - 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(directory)
+    return directory
+
+
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     """max |Δ| / max |reference|."""
     return ((other.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
 
 
 __all__ = ["ARCHITECTURES", "SEQ", "VOCAB", "full_logits", "perturb", "perturbed_model", "launcher_args",
-           "save_launcher_checkpoint", "relative_error"]
+           "save_launcher_checkpoint", "write_tokenizer", "relative_error"]

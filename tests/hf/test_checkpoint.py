@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from echo_megatron.cli import main
 from echo_megatron.hf import export_model, load_megatron_checkpoint
-from tests.hf.common import SEQ, VOCAB, full_logits, perturbed_model, relative_error, save_launcher_checkpoint
+from tests.hf.common import (SEQ, VOCAB, full_logits, perturbed_model, relative_error, save_launcher_checkpoint,
+                             write_tokenizer)
 
 REPO = Path(__file__).resolve().parents[2]
 IDS = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
@@ -35,15 +36,7 @@ def checkpoints(tmp_path_factory, model_parallel_tp1):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 3)} | {"<unk>": VOCAB - 3, "<s>": VOCAB - 2, "</s>": VOCAB - 1}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    directory = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<unk>").save_pretrained(directory)
-    return directory
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_export_hf_matches_load_megatron_checkpoint(checkpoints, tokenizer_dir, tmp_path, model_parallel_tp1):
