@@ -8,8 +8,11 @@ says in the log when it is applied.
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
+
+import torch
 
 import typing_extensions
 
@@ -50,7 +53,70 @@ def skip_helper_compile() -> None:
     _log("megatron.core.datasets helpers_cpp is prebuilt: skipping compile_helpers() (no Makefile in the wheel)")
 
 
+def _torch_adam_states(optimizer) -> list[dict]:
+    """The per-parameter state dicts of a DistributedOptimizer's inner torch Adam/AdamW."""
+    return [optimizer.optimizer.state[param] for group in optimizer.optimizer.param_groups for param in group["params"]]
+
+
+def distributed_optimizer_torch_adam() -> None:
+    """Distributed-optimizer resume with torch's Adam (no Apex / Transformer Engine), three bugs of
+    `megatron/core/optimizer/distrib_optimizer.py` (0.19.2):
+
+    1. Loading builds `sharded_state_dict(is_loading=True)`, which calls `state_dict()` on a fresh
+       optimizer whose Adam state is empty: `assert len(steps) == 1` (`AssertionError`). Fix: before
+       that, initialise the state as `init_state_fn` does, with `step` 0 in every parameter's state.
+    2. `_set_main_param_and_optimizer_states` copies the checkpoint into the fp32 main parameters
+       with grad enabled: `RuntimeError: a view of a leaf Variable that requires grad is being used in
+       an in-place operation`. Fix: run it under `torch.no_grad()` (its siblings already are).
+    3. After `load_state_dict`, Adam's per-parameter `step` is the dummy value of fix 1 (or one tensor
+       shared by every parameter, which torch's Adam then increments once per parameter): the bias
+       corrections are wrong and training after resume silently diverges from the uninterrupted run.
+       Fix: give every parameter its own `step` tensor holding the checkpoint's step.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizer_class = distrib_optimizer.DistributedOptimizer
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(optimizer_class, "_echo_compat", False):
+        return  # fused Apex/TE Adam keeps its step in the param groups: not affected
+    sharded_state_dict = optimizer_class.sharded_state_dict
+    set_states = optimizer_class._set_main_param_and_optimizer_states
+    load_state_dict = optimizer_class.load_state_dict
+
+    @functools.wraps(sharded_state_dict)
+    def sharded_state_dict_fixed(self, *args, **kwargs):
+        is_loading = kwargs.get("is_loading", args[1] if len(args) > 1 else False)
+        if is_loading and self.init_state_fn is not None:
+            self.init_state_fn(self.optimizer, self.config)
+            for state in _torch_adam_states(self):
+                state.setdefault("step", torch.tensor(0.0))
+        return sharded_state_dict(self, *args, **kwargs)
+
+    @functools.wraps(set_states)
+    def set_states_fixed(self, *args, **kwargs):
+        with torch.no_grad():
+            return set_states(self, *args, **kwargs)
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_fixed(self, state_dict, *args, **kwargs):
+        result = load_state_dict(self, state_dict, *args, **kwargs)
+        steps = {group["step"] for group in state_dict["optimizer"]["param_groups"] if "step" in group}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for state in _torch_adam_states(self):
+                if state:
+                    state["step"] = torch.tensor(step)
+        return result
+
+    optimizer_class.sharded_state_dict = sharded_state_dict_fixed
+    optimizer_class._set_main_param_and_optimizer_states = set_states_fixed
+    optimizer_class.load_state_dict = load_state_dict_fixed
+    optimizer_class._echo_compat = True
+    _log("DistributedOptimizer with torch Adam: fixed resume (empty-state assert, in-place copy into a leaf "
+         "view, shared per-parameter Adam step)")
+
+
 def apply() -> None:
     """Apply every run-time fix the launcher needs (idempotent)."""
     install_typing_override()
     skip_helper_compile()
+    distributed_optimizer_torch_adam()

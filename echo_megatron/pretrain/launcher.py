@@ -17,31 +17,50 @@ import torch
 
 from . import compat, cpu_training
 from .arguments import add_echo_arguments
+from .model import load_stack_spec
 
 
 def check_echo_args(args) -> None:
-    """Clear errors, before training starts, for settings Megatron would only reject deep inside."""
+    """Clear errors (SystemExit naming the flag), before anything is built, for settings Megatron would
+    reject deep inside training, or silently accept (a --spec that is not what --echo-attention says)."""
+    def fail(message: str):
+        raise SystemExit(f"echo_megatron.pretrain: {message}")
+
     if not args.cpu and not torch.cuda.is_available():
-        raise SystemExit("echo_megatron.pretrain: CUDA is not available; add --cpu to train on the CPU")
+        fail("CUDA is not available; add --cpu to train on the CPU")
     if args.hybrid_layer_pattern is None:
-        raise SystemExit("echo_megatron.pretrain: give --echo-preset NAME or --hybrid-layer-pattern (and the sizes)")
+        fail("give --echo-preset NAME, or --hybrid-layer-pattern and the model sizes")
+    if args.yaml_cfg is not None:
+        fail("--yaml-cfg is not supported by this launcher; pass flags")
     heads = args.ska_num_heads or args.num_attention_heads
     if args.echo_attention == "ska" and heads % args.tensor_model_parallel_size:
-        raise SystemExit(f"echo_megatron.pretrain: SKA heads ({heads}, --ska-num-heads or --num-attention-heads) "
-                         f"must be divisible by --tensor-model-parallel-size ({args.tensor_model_parallel_size})")
+        fail(f"SKA heads ({heads}, from --ska-num-heads or --num-attention-heads) must be divisible by "
+             f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})")
     if args.echo_attention == "ska" and args.ska_chunk_size > args.seq_length:
-        raise SystemExit(f"echo_megatron.pretrain: --ska-chunk-size ({args.ska_chunk_size}) is larger than "
-                         f"--seq-length ({args.seq_length}): every query would be in chunk 0 and read nothing")
+        fail(f"--ska-chunk-size ({args.ska_chunk_size}) is larger than --seq-length ({args.seq_length}): every "
+             "query would sit in chunk 0 and read nothing")
+    try:
+        load_stack_spec(args.spec, args.echo_attention, args.echo_ffn)
+    except ValueError as error:
+        fail(str(error))
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    """Megatron's `parse_and_validate_args` with the Echo flags (sets Megatron's global args)."""
-    from megatron.training.arguments import parse_and_validate_args
+    """Megatron's `parse_and_validate_args` with the Echo flags, and `check_echo_args` before Megatron's
+    own validation (sets Megatron's global args; builds the tokenizer)."""
+    from megatron.training import arguments
+    from megatron.training.checkpointing import load_args_from_checkpoint
+    from megatron.training.global_vars import set_global_variables
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    args = parse_and_validate_args(extra_args_provider=add_echo_arguments)
+    args = arguments.parse_args(extra_args_provider=add_echo_arguments)
     check_echo_args(args)
+    if args.use_checkpoint_args:
+        load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
+        load_args_from_checkpoint(args)
+    arguments.validate_args(args)
+    set_global_variables(args)
     return args
 
 

@@ -71,8 +71,8 @@ def load_stack_spec(spec: list[str], attention: str, ffn: str) -> ModuleSpec:
 
 def model_config_from_args(args) -> HybridModelConfig:
     """The `HybridModelConfig` for `pretrain()`: an `SKAConfig` transformer, the checked `--spec`, and a
-    post-build hook that checks every layer and prints the layer table."""
-    load_stack_spec(args.spec, args.echo_attention, args.echo_ffn)
+    post-build hook that checks every layer and prints the layer table. (`--spec` is checked by the
+    launcher's `check_echo_args` first, with `load_stack_spec`.)"""
     transformer = core_transformer_config_from_args(args, SKAConfig)
     config = hybrid_config_from_args(args, transformer)
     config.post_wrap_hooks.append(partial(check_built_layers, attention=args.echo_attention, ffn=args.echo_ffn))
