@@ -45,8 +45,10 @@ CPU_DEFAULTS = dict(
 LAUNCHER_DEFAULTS = dict(eval_interval=1000)
 """Megatron-LM's historical defaults for flags the 0.19 parser leaves at None but `pretrain()` needs."""
 
-PRESET_DEFAULTS = dict(tokenizer_type="NullTokenizer")
-"""With `--echo-preset`, data default to Megatron's NullTokenizer over the preset's vocabulary."""
+PRESET_DEFAULTS = dict(tokenizer_type="NullTokenizer", make_vocab_size_divisible_by=16)
+"""With `--echo-preset`: Megatron's NullTokenizer over the preset's vocabulary, and vocabulary padding
+to a multiple of 16·TP instead of 128·TP, so the padded vocabulary (hence the checkpoint's embedding and
+output shapes) is the same at every TP size up to 8 for the presets' vocabularies (multiples of 128)."""
 
 
 class SKAArgumentGroupFactory(ArgumentGroupFactory):
