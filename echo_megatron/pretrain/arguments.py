@@ -77,7 +77,7 @@ def spec_name(attention: str, ffn: str, transformer_impl: str) -> str:
 
 def _preparse(argv: Sequence[str]) -> argparse.Namespace:
     """The Echo flags that decide other flags' defaults (read before Megatron parses everything)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="echo_megatron.pretrain", add_help=False, allow_abbrev=False)
     _add_echo_flags(parser)
     parser.add_argument("--transformer-impl", default=None)
     known, _ = parser.parse_known_args(list(argv))

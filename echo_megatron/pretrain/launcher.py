@@ -28,6 +28,8 @@ def check_echo_args(args) -> None:
 
     if not args.cpu and not torch.cuda.is_available():
         fail("CUDA is not available; add --cpu to train on the CPU")
+    if args.cpu and args.transformer_impl != "local":
+        fail(f"--cpu needs --transformer-impl local (Transformer Engine needs CUDA), got {args.transformer_impl}")
     if args.hybrid_layer_pattern is None:
         fail("give --echo-preset NAME, or --hybrid-layer-pattern and the model sizes")
     if args.yaml_cfg is not None:

@@ -63,8 +63,8 @@ def load_stack_spec(spec: list[str], attention: str, ffn: str) -> ModuleSpec:
             name = getattr(block, "__name__", repr(block))
             raise ValueError(
                 f"--spec {' '.join(spec)} puts {name} in the {symbol!r} layers but {flag} {kind} needs "
-                f"{wanted.__name__}: drop --spec (the default follows {flag}) or pass a matching one, e.g. "
-                f"--spec echo_megatron.megatron.specs {'echo_hybrid_stack_spec' if kind == 'ska' else '...'}"
+                f"{wanted.__name__}: drop --spec (the default follows --echo-attention, --echo-ffn and "
+                f"--transformer-impl) or pass a spec with {wanted.__name__} there"
             )
     return stack
 
