@@ -1,9 +1,9 @@
 """Run-time fixes for the unpatched megatron-core 0.19.2 (and Python 3.11) that the launcher needs.
 
 `patches/` holds the same fixes as `.patch` files for users who patch their Megatron; this module
-applies them at run time so the launcher never requires a patched install. Each fix names the bug it
-fixes, checks that the code it replaces is the 0.19.2 original (else it leaves Megatron alone), and
-says in the log when it is applied.
+applies them at run time so the launcher never requires a patched install. Each fix names the error it
+fixes and says in the log (rank 0) when it is applied; the distributed-optimizer fixes are applied only
+to megatron-core 0.19.2 (`FIXED_VERSION`), other versions are left alone with a log line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import typing
 import torch
 
 import typing_extensions
+
+
+FIXED_VERSION = "0.19.2"
+"""The megatron-core release whose distributed-optimizer code `distributed_optimizer_torch_adam` fixes."""
 
 
 def install_typing_override() -> None:
@@ -75,9 +79,14 @@ def distributed_optimizer_torch_adam() -> None:
     """
     from megatron.core.optimizer import distrib_optimizer
 
+    from megatron.core.package_info import __version__
+
     optimizer_class = distrib_optimizer.DistributedOptimizer
     if distrib_optimizer.HAVE_APEX_OR_TE or getattr(optimizer_class, "_echo_compat", False):
         return  # fused Apex/TE Adam keeps its step in the param groups: not affected
+    if __version__.split("+")[0] != FIXED_VERSION:
+        _log(f"megatron-core {__version__}: the distributed-optimizer resume fixes for {FIXED_VERSION} are not applied")
+        return
     sharded_state_dict = optimizer_class.sharded_state_dict
     set_states = optimizer_class._set_main_param_and_optimizer_states
     load_state_dict = optimizer_class.load_state_dict
