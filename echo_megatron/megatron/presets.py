@@ -55,6 +55,8 @@ class HybridPreset:
             fields["swiglu"] = True
         elif (gated, activation) != (False, None):
             raise ValueError(f"preset {self.name}: only SwiGLU or the default activation map to Megatron flags")
+        if fields.get("num_query_groups") is not None:
+            fields["group_query_attention"] = True  # Megatron reads num_query_groups only with this flag
         return dict(fields, hybrid_layer_pattern=self.pattern, vocab_size=self.vocab_size,
                     seq_length=self.seq_length, max_position_embeddings=self.seq_length,
                     position_embedding_type="none", untie_embeddings_and_output_weights=False)

@@ -79,3 +79,13 @@ def test_default_spec_follows_the_layer_choices(monkeypatch, flags, ffn, spec):
     args = _parse(monkeypatch, flags)
     assert args.spec == (["my.module", "my_spec"] if spec is None else ["echo_megatron.megatron.specs", spec])
     assert args.echo_ffn == ffn
+
+
+def test_preset_query_groups_turn_on_group_query_attention():
+    from echo_megatron.megatron.presets import HybridPreset
+
+    preset = HybridPreset(name="gqa", pattern="M*", vocab_size=128, ffn="mlp",
+                          config_fields=dict(hidden_size=64, num_attention_heads=4, num_query_groups=2))
+    values = preset.megatron_args()
+    assert (values["num_query_groups"], values["group_query_attention"]) == (2, True)
+    assert "group_query_attention" not in get_preset("echo-tiny").megatron_args()
