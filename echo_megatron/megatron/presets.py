@@ -39,21 +39,38 @@ def echo_pattern(blocks: int, ska_blocks: set[int]) -> str:
 
 @dataclass(frozen=True)
 class HybridPreset:
-    """A named model: pattern, vocabulary, default FFN kind and `SKAConfig` fields."""
+    """A named model: pattern, vocabulary, default FFN kind, `SKAConfig` fields and training length."""
 
     name: str
     pattern: str
     vocab_size: int
     ffn: str
     config_fields: Mapping[str, object] = field(default_factory=dict)
+    seq_length: int = 2048
+    """Default training sequence length (the launcher's `--seq-length`)."""
+
+    def _fields(self) -> dict:
+        return dict(num_layers=len(self.pattern), add_bias_linear=False, normalization="RMSNorm",
+                    hidden_dropout=0.0, attention_dropout=0.0, **self.config_fields)
 
     def make_config(self, **overrides) -> SKAConfig:
         """The preset's `SKAConfig`; `overrides` replace or add any `SKAConfig` field."""
-        fields = dict(num_layers=len(self.pattern), add_bias_linear=False, normalization="RMSNorm",
-                      hidden_dropout=0.0, attention_dropout=0.0)
-        fields.update(self.config_fields)
-        fields.update(overrides)
-        return SKAConfig(**fields)
+        return SKAConfig(**{**self._fields(), **overrides})
+
+    def megatron_args(self) -> dict[str, object]:
+        """The preset as Megatron-LM argument values (`args.<dest>`, e.g. for `parser.set_defaults`):
+        pattern, sizes, vocabulary, sequence length, `ska_*`; no position embeddings, tied embeddings."""
+        fields = self._fields()
+        gated, activation = fields.pop("gated_linear_unit", False), fields.pop("activation_func", None)
+        if (gated, activation) == (True, F.silu):
+            fields["swiglu"] = True
+        elif (gated, activation) != (False, None):
+            raise ValueError(f"preset {self.name}: only SwiGLU or the default activation map to Megatron flags")
+        if fields.get("num_query_groups") is not None:
+            fields["group_query_attention"] = True  # Megatron reads num_query_groups only with this flag
+        return dict(fields, hybrid_layer_pattern=self.pattern, vocab_size=self.vocab_size,
+                    seq_length=self.seq_length, max_position_embeddings=self.seq_length,
+                    position_embedding_type="none", untie_embeddings_and_output_weights=False)
 
     def build(self, config: SKAConfig, seq_length: int, *, spec: str = "local", ffn: str | None = None,
               attention: str = "ska", **model_kwargs) -> HybridModel:
@@ -95,7 +112,7 @@ PRESETS: Mapping[str, HybridPreset] = MappingProxyType({
     # SPEC §8 synthetic size: d=128, 2 Mamba-2 + 2 SKA blocks, r=24, 4 heads, d_state 16, vocab 128,
     # SwiGLU; 2 Mamba groups so that it also runs at tensor-parallel size 2.
     "echo-tiny": HybridPreset(
-        name="echo-tiny", pattern=echo_pattern(4, {1, 3}), vocab_size=128, ffn="mlp",
+        name="echo-tiny", pattern=echo_pattern(4, {1, 3}), vocab_size=128, ffn="mlp", seq_length=256,
         config_fields=dict(hidden_size=128, num_attention_heads=4, ska_num_heads=4, ska_rank=24, ska_value_dim=32,
                            ska_chunk_size=64, ffn_hidden_size=koopman_width(128), gated_linear_unit=True,
                            activation_func=F.silu, **_mamba(16, 32, 2)),

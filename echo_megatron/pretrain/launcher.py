@@ -1,0 +1,88 @@
+"""`main()`: Megatron-LM's `pretrain_hybrid.py`, for Echo models, on megatron-core 0.19.2's trainer.
+
+    torchrun --nproc-per-node N -m echo_megatron.pretrain [--cpu] [--echo-preset NAME] <Megatron flags>
+
+Parses every Megatron-LM flag plus the Echo flags (`arguments`), checks the Echo-specific settings
+before anything is built (`check_echo_args`), applies the run-time Megatron fixes (`compat`) and, with
+`--cpu`, the CPU fixes (`cpu_training`), then runs `megatron.training.pretrain()` with a
+`HybridModelConfig` (`model`), Megatron's GPT datasets and a language-model forward step (`data`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import torch
+
+from . import compat, cpu_training
+from .arguments import add_echo_arguments
+from .model import load_stack_spec
+
+
+def check_echo_args(args) -> None:
+    """Clear errors (SystemExit naming the flag), before anything is built, for settings Megatron would
+    reject deep inside training, or silently accept (a --spec that is not what --echo-attention says)."""
+    def fail(message: str):
+        raise SystemExit(f"echo_megatron.pretrain: {message}")
+
+    if not args.cpu and not torch.cuda.is_available():
+        fail("CUDA is not available; add --cpu to train on the CPU")
+    if args.cpu and args.transformer_impl != "local":
+        fail(f"--cpu needs --transformer-impl local (Transformer Engine needs CUDA), got {args.transformer_impl}")
+    if args.hybrid_layer_pattern is None:
+        fail("give --echo-preset NAME, or --hybrid-layer-pattern and the model sizes")
+    if args.yaml_cfg is not None:
+        fail("--yaml-cfg is not supported by this launcher; pass flags")
+    heads = args.ska_num_heads or args.num_attention_heads
+    if args.echo_attention == "ska" and heads % args.tensor_model_parallel_size:
+        fail(f"SKA heads ({heads}, from --ska-num-heads or --num-attention-heads) must be divisible by "
+             f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})")
+    if args.echo_attention == "ska" and args.ska_chunk_size > args.seq_length:
+        fail(f"--ska-chunk-size ({args.ska_chunk_size}) is larger than --seq-length ({args.seq_length}): every "
+             "query would sit in chunk 0 and read nothing")
+    try:
+        load_stack_spec(args.spec, args.echo_attention, args.echo_ffn)
+    except ValueError as error:
+        fail(str(error))
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """Megatron's `parse_and_validate_args` with the Echo flags, and `check_echo_args` before Megatron's
+    own validation (sets Megatron's global args; builds the tokenizer)."""
+    from megatron.training import arguments
+    from megatron.training.checkpointing import load_args_from_checkpoint
+    from megatron.training.global_vars import set_global_variables
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    args = arguments.parse_args(extra_args_provider=add_echo_arguments)
+    check_echo_args(args)
+    if args.use_checkpoint_args:
+        load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
+        load_args_from_checkpoint(args)
+    arguments.validate_args(args)
+    set_global_variables(args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run `megatron.training.pretrain()` on an Echo hybrid model (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cpu" in argv:
+        cpu_training.enable()
+    compat.apply()
+    args = parse_args(argv)
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from . import throughput
+    from .data import forward_step, train_valid_test_datasets_provider
+    from .model import model_config_from_args
+
+    model_config = model_config_from_args(args)
+    throughput.install(args, model_config)
+    pretrain(pretrain_cfg_container_from_args(args, model_config), train_valid_test_datasets_provider,
+             ModelType.encoder_or_decoder, forward_step)
