@@ -6,35 +6,16 @@ runs (`torchrun` is replaced by a stub that records its argv); examples/README.m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import subprocess
 import typing
 import pytest
 import typing_extensions
 
-from echo_megatron.megatron import PRESETS, SKAConfig, get_preset
+from echo_megatron.megatron import PRESETS, get_preset
+from echo_megatron.pretrain.arguments import add_echo_arguments
 from scripts.examples_table import EXAMPLES, README, SCRIPTS, run_with_stub_torchrun, tables
 
 GPU_SCRIPTS = [script for script in SCRIPTS if not script.endswith("_cpu.sh")]
-
-
-def launcher_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags `echo_megatron.pretrain` adds to Megatron's (issue 8): --cpu, --echo-preset,
-    --echo-attention, --echo-ffn and one --ska-* flag per `SKAConfig.ska_*` field."""
-    group = parser.add_argument_group("echo launcher")
-    group.add_argument("--cpu", action="store_true")
-    group.add_argument("--echo-preset", choices=sorted(PRESETS))
-    group.add_argument("--echo-attention", choices=["ska", "softmax"])
-    group.add_argument("--echo-ffn", choices=["mlp", "koopman"])
-    hints = typing.get_type_hints(SKAConfig)
-    for field in dataclasses.fields(SKAConfig):
-        if field.name.startswith("ska_"):
-            kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None))
-            flag = "--" + field.name.replace("_", "-")
-            if kind is bool:
-                group.add_argument(flag, action="store_true")
-            else:
-                group.add_argument(flag, type=kind)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +26,7 @@ def launcher_parser() -> argparse.ArgumentParser:
 
         parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
         add_megatron_arguments(parser)
-    launcher_flags(parser)
-    return parser
+    return add_echo_arguments(parser, argv=[])  # the launcher's own flags (echo_megatron.pretrain.arguments)
 
 
 def launched(script: str, *args: str, **env: str) -> tuple[argparse.Namespace, list[str]]:
