@@ -17,7 +17,7 @@ from pathlib import Path
 # Flags that are shorthands for preset fields: flag -> field.
 _FIELD_FLAGS = {
     "archs": "archs", "kv_pairs": "kv_pairs", "gaps": "eval_gaps", "train_gaps": "train_gaps", "steps": "steps",
-    "batch_size": "batch_size", "lr": "lrs", "seed": "seed", "ska_power": "ska_power",
+    "batch_size": "batch_size", "lr": "lrs", "seeds": "seeds", "ska_power": "ska_power",
     "ska_chunk_size": "ska_chunk_size", "tp": "tensor_parallel_size",
 }
 
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     mqar.add_argument("--lr", type=_float_list,
                       help="comma-separated peak learning rates: each run trains one model per rate and keeps the "
                            "best on held-out data of its training gaps")
-    mqar.add_argument("--seed", type=int, help="seed of model initialisation and data")
+    mqar.add_argument("--seeds", type=_int_list,
+                      help="comma-separated seeds (initialisation and data); one model per seed and cell, tables "
+                           "report mean and min–max. The lr sweep runs at the first seed; later seeds reuse its lr")
     mqar.add_argument("--ska-power", type=int, help="SKA power-filter order K")
     mqar.add_argument("--ska-chunk-size", type=int, help="SKA chunk size S")
     mqar.add_argument("--tp", type=int, help="tensor-parallel size (torchrun world size must be a multiple)")

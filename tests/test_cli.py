@@ -12,6 +12,7 @@ import pytest
 
 from echo_megatron.cli import main
 from echo_megatron.megatron.presets import get_preset
+from echo_megatron.tasks.mqar import paper_grid_floor
 from echo_megatron.tasks.mqar_benchmark import ARCHS, PAPER_PRESET, planned_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,10 +21,11 @@ CELL_KEYS = {"arch", "kv_pairs", "gap", "accuracy", "params", "state_bytes_per_l
 # A tiny model and task: every architecture trains 2 steps in a few seconds on a CPU.
 TINY = [
     "--steps", "2", "--kv-pairs", "2", "--gaps", "4,12", "--train-gaps", "4", "--batch-size", "4", "--lr", "0.001,0.01",
-    "--ska-chunk-size", "4", "--no-progress",
+    "--ska-chunk-size", "4", "--no-progress", "--seeds", "0",
     "--set", "pattern=M*-", "--set", "hidden_size=32", "--set", "num_heads=2", "--set", "mamba_head_dim=8",
     "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64", "--set", "ska_rank=8", "--set", "ska_value_dim=8",
     "--set", "eval_examples=8", "--set", "eval_batch_size=4", "--set", "eval_every=1", "--set", "warmup_steps=1",
+    "--set", "early_stop=0",
 ]
 
 
@@ -112,13 +114,16 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
 
     # Markdown table and plot written from the same cells.
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| M | arch | params") and "G=4" in table[0] and "G=12" in table[0]
+    assert table[0].startswith("| M | arch | seeds | params") and "G=4" in table[0] and "G=12" in table[0]
+    floor = next(line for line in table if "*no-binding floor*" in line)
+    assert floor.count(f"{paper_grid_floor(2):.3f}") == 2  # one per gap, next to chance
+    assert next(line for line in table if "*chance*" in line).count("0.031") == 2
     for arch in ARCHS:
         row = next(line for line in table if f"| {arch} |" in line)
         assert f"{by[arch, 12]['accuracy']:.3f}" in row
     width, height = _png_size(out / "results.png")
     assert width > 300 and height > 200
-    assert sorted(os.listdir(out / "history")) == sorted(f"{a}_M2_G4_lr{lr}.json" for a in ARCHS for lr in ("0.001", "0.01"))
+    assert sorted(os.listdir(out / "history")) == sorted(f"{a}_M2_G4_s0_lr{lr}.json" for a in ARCHS for lr in ("0.001", "0.01"))
     # One record per run: monitor accuracy of each learning rate, the best one kept (first on ties).
     runs = json.loads((out / "runs.json").read_text())
     assert sorted(r["arch"] for r in runs) == sorted(ARCHS)
@@ -127,7 +132,7 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
         assert list(accs) == ["0.001", "0.01"] and r["lr"] == float(max(accs, key=lambda lr: (accs[lr], -float(lr))))
         final = json.loads((out / "history" / f"{r['run']}_lr{r['lr']:g}.json").read_text())[-1]
         assert final["eval_acc"] == accs[f"{r['lr']:g}"]
-    assert "| mamba_ska_M2_G4 | 4 |" in (out / "results.md").read_text()
+    assert "| mamba_ska_M2_G4_s0 | 0 | 4 |" in (out / "results.md").read_text()
     assert "results: " in capsys.readouterr().out
 
     # A resume with different training settings is refused; --force starts over.
@@ -139,10 +144,23 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
     assert _strip(again) == _strip(c for c in first["cells"] if c["arch"] == "mamba")  # deterministic by seed
 
 
+def test_seeds_reuse_the_first_seeds_learning_rate_and_are_summarised(tmp_path):
+    assert _run(tmp_path, "--archs", "mamba_ska", "--seeds", "3,4") == 0
+    runs = {r["seed"]: r for r in json.loads((tmp_path / "out" / "runs.json").read_text())}
+    assert list(runs[3]["monitor_accuracy"]) == ["0.001", "0.01"]  # the sweep, at the first seed only
+    assert list(runs[4]["monitor_accuracy"]) == [f"{runs[3]['lr']:g}"]
+    cells = _results(tmp_path)["cells"]
+    acc = {(c["seed"], c["gap"]): c["accuracy"] for c in cells}
+    assert sorted(acc) == [(3, 4), (3, 12), (4, 4), (4, 12)]
+    row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if "| mamba_ska | 2 |" in line)
+    lo, hi = sorted((acc[3, 12], acc[4, 12]))
+    assert f"{(lo + hi) / 2:.3f} ({lo:.3f}–{hi:.3f})" in row
+
+
 def test_paper_preset_matches_the_spec_grid_and_echo_50m():
     p = PAPER_PRESET
     assert p.kv_pairs == (4, 8, 16, 32) and p.eval_gaps == (64, 128, 256, 512, 1024, 2048, 4096)
-    assert p.train_gaps == () and len(planned_runs(p)) == len(p.archs) * 4 * 7  # one model per cell
+    assert p.train_gaps == () and len(planned_runs(p)) == len(p.archs) * 4 * 7 * len(p.seeds)  # one model per cell and seed
     assert (p.hidden_size, p.num_heads, p.ska_rank, p.ska_value_dim, p.ska_chunk_size, p.mamba_state_dim) == (
         448, 7, 56, 64, 64, 64)
     assert p.pattern == get_preset("echo-50m").pattern
@@ -153,7 +171,7 @@ def test_paper_preset_matches_the_spec_grid_and_echo_50m():
 def test_paper_preset_two_steps_at_reduced_size(tmp_path):
     """The paper preset's code path (one model per cell, its pattern and schedule) at a CPU size."""
     argv = ["mqar", "--preset", "paper", "--out", str(tmp_path / "paper"), "--steps", "2", "--kv-pairs", "4",
-            "--gaps", "64", "--batch-size", "2", "--no-progress", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--gaps", "64", "--batch-size", "2", "--no-progress", "--seeds", "0", "--set", "hidden_size=32", "--set", "num_heads=2",
             "--set", "mamba_head_dim=8", "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64",
             "--set", "ska_rank=8", "--set", "ska_value_dim=8", "--set", "eval_examples=4"]
     assert main(argv) == 0
@@ -181,7 +199,7 @@ def test_torchrun_data_parallel_equals_one_process_and_tensor_parallel_runs(tmp_
     archs = ["--archs", "mamba,mamba_ska", "--set", "mamba_num_groups=2"]
     assert _run(tmp_path, *archs, name="one") == 0
     _torchrun(tmp_path, "dp2", *archs)
-    for run in ("mamba_M2_G4_lr0.001", "mamba_ska_M2_G4_lr0.01"):
+    for run in ("mamba_M2_G4_s0_lr0.001", "mamba_ska_M2_G4_s0_lr0.01"):
         one, two = _history(tmp_path, "one", run), _history(tmp_path, "dp2", run)
         for a, b in zip(one, two, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
