@@ -48,7 +48,7 @@ def test_most_frequent_context_value_predictor_scores_the_floor(seq_len):
     assert data.metadata["floor"] == floor and stderr < 0.005
     assert correct / scored == pytest.approx(floor, abs=5 * (floor / scored) ** 0.5 + 5 * stderr)
     assert no_binding_accuracy(data.input_ids).mean() == pytest.approx(floor, abs=5 * (floor / scored) ** 0.5 + 5 * stderr)
-    assert floor > 2 * data.metadata["chance"]  # well above a constant guess: report it next to chance
+    assert floor > data.metadata["chance"]  # above a constant guess: tables report it next to chance
 
 
 @pytest.mark.parametrize("kwargs,match", [
