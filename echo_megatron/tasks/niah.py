@@ -50,7 +50,7 @@ def niah(num_examples: int, seq_len: int, seed: Seed, *, chunk_size: int = 16,
     depths = needle_depth_range(seq_len, chunk_size)
     if depths < 1:
         raise ValueError(f"seq_len must leave room for the needle before the query's chunk: seq_len {seq_len} "
-                         f"with chunk_size {chunk_size} needs seq_len > chunk_size + 2")
+                         f"with chunk_size {chunk_size}: needs seq_len > chunk_size")
     quarter = vocab_size // 4
     rng = _rng(seed)
     n = num_examples

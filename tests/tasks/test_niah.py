@@ -53,7 +53,7 @@ def test_most_frequent_context_value_predictor_scores_the_floor(seq_len):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_examples=0, seq_len=64), "num_examples"),
-    (dict(num_examples=2, seq_len=17), "seq_len"),
+    (dict(num_examples=2, seq_len=16), "seq_len"),
     (dict(num_examples=2, seq_len=64, chunk_size=0), "chunk_size"),
     (dict(num_examples=2, seq_len=64, vocab_size=130), "vocab_size"),
 ])
