@@ -234,3 +234,25 @@ def test_a_short_ska_run_learns_beyond_the_no_binding_floor(tmp_path):
     (cell,) = _results(tmp_path, "learn")["cells"]
     floor = paper_grid_floor(8)
     assert cell["accuracy"] > floor + 5 * (floor * (1 - floor) / (64 * 8)) ** 0.5  # 0.387 + 0.108
+
+
+def test_niah_writes_the_mqar_formats_with_its_floor_and_resumes(tmp_path, capsys):
+    from echo_megatron.tasks.niah import niah_floor
+
+    argv = ["niah", "--out", str(tmp_path / "niah"), "--archs", "mamba_ska,mamba_attention", "--lengths", "24,40",
+            "--train-lengths", "24", "--steps", "2", "--seeds", "0", "--lr", "1e-3", "--ska-chunk-size", "8",
+            "--no-progress", *TINY[TINY.index("--set"):]]
+    assert main(argv) == 0
+    results = _results(tmp_path, "niah")
+    assert results["preset"] == "niah-cpu" and results["config"]["task"] == "niah"
+    assert sorted((c["arch"], c["gap"]) for c in results["cells"]) == [
+        ("mamba_attention", 24), ("mamba_attention", 40), ("mamba_ska", 24), ("mamba_ska", 40)]
+    table = (tmp_path / "niah" / "results.md").read_text().splitlines()
+    assert "T=24" in table[0] and "T=40" in table[0]
+    floor = next(line for line in table if "*no-binding floor*" in line)
+    assert f"{niah_floor(24, 8)[0]:.3f}" in floor and f"{niah_floor(40, 8)[0]:.3f}" in floor
+    assert _png_size(tmp_path / "niah" / "results.png")[0] > 300
+    assert main([*argv, "--resume"]) == 0 and _results(tmp_path, "niah")["cells"] == results["cells"]
+    with pytest.raises(SystemExit):
+        main(["niah", "--out", str(tmp_path / "bad"), "--set", "kv_pairs=2"])
+    assert "task niah has one needle" in capsys.readouterr().err

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 
 from echo_megatron.tasks import trainer
-from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, paper_grid, paper_grid_floor
+from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, MQARData, paper_grid, paper_grid_floor
+from echo_megatron.tasks.niah import niah, niah_floor
 
 ARCHS = ("mamba", "mamba_attention", "mamba_ska", "echo")
+TASKS = ("mqar", "niah")  # niah: one needle, queried last; "gap" means the sequence length T
 RESULTS_JSON, RUNS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "runs.json", "results.md", "results.png"
 HISTORY_DIR = "history"
 TRAIN_STREAM, EVAL_STREAM, MONITOR_STREAM = 1, 2, 3  # independent data streams of one seed
@@ -77,8 +79,31 @@ class MQARPreset:
     early_stop: float  # stop a run once its held-out training-gap accuracy reaches this (0: never)
     mamba_num_groups: int = 1
     tensor_parallel_size: int = 1
+    task: str = "mqar"
+
+    @property
+    def length_label(self) -> str:
+        """Column prefix of the evaluated lengths: G (MQAR gap) or T (NIAH sequence length)."""
+        return "T" if self.task == "niah" else "G"
+
+    def sequence_length(self, kv_pairs: int, gap: int) -> int:
+        return gap if self.task == "niah" else 4 * kv_pairs + gap
+
+    def floor(self, kv_pairs: int, gap: int) -> float:
+        """The no-binding floor of a cell (docs/mqar.md; echo_megatron.tasks.niah)."""
+        return niah_floor(gap, self.ska_chunk_size)[0] if self.task == "niah" else paper_grid_floor(kv_pairs)
+
+    def data(self, examples: int, kv_pairs: int, gap: int, seed) -> MQARData:
+        """The task's sequences: MQAR paper grid (M = kv_pairs, G = gap) or NIAH of length gap."""
+        if self.task == "niah":
+            return niah(examples, gap, seed=seed, chunk_size=self.ska_chunk_size)
+        return paper_grid(examples, kv_pairs, gap, seed=seed)
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "niah" and self.kv_pairs != (1,):
+            raise ValueError(f"task niah has one needle: kv_pairs must be (1,), got {list(self.kv_pairs)}")
         unknown = [a for a in self.archs if a not in ARCHS]
         if not self.archs or unknown:
             raise ValueError(f"archs must be a non-empty subset of {', '.join(ARCHS)}; got {', '.join(self.archs) or 'none'}")
@@ -171,7 +196,19 @@ def _paper_preset() -> MQARPreset:
 
 PAPER_PRESET = _paper_preset()
 
+# NIAH (the paper's Table 2): train at T = 64, evaluate at 64 … 4096; the model and optimiser of the
+# MQAR presets. CPU: the CPU preset's model; paper: the Echo-50M size, for GPUs.
+NIAH_CPU_PRESET = dataclasses.replace(
+    CPU_PRESET, name="niah-cpu", task="niah", kv_pairs=(1,), train_gaps=(64,), eval_gaps=(64, 256, 1024, 4096),
+    steps=600, eval_examples=256, eval_batch_size=16,
+)
+NIAH_PAPER_PRESET = dataclasses.replace(
+    PAPER_PRESET, name="niah-paper", task="niah", kv_pairs=(1,), train_gaps=(64,),
+    eval_gaps=(64, 512, 2048, 4096, 8192, 16384), eval_batch_size=4,
+)
+
 PRESETS = {"cpu": CPU_PRESET, "paper": PAPER_PRESET}
+NIAH_PRESETS = {"cpu": NIAH_CPU_PRESET, "paper": NIAH_PAPER_PRESET}
 
 
 @dataclass(frozen=True)
@@ -206,10 +243,6 @@ def planned_runs(preset: MQARPreset) -> list[Run]:
                 else:
                     runs.extend(Run(arch, m, (g,), (g,), seed) for g in preset.eval_gaps)
     return runs
-
-
-def seq_len(kv_pairs: int, gap: int) -> int:
-    return 4 * kv_pairs + gap
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -401,8 +434,8 @@ def write_results(out: Path, results: Results) -> None:
     document = {"preset": results.preset.name, "config": results.preset.to_json(), "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     _write_atomic(out / RUNS_JSON, json.dumps(results.runs, indent=1) + "\n")
-    _write_atomic(out / RESULTS_MD, markdown_table(cells) + "\n" + runs_table(results.runs))
-    plot(cells, out / RESULTS_PNG, results.preset.train_gaps)
+    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(results.runs))
+    plot(cells, out / RESULTS_PNG, results.preset)
 
 
 def runs_table(runs: list[dict]) -> str:
@@ -428,13 +461,14 @@ def _fmt(mean: float, low: float, high: float, n: int) -> str:
     return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ({low:.3f}–{high:.3f})"
 
 
-def markdown_table(cells: list[dict]) -> str:
+def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
     """One row per (M, arch): parameters, state bytes at the longest gap, accuracy per gap as the
     mean over seeds with the min–max range; then, per M, the no-binding floor and chance."""
     gaps = sorted({c["gap"] for c in cells})
     summary = accuracy_summary(cells)
-    header = ["M", "arch", "seeds", "params", f"state bytes/layer (G={gaps[-1]})" if gaps else "state bytes/layer",
-              *(f"G={g}" for g in gaps)]
+    g_ = preset.length_label
+    header = ["M", "arch", "seeds", "params", f"state bytes/layer ({g_}={gaps[-1]})" if gaps else "state bytes/layer",
+              *(f"{g_}={g}" for g in gaps)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in sorted({c["kv_pairs"] for c in cells}):
         for arch in ARCHS:
@@ -446,14 +480,14 @@ def markdown_table(cells: list[dict]) -> str:
             accs = [_fmt(*summary[m, arch, g]) if (m, arch, g) in summary else "" for g in gaps]
             lines.append(f"| {m} | {arch} | {seeds} | {last['params']:,} | {last['state_bytes_per_layer']:,} | "
                          + " | ".join(accs) + " |")
-        for label, value in (("no-binding floor", paper_grid_floor(m)), ("chance", 4 / PAPER_VOCAB_SIZE)):
-            lines.append(f"| {m} | *{label}* | | | | " + " | ".join(f"{value:.3f}" for _ in gaps) + " |")
+        lines.append(f"| {m} | *no-binding floor* | | | | " + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
+        lines.append(f"| {m} | *chance* | | | | " + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
     note = ("\nAccuracy: mean over seeds (min–max). *No-binding floor*: the best accuracy without binding keys "
-            "to values (answering a context value not asked yet; docs/mqar.md); chance: a constant guess.\n")
+            "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess.\n")
     return "\n".join(lines) + "\n" + note
 
 
-def plot(cells: list[dict], path: Path, train_gaps: tuple[int, ...] = ()) -> None:
+def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
     """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture, one panel per
     M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
     import matplotlib
@@ -471,14 +505,16 @@ def plot(cells: list[dict], path: Path, train_gaps: tuple[int, ...] = ()) -> Non
                 gs, mean, low, high = (list(x) for x in zip(*pts))
                 ax.errorbar(gs, mean, yerr=[[mu - lo for mu, lo in zip(mean, low)], [hi - mu for mu, hi in zip(mean, high)]],
                             marker="o", capsize=3, label=arch)
-        ax.axhline(paper_grid_floor(m), color="black", linestyle=":", linewidth=1, label="no-binding floor")
+        gaps = sorted({c["gap"] for c in cells if c["kv_pairs"] == m})
+        ax.plot(gaps, [preset.floor(m, g) for g in gaps], color="black", linestyle=":", linewidth=1,
+                label="no-binding floor")
         ax.axhline(4 / PAPER_VOCAB_SIZE, color="grey", linestyle="--", linewidth=1, label="chance")
-        if train_gaps:
-            ax.axvspan(min(train_gaps), max(train_gaps), color="grey", alpha=0.15, label="training gaps")
+        if preset.train_gaps:
+            ax.axvspan(min(preset.train_gaps), max(preset.train_gaps), color="grey", alpha=0.15, label="training lengths")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"MQAR, M = {m} KV pairs")
-        ax.set_xlabel("gap G (tokens)")
+        ax.set_title("NIAH, one needle" if preset.task == "niah" else f"MQAR, M = {m} KV pairs")
+        ax.set_xlabel("sequence length T" if preset.task == "niah" else "gap G (tokens)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -495,21 +531,21 @@ def train_batch_fn(preset: MQARPreset, run: Run):
 
     def batch_at(step: int) -> trainer.Batch:
         gap = run.train_gaps[step % len(run.train_gaps)]
-        data = paper_grid(preset.batch_size, run.kv_pairs, gap, seed=(run.seed, TRAIN_STREAM, run.kv_pairs, step))
+        data = preset.data(preset.batch_size, run.kv_pairs, gap, (run.seed, TRAIN_STREAM, run.kv_pairs, step))
         return data.input_ids, data.labels
 
     return batch_at
 
 
-def eval_data(seed: int, kv_pairs: int, gap: int, examples: int, stream: int = EVAL_STREAM):
-    return paper_grid(examples, kv_pairs, gap, seed=(seed, stream, kv_pairs, gap))
+def eval_data(preset: MQARPreset, seed: int, kv_pairs: int, gap: int, examples: int, stream: int = EVAL_STREAM):
+    return preset.data(examples, kv_pairs, gap, (seed, stream, kv_pairs, gap))
 
 
 def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
     """Build and train one model at peak ``lr``; returns (model, TrainResult, monitor accuracy)."""
     trainer.seed_everything(run.seed)
-    model = build_model(run.arch, preset, seq_len(run.kv_pairs, max(*run.eval_gaps, *run.train_gaps)))
-    monitor = [eval_data(run.seed, run.kv_pairs, g, MONITOR_EXAMPLES, MONITOR_STREAM) for g in run.train_gaps]
+    model = build_model(run.arch, preset, preset.sequence_length(run.kv_pairs, max(*run.eval_gaps, *run.train_gaps)))
+    monitor = [eval_data(preset, run.seed, run.kv_pairs, g, MONITOR_EXAMPLES, MONITOR_STREAM) for g in run.train_gaps]
 
     def monitor_fn() -> float:
         return sum(trainer.evaluate(model, d, preset.eval_batch_size) for d in monitor) / len(monitor)
@@ -541,10 +577,10 @@ def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool,
     cells = []
     for gap in run.eval_gaps:
         start = time.perf_counter()
-        accuracy = trainer.evaluate(model, eval_data(run.seed, run.kv_pairs, gap, preset.eval_examples), preset.eval_batch_size)
+        accuracy = trainer.evaluate(model, eval_data(preset, run.seed, run.kv_pairs, gap, preset.eval_examples), preset.eval_batch_size)
         cells.append({
             "arch": run.arch, "kv_pairs": run.kv_pairs, "gap": gap, "accuracy": accuracy, "params": params,
-            "state_bytes_per_layer": state_bytes_per_layer(run.arch, preset, seq_len(run.kv_pairs, gap)),
+            "state_bytes_per_layer": state_bytes_per_layer(run.arch, preset, preset.sequence_length(run.kv_pairs, gap)),
             "train_steps": result.steps, "wall_s": round(train_s + time.perf_counter() - start, 2),
             "seed": run.seed,
         })
@@ -577,7 +613,7 @@ def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume:
         results.add(cells, record)
         if rank0:
             write_results(out, results)
-            print(" ".join(f"{run.arch} M={c['kv_pairs']} G={c['gap']}: {c['accuracy']:.3f}" for c in cells)
+            print(" ".join(f"{run.arch} M={c['kv_pairs']} {preset.length_label}={c['gap']}: {c['accuracy']:.3f}" for c in cells)
                   + f" (lr {record['lr']:g})", flush=True)
     if rank0 and results.cells:
         write_results(out, results)

@@ -88,9 +88,9 @@ def calibrate(name: str, preset: mqar_benchmark.MQARPreset, seed: int, lr: float
     trainer.seed_everything(seed)
     m = preset.kv_pairs[0]
     run = mqar_benchmark.Run(name, m, preset.train_gaps, preset.eval_gaps, seed)
-    max_len = mqar_benchmark.seq_len(m, max(*preset.eval_gaps, *preset.train_gaps))
+    max_len = preset.sequence_length(m, max(*preset.eval_gaps, *preset.train_gaps))
     model = _MegatronCall(build(name, preset, max_len))
-    monitor = [mqar_benchmark.eval_data(seed, m, g, mqar_benchmark.MONITOR_EXAMPLES, mqar_benchmark.MONITOR_STREAM)
+    monitor = [mqar_benchmark.eval_data(preset, seed, m, g, mqar_benchmark.MONITOR_EXAMPLES, mqar_benchmark.MONITOR_STREAM)
                for g in preset.train_gaps]
 
     def monitor_fn() -> float:
@@ -98,7 +98,7 @@ def calibrate(name: str, preset: mqar_benchmark.MQARPreset, seed: int, lr: float
 
     config = preset.train_config(lr, f"{name} lr={lr:g}", progress)
     result = trainer.train(model, mqar_benchmark.train_batch_fn(preset, run), config, monitor_fn)
-    accuracy = {g: trainer.evaluate(model, mqar_benchmark.eval_data(seed, m, g, preset.eval_examples),
+    accuracy = {g: trainer.evaluate(model, mqar_benchmark.eval_data(preset, seed, m, g, preset.eval_examples),
                                     preset.eval_batch_size) for g in preset.eval_gaps}
     return {"model": name, "seed": seed, "lr": lr, "params": sum(p.numel() for p in model.parameters()),
             "steps": result.steps, "train_s": round(result.wall_s, 1), "accuracy": accuracy,
