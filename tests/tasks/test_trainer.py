@@ -1,6 +1,7 @@
 """The small Megatron-Core trainer: decay groups, schedule, gradient clipping, learning, determinism."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -128,6 +129,7 @@ def test_early_stop_ends_at_the_first_evaluation_that_reaches_the_target():
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(8, 8)
+            self.config = types.SimpleNamespace(sequence_parallel=False)
 
         def forward(self, ids, position_ids, mask, runtime_gather_output=True):
             return self.embed(ids)
