@@ -212,17 +212,32 @@ def test_torchrun_data_parallel_equals_one_process_and_tensor_parallel_runs(tmp_
     assert [c["params"] for c in tp2["cells"]] == [c["params"] for c in _results(tmp_path, "one")["cells"]]
 
 
+def check_cpu_preset_results(results: dict) -> None:
+    """What the CPU preset must show (issue 10): the attention baseline and SKA bind at the training
+    gaps (≥ 0.95), Mamba-2 alone stays under the no-binding floor; three seeds per cell; means over seeds."""
+    from echo_megatron.tasks.mqar_benchmark import accuracy_summary
+
+    cells = results["cells"]
+    assert {(c["arch"], c["seed"]) for c in cells} == {(a, s) for a in ("mamba", "mamba_attention", "mamba_ska")
+                                                       for s in (0, 1, 2)}
+    mean = {(arch, gap): stats[0] for (_, arch, gap), stats in accuracy_summary(cells).items()}
+    floor = paper_grid_floor(8)
+    assert all(mean[arch, g] >= 0.95 for arch in ("mamba_attention", "mamba_ska") for g in (16, 64))
+    assert all(mean["mamba", g] < floor for g in (16, 64, 256, 1024))
+    params = {c["arch"]: c["params"] for c in cells}
+    assert params["mamba_ska"] <= params["mamba"]
+
+
 @pytest.mark.slow
 def test_cpu_preset_meets_the_target(tmp_path):
-    """The issue's target on the default CPU preset: mamba_ska >= 0.9 at the longest gap where mamba
-    <= 0.3, with no more parameters than mamba (≈ 10-20 min on 2 cores)."""
+    """The CPU preset end to end (≈ 13 min on a quiet 2-core machine, estimated)."""
     assert main(["mqar", "--out", str(tmp_path / "cpu"), "--no-progress"]) == 0
-    cells = _results(tmp_path, "cpu")["cells"]
-    acc = {(c["arch"], c["gap"]): c["accuracy"] for c in cells}
-    params = {c["arch"]: c["params"] for c in cells}
-    cliff = max(g for (arch, g), a in acc.items() if arch == "mamba" and a <= 0.3)
-    assert acc["mamba_ska", cliff] >= 0.9
-    assert params["mamba_ska"] <= params["mamba"]
+    check_cpu_preset_results(_results(tmp_path, "cpu"))
+
+
+def test_committed_cpu_results_meet_the_target():
+    """docs/results/mqar_cpu (what the README links) satisfies the same checks as a fresh run."""
+    check_cpu_preset_results(json.loads((REPO / "docs" / "results" / "mqar_cpu" / "results.json").read_text()))
 
 
 def test_a_short_ska_run_learns_beyond_the_no_binding_floor(tmp_path):
