@@ -510,7 +510,8 @@ def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
                 label="no-binding floor")
         ax.axhline(4 / PAPER_VOCAB_SIZE, color="grey", linestyle="--", linewidth=1, label="chance")
         if preset.train_gaps:
-            ax.axvspan(min(preset.train_gaps), max(preset.train_gaps), color="grey", alpha=0.15, label="training lengths")
+            ax.axvspan(min(preset.train_gaps), max(preset.train_gaps), color="grey", alpha=0.15,
+                       label="training lengths" if preset.task == "niah" else "training gaps")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("NIAH, one needle" if preset.task == "niah" else f"MQAR, M = {m} KV pairs")
