@@ -4,6 +4,7 @@
     echo-megatron mqar --preset paper       # SPEC §10 grid at the Echo-50M size (GPUs, torchrun)
     echo-megatron export-hf CKPT_DIR OUT_DIR --tokenizer TOKENIZER_DIR   # Megatron checkpoint -> Hugging Face
     echo-megatron import-hf HF_DIR CKPT_DIR                               # Hugging Face -> Megatron (--load)
+    echo-megatron niah                      # needle in a haystack, train at T=64, evaluate up to 4096
     torchrun --nproc-per-node 2 -m echo_megatron.cli mqar --tp 2 ...
     echo-megatron preprocess --input corpus.jsonl --tokenizer TOKENIZER_DIR --output-prefix data/corpus
     echo-megatron patch-megatron [--check|--revert]   # our megatron-core 0.19.2 fixes (patches/)
@@ -21,7 +22,7 @@ from pathlib import Path
 # Flags that are shorthands for preset fields: flag -> field.
 _FIELD_FLAGS = {
     "archs": "archs", "kv_pairs": "kv_pairs", "gaps": "eval_gaps", "train_gaps": "train_gaps", "steps": "steps",
-    "batch_size": "batch_size", "lr": "lrs", "seed": "seed", "ska_power": "ska_power",
+    "batch_size": "batch_size", "lr": "lrs", "seeds": "seeds", "ska_power": "ska_power",
     "ska_chunk_size": "ska_chunk_size", "tp": "tensor_parallel_size",
 }
 
@@ -83,24 +84,22 @@ def _parse_sets(assignments: list[str], parser: argparse.ArgumentParser) -> dict
 
 
 def _mqar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from echo_megatron.tasks.mqar_benchmark import (
-        PRESETS,
-        ResultsDirError,
-        run_benchmark,
-    )
+    """Both ``mqar`` and ``niah``: the same benchmark driver, different presets."""
+    from echo_megatron.tasks.mqar_benchmark import NIAH_PRESETS, PRESETS, ResultsDirError, run_benchmark
 
+    presets = NIAH_PRESETS if args.command == "niah" else PRESETS
     changes = {field: getattr(args, flag) for flag, field in _FIELD_FLAGS.items() if getattr(args, flag) is not None}
     changes.update(_parse_sets(args.set, parser))
     try:
-        preset = dataclasses.replace(PRESETS[args.preset], **changes)
+        preset = dataclasses.replace(presets[args.preset], **changes)
     except ValueError as error:
         parser.error(str(error))
-    out = Path(args.out) if args.out else Path(f"mqar_{preset.name}")
+    out = Path(args.out) if args.out else Path(f"{args.command}_{args.preset}")
     _set_cpu_threads(args.threads)
     try:
         cells = run_benchmark(preset, out, force=args.force, resume=args.resume, progress=not args.no_progress)
     except ResultsDirError as error:
-        print(f"echo-megatron mqar: error: {error}", file=sys.stderr)
+        print(f"echo-megatron {args.command}: error: {error}", file=sys.stderr)
         return 1
     if cells:
         print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
@@ -184,8 +183,48 @@ def _patch_megatron(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return 0
 
 
+def _add_benchmark_arguments(sub: argparse.ArgumentParser, presets: dict, task: str) -> None:
+    """The flags shared by ``mqar`` and ``niah`` (NIAH names its lengths --lengths / --train-lengths)."""
+    from echo_megatron.tasks.mqar_benchmark import ARCHS
+
+    helps = {"cpu": "the CPU demo (default)", "paper": "the Echo-50M size (GPUs)"}
+    sub.add_argument("--preset", choices=sorted(presets), default="cpu",
+                     help="; ".join(f"{name}: {helps[name]}" for name in sorted(presets)))
+    sub.add_argument("--out", help=f"results directory (default: ./{task}_<preset>)")
+    sub.add_argument("--archs", type=_arch_list, help=f"comma-separated subset of {','.join(ARCHS)}")
+    if task == "niah":
+        sub.add_argument("--lengths", dest="gaps", type=_int_list, help="comma-separated evaluation lengths T")
+        sub.add_argument("--train-lengths", dest="train_gaps", type=_int_list, help="comma-separated training lengths")
+        sub.set_defaults(kv_pairs=None)
+    else:
+        sub.add_argument("--kv-pairs", type=_int_list, help="comma-separated numbers of KV pairs M")
+        sub.add_argument("--gaps", type=_int_list, help="comma-separated evaluation gaps G")
+        sub.add_argument("--train-gaps", type=_train_gaps,
+                         help="comma-separated training gaps (one model per arch and M), or 'each' (one model per cell)")
+    sub.add_argument("--steps", type=int, help="training steps per model (at most: early stopping may end sooner)")
+    sub.add_argument("--batch-size", type=int, help="global batch size")
+    sub.add_argument("--lr", type=_float_list,
+                     help="comma-separated peak learning rates: the first seed trains one model per rate and keeps "
+                          "the best on held-out data of its training lengths; later seeds reuse it")
+    sub.add_argument("--seeds", type=_int_list,
+                     help="comma-separated seeds (initialisation and data); one model per seed and cell, tables "
+                          "report mean and min–max")
+    sub.add_argument("--ska-power", type=int, help="SKA power-filter order K")
+    sub.add_argument("--ska-chunk-size", type=int, help="SKA chunk size S")
+    sub.add_argument("--tp", type=int, help="tensor-parallel size (torchrun world size must be a multiple)")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any preset field, e.g. --set hidden_size=32 --set early_stop=0")
+    again = sub.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true", help="delete an existing results directory and start over")
+    again.add_argument("--resume", action="store_true", help="continue an existing results directory (same config)")
+    sub.add_argument("--threads", type=_positive_int,
+                     help="CPU intra-op threads per process (default: $OMP_NUM_THREADS, else 1)")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub.set_defaults(func=_mqar, parser=sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from echo_megatron.tasks.mqar_benchmark import ARCHS, PRESETS
+    from echo_megatron.tasks.mqar_benchmark import NIAH_PRESETS, PRESETS
 
     parser = argparse.ArgumentParser(prog="echo-megatron", description="Spectral Koopman Attention for Megatron-Core.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -193,32 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         "mqar", help="multi-query associative recall benchmark: Mamba-2 vs Mamba-2 + attention vs Mamba-2 + SKA",
         description="Train and evaluate the architectures on the MQAR grid (SPEC §10). Flags override the preset.",
     )
-    mqar.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                      help="cpu: the ≤ 20 min CPU demo (default); paper: SPEC §10 grid at the Echo-50M size (GPUs)")
-    mqar.add_argument("--out", help="results directory (default: ./mqar_<preset>)")
-    mqar.add_argument("--archs", type=_arch_list, help=f"comma-separated subset of {','.join(ARCHS)}")
-    mqar.add_argument("--kv-pairs", type=_int_list, help="comma-separated numbers of KV pairs M")
-    mqar.add_argument("--gaps", type=_int_list, help="comma-separated evaluation gaps G")
-    mqar.add_argument("--train-gaps", type=_train_gaps,
-                      help="comma-separated training gaps (one model per arch and M), or 'each' (one model per cell)")
-    mqar.add_argument("--steps", type=int, help="training steps per model")
-    mqar.add_argument("--batch-size", type=int, help="global batch size")
-    mqar.add_argument("--lr", type=_float_list,
-                      help="comma-separated peak learning rates: each run trains one model per rate and keeps the "
-                           "best on held-out data of its training gaps")
-    mqar.add_argument("--seed", type=int, help="seed of model initialisation and data")
-    mqar.add_argument("--ska-power", type=int, help="SKA power-filter order K")
-    mqar.add_argument("--ska-chunk-size", type=int, help="SKA chunk size S")
-    mqar.add_argument("--tp", type=int, help="tensor-parallel size (torchrun world size must be a multiple)")
-    mqar.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override any preset field, e.g. --set hidden_size=32 --set pattern=M*-")
-    again = mqar.add_mutually_exclusive_group()
-    again.add_argument("--force", action="store_true", help="delete an existing results directory and start over")
-    again.add_argument("--resume", action="store_true", help="continue an existing results directory (same config)")
-    mqar.add_argument("--threads", type=_positive_int,
-                      help="CPU intra-op threads per process (default: $OMP_NUM_THREADS, else 1)")
-    mqar.add_argument("--no-progress", action="store_true", help="no progress bars")
-    mqar.set_defaults(func=_mqar, parser=mqar)
+    _add_benchmark_arguments(mqar, PRESETS, "mqar")
+    niah = commands.add_parser(
+        "niah", help="needle in a haystack: train at one length, evaluate at longer ones (paper Table 2)",
+        description="One (key, value) needle in filler (values and noise), queried at the end; train at T = 64 and "
+                    "evaluate at longer T. Same outputs as mqar. Flags override the preset.",
+    )
+    _add_benchmark_arguments(niah, NIAH_PRESETS, "niah")
     _add_preprocess(commands)
 
     patch = commands.add_parser(

@@ -12,6 +12,7 @@ import pytest
 
 from echo_megatron.cli import main
 from echo_megatron.megatron.presets import get_preset
+from echo_megatron.tasks.mqar import paper_grid_floor
 from echo_megatron.tasks.mqar_benchmark import ARCHS, PAPER_PRESET, planned_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,10 +21,11 @@ CELL_KEYS = {"arch", "kv_pairs", "gap", "accuracy", "params", "state_bytes_per_l
 # A tiny model and task: every architecture trains 2 steps in a few seconds on a CPU.
 TINY = [
     "--steps", "2", "--kv-pairs", "2", "--gaps", "4,12", "--train-gaps", "4", "--batch-size", "4", "--lr", "0.001,0.01",
-    "--ska-chunk-size", "4", "--no-progress",
+    "--ska-chunk-size", "4", "--no-progress", "--seeds", "0",
     "--set", "pattern=M*-", "--set", "hidden_size=32", "--set", "num_heads=2", "--set", "mamba_head_dim=8",
     "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64", "--set", "ska_rank=8", "--set", "ska_value_dim=8",
     "--set", "eval_examples=8", "--set", "eval_batch_size=4", "--set", "eval_every=1", "--set", "warmup_steps=1",
+    "--set", "early_stop=0",
 ]
 
 
@@ -112,13 +114,16 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
 
     # Markdown table and plot written from the same cells.
     table = (out / "results.md").read_text().splitlines()
-    assert table[0].startswith("| M | arch | params") and "G=4" in table[0] and "G=12" in table[0]
+    assert table[0].startswith("| M | arch | seeds | params") and "G=4" in table[0] and "G=12" in table[0]
+    floor = next(line for line in table if "*no-binding floor*" in line)
+    assert floor.count(f"{paper_grid_floor(2):.3f}") == 2  # one per gap, next to chance
+    assert next(line for line in table if "*chance*" in line).count("0.031") == 2
     for arch in ARCHS:
         row = next(line for line in table if f"| {arch} |" in line)
         assert f"{by[arch, 12]['accuracy']:.3f}" in row
     width, height = _png_size(out / "results.png")
     assert width > 300 and height > 200
-    assert sorted(os.listdir(out / "history")) == sorted(f"{a}_M2_G4_lr{lr}.json" for a in ARCHS for lr in ("0.001", "0.01"))
+    assert sorted(os.listdir(out / "history")) == sorted(f"{a}_M2_G4_s0_lr{lr}.json" for a in ARCHS for lr in ("0.001", "0.01"))
     # One record per run: monitor accuracy of each learning rate, the best one kept (first on ties).
     runs = json.loads((out / "runs.json").read_text())
     assert sorted(r["arch"] for r in runs) == sorted(ARCHS)
@@ -127,7 +132,7 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
         assert list(accs) == ["0.001", "0.01"] and r["lr"] == float(max(accs, key=lambda lr: (accs[lr], -float(lr))))
         final = json.loads((out / "history" / f"{r['run']}_lr{r['lr']:g}.json").read_text())[-1]
         assert final["eval_acc"] == accs[f"{r['lr']:g}"]
-    assert "| mamba_ska_M2_G4 | 4 |" in (out / "results.md").read_text()
+    assert "| mamba_ska_M2_G4_s0 | 0 | 4 |" in (out / "results.md").read_text()
     assert "results: " in capsys.readouterr().out
 
     # A resume with different training settings is refused; --force starts over.
@@ -139,10 +144,23 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
     assert _strip(again) == _strip(c for c in first["cells"] if c["arch"] == "mamba")  # deterministic by seed
 
 
+def test_seeds_reuse_the_first_seeds_learning_rate_and_are_summarised(tmp_path):
+    assert _run(tmp_path, "--archs", "mamba_ska", "--seeds", "3,4") == 0
+    runs = {r["seed"]: r for r in json.loads((tmp_path / "out" / "runs.json").read_text())}
+    assert list(runs[3]["monitor_accuracy"]) == ["0.001", "0.01"]  # the sweep, at the first seed only
+    assert list(runs[4]["monitor_accuracy"]) == [f"{runs[3]['lr']:g}"]
+    cells = _results(tmp_path)["cells"]
+    acc = {(c["seed"], c["gap"]): c["accuracy"] for c in cells}
+    assert sorted(acc) == [(3, 4), (3, 12), (4, 4), (4, 12)]
+    row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if "| mamba_ska | 2 |" in line)
+    lo, hi = sorted((acc[3, 12], acc[4, 12]))
+    assert f"{(lo + hi) / 2:.3f} ({lo:.3f}–{hi:.3f})" in row
+
+
 def test_paper_preset_matches_the_spec_grid_and_echo_50m():
     p = PAPER_PRESET
     assert p.kv_pairs == (4, 8, 16, 32) and p.eval_gaps == (64, 128, 256, 512, 1024, 2048, 4096)
-    assert p.train_gaps == () and len(planned_runs(p)) == len(p.archs) * 4 * 7  # one model per cell
+    assert p.train_gaps == () and len(planned_runs(p)) == len(p.archs) * 4 * 7 * len(p.seeds)  # one model per cell and seed
     assert (p.hidden_size, p.num_heads, p.ska_rank, p.ska_value_dim, p.ska_chunk_size, p.mamba_state_dim) == (
         448, 7, 56, 64, 64, 64)
     assert p.pattern == get_preset("echo-50m").pattern
@@ -153,7 +171,7 @@ def test_paper_preset_matches_the_spec_grid_and_echo_50m():
 def test_paper_preset_two_steps_at_reduced_size(tmp_path):
     """The paper preset's code path (one model per cell, its pattern and schedule) at a CPU size."""
     argv = ["mqar", "--preset", "paper", "--out", str(tmp_path / "paper"), "--steps", "2", "--kv-pairs", "4",
-            "--gaps", "64", "--batch-size", "2", "--no-progress", "--set", "hidden_size=32", "--set", "num_heads=2",
+            "--gaps", "64", "--batch-size", "2", "--no-progress", "--seeds", "0", "--set", "hidden_size=32", "--set", "num_heads=2",
             "--set", "mamba_head_dim=8", "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64",
             "--set", "ska_rank=8", "--set", "ska_value_dim=8", "--set", "eval_examples=4"]
     assert main(argv) == 0
@@ -181,7 +199,7 @@ def test_torchrun_data_parallel_equals_one_process_and_tensor_parallel_runs(tmp_
     archs = ["--archs", "mamba,mamba_ska", "--set", "mamba_num_groups=2"]
     assert _run(tmp_path, *archs, name="one") == 0
     _torchrun(tmp_path, "dp2", *archs)
-    for run in ("mamba_M2_G4_lr0.001", "mamba_ska_M2_G4_lr0.01"):
+    for run in ("mamba_M2_G4_s0_lr0.001", "mamba_ska_M2_G4_s0_lr0.01"):
         one, two = _history(tmp_path, "one", run), _history(tmp_path, "dp2", run)
         for a, b in zip(one, two, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
@@ -194,14 +212,62 @@ def test_torchrun_data_parallel_equals_one_process_and_tensor_parallel_runs(tmp_
     assert [c["params"] for c in tp2["cells"]] == [c["params"] for c in _results(tmp_path, "one")["cells"]]
 
 
+def check_cpu_preset_results(results: dict) -> None:
+    """What the CPU preset must show (issue 10): the attention baseline and SKA bind at the training
+    gaps (≥ 0.95), Mamba-2 alone stays under the no-binding floor; three seeds per cell; means over seeds."""
+    from echo_megatron.tasks.mqar_benchmark import accuracy_summary
+
+    cells = results["cells"]
+    assert {(c["arch"], c["seed"]) for c in cells} == {(a, s) for a in ("mamba", "mamba_attention", "mamba_ska")
+                                                       for s in (0, 1, 2)}
+    mean = {(arch, gap): stats[0] for (_, arch, gap), stats in accuracy_summary(cells).items()}
+    floor = paper_grid_floor(8)
+    assert all(mean[arch, g] >= 0.95 for arch in ("mamba_attention", "mamba_ska") for g in (16, 64))
+    assert all(mean["mamba", g] < floor for g in (16, 64, 256, 1024))
+    params = {c["arch"]: c["params"] for c in cells}
+    assert params["mamba_ska"] <= params["mamba"]
+
+
 @pytest.mark.slow
 def test_cpu_preset_meets_the_target(tmp_path):
-    """The issue's target on the default CPU preset: mamba_ska >= 0.9 at the longest gap where mamba
-    <= 0.3, with no more parameters than mamba (≈ 10-20 min on 2 cores)."""
+    """The CPU preset end to end (≈ 13 min on a quiet 2-core machine, estimated)."""
     assert main(["mqar", "--out", str(tmp_path / "cpu"), "--no-progress"]) == 0
-    cells = _results(tmp_path, "cpu")["cells"]
-    acc = {(c["arch"], c["gap"]): c["accuracy"] for c in cells}
-    params = {c["arch"]: c["params"] for c in cells}
-    cliff = max(g for (arch, g), a in acc.items() if arch == "mamba" and a <= 0.3)
-    assert acc["mamba_ska", cliff] >= 0.9
-    assert params["mamba_ska"] <= params["mamba"]
+    check_cpu_preset_results(_results(tmp_path, "cpu"))
+
+
+def test_committed_cpu_results_meet_the_target():
+    """docs/results/mqar_cpu (what the README links) satisfies the same checks as a fresh run."""
+    check_cpu_preset_results(json.loads((REPO / "docs" / "results" / "mqar_cpu" / "results.json").read_text()))
+
+
+def test_a_short_ska_run_learns_beyond_the_no_binding_floor(tmp_path):
+    """The CPU preset's Mamba-2 + SKA model at one gap (early-stopped, ≈ 200 steps): recall, not the floor's guessing."""
+    argv = ["mqar", "--out", str(tmp_path / "learn"), "--archs", "mamba_ska", "--kv-pairs", "8", "--gaps", "16",
+            "--train-gaps", "16", "--steps", "400", "--lr", "3e-3", "--seeds", "0", "--no-progress",
+            "--set", "warmup_steps=10", "--set", "eval_examples=64", "--set", "eval_every=50"]
+    assert main(argv) == 0
+    (cell,) = _results(tmp_path, "learn")["cells"]
+    floor = paper_grid_floor(8)
+    assert cell["accuracy"] > floor + 5 * (floor * (1 - floor) / (64 * 8)) ** 0.5  # 0.387 + 0.108
+
+
+def test_niah_writes_the_mqar_formats_with_its_floor_and_resumes(tmp_path, capsys):
+    from echo_megatron.tasks.niah import niah_floor
+
+    argv = ["niah", "--out", str(tmp_path / "niah"), "--archs", "mamba_ska,mamba_attention", "--lengths", "24,40",
+            "--train-lengths", "24", "--steps", "2", "--seeds", "0", "--lr", "1e-3", "--ska-chunk-size", "8",
+            "--no-progress", *TINY[TINY.index("--set"):]]
+    assert main(argv) == 0
+    results = _results(tmp_path, "niah")
+    assert results["preset"] == "niah-cpu" and results["config"]["task"] == "niah"
+    assert sorted((c["arch"], c["gap"]) for c in results["cells"]) == [
+        ("mamba_attention", 24), ("mamba_attention", 40), ("mamba_ska", 24), ("mamba_ska", 40)]
+    table = (tmp_path / "niah" / "results.md").read_text().splitlines()
+    assert "T=24" in table[0] and "T=40" in table[0]
+    floor = next(line for line in table if "*no-binding floor*" in line)
+    assert f"{niah_floor(24, 8)[0]:.3f}" in floor and f"{niah_floor(40, 8)[0]:.3f}" in floor
+    assert _png_size(tmp_path / "niah" / "results.png")[0] > 300
+    assert main([*argv, "--resume"]) == 0 and _results(tmp_path, "niah")["cells"] == results["cells"]
+    with pytest.raises(SystemExit):
+        main(["niah", "--out", str(tmp_path / "bad"), "--set", "kv_pairs=2"])
+    assert "task niah has one needle" in capsys.readouterr().err

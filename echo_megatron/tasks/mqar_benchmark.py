@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -31,9 +32,11 @@ from typing import Any
 import torch
 
 from echo_megatron.tasks import trainer
-from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, paper_grid
+from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, MQARData, paper_grid, paper_grid_floor
+from echo_megatron.tasks.niah import niah, niah_floor
 
 ARCHS = ("mamba", "mamba_attention", "mamba_ska", "echo")
+TASKS = ("mqar", "niah")  # niah: one needle, queried last; "gap" means the sequence length T
 RESULTS_JSON, RUNS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "runs.json", "results.md", "results.png"
 HISTORY_DIR = "history"
 TRAIN_STREAM, EVAL_STREAM, MONITOR_STREAM = 1, 2, 3  # independent data streams of one seed
@@ -60,6 +63,7 @@ class MQARPreset:
     ska_value_dim: int
     ska_chunk_size: int
     ska_power: int
+    init_method_std: float  # Megatron's init std of every linear and the embedding (see small_init_std)
     # training
     steps: int
     batch_size: int
@@ -71,11 +75,35 @@ class MQARPreset:
     eval_every: int
     eval_examples: int
     eval_batch_size: int
-    seed: int
+    seeds: tuple[int, ...]  # one model per seed and cell; tables report mean and min–max
+    early_stop: float  # stop a run once its held-out training-gap accuracy reaches this (0: never)
     mamba_num_groups: int = 1
     tensor_parallel_size: int = 1
+    task: str = "mqar"
+
+    @property
+    def length_label(self) -> str:
+        """Column prefix of the evaluated lengths: G (MQAR gap) or T (NIAH sequence length)."""
+        return "T" if self.task == "niah" else "G"
+
+    def sequence_length(self, kv_pairs: int, gap: int) -> int:
+        return gap if self.task == "niah" else 4 * kv_pairs + gap
+
+    def floor(self, kv_pairs: int, gap: int) -> float:
+        """The no-binding floor of a cell (docs/mqar.md; echo_megatron.tasks.niah)."""
+        return niah_floor(gap, self.ska_chunk_size)[0] if self.task == "niah" else paper_grid_floor(kv_pairs)
+
+    def data(self, examples: int, kv_pairs: int, gap: int, seed) -> MQARData:
+        """The task's sequences: MQAR paper grid (M = kv_pairs, G = gap) or NIAH of length gap."""
+        if self.task == "niah":
+            return niah(examples, gap, seed=seed, chunk_size=self.ska_chunk_size)
+        return paper_grid(examples, kv_pairs, gap, seed=seed)
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "niah" and self.kv_pairs != (1,):
+            raise ValueError(f"task niah has one needle: kv_pairs must be (1,), got {list(self.kv_pairs)}")
         unknown = [a for a in self.archs if a not in ARCHS]
         if not self.archs or unknown:
             raise ValueError(f"archs must be a non-empty subset of {', '.join(ARCHS)}; got {', '.join(self.archs) or 'none'}")
@@ -99,8 +127,14 @@ class MQARPreset:
         if not self.lrs or min(self.lrs) <= 0 or not 0 <= self.min_lr <= min(self.lrs):
             raise ValueError(f"lr must be a non-empty list of values > 0, each >= min_lr >= 0; got lr={list(self.lrs)}, "
                              f"min_lr={self.min_lr}")
+        if not self.seeds or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {list(self.seeds)}")
+        if not 0 <= self.early_stop <= 1:
+            raise ValueError(f"early_stop must lie in [0, 1], got {self.early_stop}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.clip_grad < 0:
             raise ValueError("warmup_steps, eval_every, weight_decay and clip_grad must be >= 0")
+        if not self.init_method_std > 0:
+            raise ValueError(f"init_method_std must be > 0, got {self.init_method_std}")
         if self.ska_power < 0:
             raise ValueError(f"ska_power must be >= 0, got {self.ska_power}")
         if self.num_heads % self.tensor_parallel_size or self.mamba_num_groups % self.tensor_parallel_size:
@@ -113,11 +147,19 @@ class MQARPreset:
         return trainer.TrainConfig(
             steps=self.steps, batch_size=self.batch_size, lr=lr, min_lr=self.min_lr,
             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
-            eval_every=self.eval_every, progress=progress, description=description,
+            eval_every=self.eval_every, progress=progress, description=description, stop_at=self.early_stop or None,
         )
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def small_init_std(hidden_size: int) -> float:
+    """sqrt(2 / (5 d)): the width-aware init std ("small init", Nguyen & Salazar 2019; GPT-NeoX's
+    ``small_init``). Megatron's default 0.02 suits d ≈ 2000; at d = 64 it is 4× too small and
+    no architecture with softmax attention or Mamba-2 binds on MQAR within the CPU budget
+    (docs/mqar_calibration.md)."""
+    return round(math.sqrt(2.0 / (5.0 * hidden_size)), 4)
 
 
 # The embedded CPU demo (≤ 20 min on 2 cores; see README): one model per architecture, trained on a
@@ -126,9 +168,9 @@ CPU_PRESET = MQARPreset(
     name="cpu", archs=("mamba", "mamba_attention", "mamba_ska"), kv_pairs=(8,),
     eval_gaps=(16, 64, 256, 1024), train_gaps=(16, 32),
     pattern="M*M*", hidden_size=64, num_heads=4, mamba_state_dim=16, mamba_head_dim=16, ffn_hidden_size=128,
-    ska_rank=16, ska_value_dim=16, ska_chunk_size=16, ska_power=1,
-    steps=800, batch_size=32, lrs=(1e-3, 3e-3), min_lr=1e-5, warmup_steps=100, weight_decay=0.1, clip_grad=1.0,
-    eval_every=100, eval_examples=256, eval_batch_size=32, seed=0,
+    ska_rank=16, ska_value_dim=16, ska_chunk_size=16, ska_power=1, init_method_std=small_init_std(64),
+    steps=1000, batch_size=32, lrs=(1e-3, 3e-3), min_lr=1e-5, warmup_steps=100, weight_decay=0.1, clip_grad=1.0,
+    eval_every=100, eval_examples=256, eval_batch_size=32, seeds=(0, 1, 2), early_stop=0.99,
 )
 
 
@@ -146,15 +188,27 @@ def _paper_preset() -> MQARPreset:
         train_gaps=(), pattern=echo.pattern, hidden_size=f["hidden_size"], num_heads=f["ska_num_heads"],
         mamba_state_dim=f["mamba_state_dim"], mamba_head_dim=f["mamba_head_dim"],
         ffn_hidden_size=koopman_width(f["hidden_size"]), ska_rank=f["ska_rank"], ska_value_dim=f["ska_value_dim"],
-        ska_chunk_size=f["ska_chunk_size"], ska_power=2,
+        ska_chunk_size=f["ska_chunk_size"], ska_power=2, init_method_std=small_init_std(f["hidden_size"]),
         steps=4000, batch_size=64, lrs=(3e-4, 1e-3), min_lr=5e-6, warmup_steps=200, weight_decay=0.1, clip_grad=1.0,
-        eval_every=500, eval_examples=1000, eval_batch_size=16, seed=0,
+        eval_every=500, eval_examples=1000, eval_batch_size=16, seeds=(0, 1, 2), early_stop=0.99,
     )
 
 
 PAPER_PRESET = _paper_preset()
 
+# NIAH (the paper's Table 2): train at T = 64, evaluate at 64 … 4096; the model and optimiser of the
+# MQAR presets. CPU: the CPU preset's model; paper: the Echo-50M size, for GPUs.
+NIAH_CPU_PRESET = dataclasses.replace(
+    CPU_PRESET, name="niah-cpu", task="niah", kv_pairs=(1,), train_gaps=(64,), eval_gaps=(64, 256, 1024, 4096),
+    steps=600, eval_examples=256, eval_batch_size=16,
+)
+NIAH_PAPER_PRESET = dataclasses.replace(
+    PAPER_PRESET, name="niah-paper", task="niah", kv_pairs=(1,), train_gaps=(64,),
+    eval_gaps=(64, 512, 2048, 4096, 8192, 16384), eval_batch_size=4,
+)
+
 PRESETS = {"cpu": CPU_PRESET, "paper": PAPER_PRESET}
+NIAH_PRESETS = {"cpu": NIAH_CPU_PRESET, "paper": NIAH_PAPER_PRESET}
 
 
 @dataclass(frozen=True)
@@ -165,25 +219,30 @@ class Run:
     kv_pairs: int
     train_gaps: tuple[int, ...]
     eval_gaps: tuple[int, ...]
+    seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_M{self.kv_pairs}_G{'-'.join(map(str, self.train_gaps))}"
+        return f"{self.arch}_M{self.kv_pairs}_G{'-'.join(map(str, self.train_gaps))}_s{self.seed}"
+
+    @property
+    def lr_source(self) -> str:
+        """The name of the same run at the preset's first seed, whose selected lr later seeds reuse."""
+        return self.name.rsplit("_s", 1)[0]
 
 
 def planned_runs(preset: MQARPreset) -> list[Run]:
+    """Seed-major: every cell gets its first seed before any gets its second (a cut-short
+    benchmark still covers the whole grid)."""
     runs = []
-    for m in preset.kv_pairs:
-        for arch in preset.archs:
-            if preset.train_gaps:
-                runs.append(Run(arch, m, preset.train_gaps, preset.eval_gaps))
-            else:
-                runs.extend(Run(arch, m, (g,), (g,)) for g in preset.eval_gaps)
+    for seed in preset.seeds:
+        for m in preset.kv_pairs:
+            for arch in preset.archs:
+                if preset.train_gaps:
+                    runs.append(Run(arch, m, preset.train_gaps, preset.eval_gaps, seed))
+                else:
+                    runs.extend(Run(arch, m, (g,), (g,), seed) for g in preset.eval_gaps)
     return runs
-
-
-def seq_len(kv_pairs: int, gap: int) -> int:
-    return 4 * kv_pairs + gap
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -213,6 +272,7 @@ def model_config(preset: MQARPreset):
         ska_value_dim=preset.ska_value_dim,
         ska_chunk_size=preset.ska_chunk_size,
         ska_power=preset.ska_power,
+        init_method_std=preset.init_method_std,
         normalization="RMSNorm",
         add_bias_linear=False,
         hidden_dropout=0.0,
@@ -285,7 +345,7 @@ class ResultsDirError(RuntimeError):
     """The output directory exists and neither --force nor --resume was given, or settings differ."""
 
 
-GRID_FIELDS = ("archs", "kv_pairs", "eval_gaps")  # may grow when resuming; everything else must match
+GRID_FIELDS = ("archs", "kv_pairs", "eval_gaps", "seeds")  # may grow when resuming; everything else must match
 
 
 @dataclass
@@ -298,13 +358,22 @@ class Results:
     runs: list[dict]
 
     def add(self, cells: list[dict], record: dict) -> None:
-        keys = {(c["arch"], c["kv_pairs"], c["gap"]) for c in cells}
-        self.cells = [c for c in self.cells if (c["arch"], c["kv_pairs"], c["gap"]) not in keys] + cells
+        keys = {_cell_key(c) for c in cells}
+        self.cells = [c for c in self.cells if _cell_key(c) not in keys] + cells
         self.runs = [r for r in self.runs if r["run"] != record["run"]] + [record]
 
     def done(self, run: Run) -> bool:
-        have = {(c["arch"], c["kv_pairs"], c["gap"]) for c in self.cells}
-        return all((run.arch, run.kv_pairs, g) in have for g in run.eval_gaps)
+        have = {_cell_key(c) for c in self.cells}
+        return all((run.arch, run.kv_pairs, g, run.seed) in have for g in run.eval_gaps)
+
+    def selected_lr(self, run: Run) -> float | None:
+        """The lr kept by the run's first-seed twin (later seeds reuse it instead of sweeping)."""
+        return next((r["lr"] for r in self.runs if r["run"].rsplit("_s", 1)[0] == run.lr_source
+                     and r["seed"] == self.preset.seeds[0]), None)
+
+
+def _cell_key(cell: dict) -> tuple:
+    return cell["arch"], cell["kv_pairs"], cell["gap"], cell["seed"]
 
 
 def prepare_out_dir(out: Path, preset: MQARPreset, *, force: bool, resume: bool) -> Results:
@@ -365,24 +434,41 @@ def write_results(out: Path, results: Results) -> None:
     document = {"preset": results.preset.name, "config": results.preset.to_json(), "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     _write_atomic(out / RUNS_JSON, json.dumps(results.runs, indent=1) + "\n")
-    _write_atomic(out / RESULTS_MD, markdown_table(cells) + "\n" + runs_table(results.runs))
-    plot(cells, out / RESULTS_PNG, results.preset.train_gaps)
+    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(results.runs))
+    plot(cells, out / RESULTS_PNG, results.preset)
 
 
 def runs_table(runs: list[dict]) -> str:
     """One row per training run: monitor accuracy (held-out, training gaps) per learning rate."""
-    lines = ["| run | train gaps | monitor accuracy per lr | lr kept | train s |", "|---|---|---|---|---|"]
+    lines = ["| run | seed | train gaps | monitor accuracy per lr | lr kept | steps | train s |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         accs = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in r["monitor_accuracy"].items())
-        lines.append(f"| {r['run']} | {','.join(map(str, r['train_gaps']))} | {accs} | {r['lr']:g} | {r['train_s']:.0f} |")
+        lines.append(f"| {r['run']} | {r['seed']} | {','.join(map(str, r['train_gaps']))} | {accs} | {r['lr']:g} | "
+                     f"{r['train_steps']} | {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(cells: list[dict]) -> str:
-    """One row per (M, arch): parameters, state bytes at the longest gap, accuracy per gap."""
+def accuracy_summary(cells: list[dict]) -> dict[tuple[int, str, int], tuple[float, float, float, int]]:
+    """(M, arch, gap) -> (mean, min, max, number of seeds) of the accuracy over seeds."""
+    groups: dict[tuple[int, str, int], list[float]] = {}
+    for c in cells:
+        groups.setdefault((c["kv_pairs"], c["arch"], c["gap"]), []).append(c["accuracy"])
+    return {k: (sum(v) / len(v), min(v), max(v), len(v)) for k, v in groups.items()}
+
+
+def _fmt(mean: float, low: float, high: float, n: int) -> str:
+    return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ({low:.3f}–{high:.3f})"
+
+
+def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
+    """One row per (M, arch): parameters, state bytes at the longest gap, accuracy per gap as the
+    mean over seeds with the min–max range; then, per M, the no-binding floor and chance."""
     gaps = sorted({c["gap"] for c in cells})
-    header = ["M", "arch", "params", f"state bytes/layer (G={gaps[-1]})" if gaps else "state bytes/layer",
-              *(f"G={g}" for g in gaps)]
+    summary = accuracy_summary(cells)
+    g_ = preset.length_label
+    header = ["M", "arch", "seeds", "params", f"state bytes/layer ({g_}={gaps[-1]})" if gaps else "state bytes/layer",
+              *(f"{g_}={g}" for g in gaps)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in sorted({c["kv_pairs"] for c in cells}):
         for arch in ARCHS:
@@ -390,33 +476,46 @@ def markdown_table(cells: list[dict]) -> str:
             if not row:
                 continue
             last = row[max(row)]
-            accs = [f"{row[g]['accuracy']:.3f}" if g in row else "" for g in gaps]
-            lines.append(f"| {m} | {arch} | {last['params']:,} | {last['state_bytes_per_layer']:,} | " + " | ".join(accs) + " |")
-    return "\n".join(lines) + "\n"
+            seeds = len({c["seed"] for c in cells if c["kv_pairs"] == m and c["arch"] == arch})
+            accs = [_fmt(*summary[m, arch, g]) if (m, arch, g) in summary else "" for g in gaps]
+            lines.append(f"| {m} | {arch} | {seeds} | {last['params']:,} | {last['state_bytes_per_layer']:,} | "
+                         + " | ".join(accs) + " |")
+        lines.append(f"| {m} | *no-binding floor* | | | | " + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
+        lines.append(f"| {m} | *chance* | | | | " + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
+    note = ("\nAccuracy: mean over seeds (min–max). *No-binding floor*: the best accuracy without binding keys "
+            "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess.\n")
+    return "\n".join(lines) + "\n" + note
 
 
-def plot(cells: list[dict], path: Path, train_gaps: tuple[int, ...] = ()) -> None:
-    """Accuracy vs gap, one line per architecture, one panel per M; dashed line = chance, shaded
-    band = the gaps seen in training (when one model per architecture covers several gaps)."""
+def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
+    """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture, one panel per
+    M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = accuracy_summary(cells)
     ms = sorted({c["kv_pairs"] for c in cells})
     fig, axes = plt.subplots(1, max(len(ms), 1), figsize=(4.2 * max(len(ms), 1), 3.4), squeeze=False)
     for ax, m in zip(axes[0], ms):
         for arch in ARCHS:
-            pts = sorted((c["gap"], c["accuracy"]) for c in cells if c["kv_pairs"] == m and c["arch"] == arch)
+            pts = sorted((g, *summary[m, a, g][:3]) for (mm, a, g) in summary if mm == m and a == arch)
             if pts:
-                ax.plot([g for g, _ in pts], [a for _, a in pts], marker="o", label=arch)
+                gs, mean, low, high = (list(x) for x in zip(*pts))
+                ax.errorbar(gs, mean, yerr=[[mu - lo for mu, lo in zip(mean, low)], [hi - mu for mu, hi in zip(mean, high)]],
+                            marker="o", capsize=3, label=arch)
+        gaps = sorted({c["gap"] for c in cells if c["kv_pairs"] == m})
+        ax.plot(gaps, [preset.floor(m, g) for g in gaps], color="black", linestyle=":", linewidth=1,
+                label="no-binding floor")
         ax.axhline(4 / PAPER_VOCAB_SIZE, color="grey", linestyle="--", linewidth=1, label="chance")
-        if train_gaps:
-            ax.axvspan(min(train_gaps), max(train_gaps), color="grey", alpha=0.15, label="training gaps")
+        if preset.train_gaps:
+            ax.axvspan(min(preset.train_gaps), max(preset.train_gaps), color="grey", alpha=0.15,
+                       label="training lengths" if preset.task == "niah" else "training gaps")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"MQAR, M = {m} KV pairs")
-        ax.set_xlabel("gap G (tokens)")
+        ax.set_title("NIAH, one needle" if preset.task == "niah" else f"MQAR, M = {m} KV pairs")
+        ax.set_xlabel("sequence length T" if preset.task == "niah" else "gap G (tokens)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -433,21 +532,21 @@ def train_batch_fn(preset: MQARPreset, run: Run):
 
     def batch_at(step: int) -> trainer.Batch:
         gap = run.train_gaps[step % len(run.train_gaps)]
-        data = paper_grid(preset.batch_size, run.kv_pairs, gap, seed=(preset.seed, TRAIN_STREAM, run.kv_pairs, step))
+        data = preset.data(preset.batch_size, run.kv_pairs, gap, (run.seed, TRAIN_STREAM, run.kv_pairs, step))
         return data.input_ids, data.labels
 
     return batch_at
 
 
-def eval_data(preset: MQARPreset, kv_pairs: int, gap: int, examples: int, stream: int = EVAL_STREAM):
-    return paper_grid(examples, kv_pairs, gap, seed=(preset.seed, stream, kv_pairs, gap))
+def eval_data(preset: MQARPreset, seed: int, kv_pairs: int, gap: int, examples: int, stream: int = EVAL_STREAM):
+    return preset.data(examples, kv_pairs, gap, (seed, stream, kv_pairs, gap))
 
 
 def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
     """Build and train one model at peak ``lr``; returns (model, TrainResult, monitor accuracy)."""
-    trainer.seed_everything(preset.seed)
-    model = build_model(run.arch, preset, seq_len(run.kv_pairs, max(*run.eval_gaps, *run.train_gaps)))
-    monitor = [eval_data(preset, run.kv_pairs, g, MONITOR_EXAMPLES, MONITOR_STREAM) for g in run.train_gaps]
+    trainer.seed_everything(run.seed)
+    model = build_model(run.arch, preset, preset.sequence_length(run.kv_pairs, max(*run.eval_gaps, *run.train_gaps)))
+    monitor = [eval_data(preset, run.seed, run.kv_pairs, g, MONITOR_EXAMPLES, MONITOR_STREAM) for g in run.train_gaps]
 
     def monitor_fn() -> float:
         return sum(trainer.evaluate(model, d, preset.eval_batch_size) for d in monitor) / len(monitor)
@@ -457,14 +556,15 @@ def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
     return model, result, result.history[-1]["eval_acc"]
 
 
-def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool) -> tuple[list[dict], dict]:
+def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool,
+                lrs: tuple[float, ...] | None = None) -> tuple[list[dict], dict]:
     """Train one model per learning rate, keep the one with the best accuracy on held-out data of
     the training gaps (the monitor set, never the evaluation set), and evaluate it at every
     ``run.eval_gaps``. Returns the cells and the run's record (accuracy per learning rate)."""
     best = None
     monitor_acc: dict[str, float] = {}
     train_s = 0.0
-    for lr in preset.lrs:
+    for lr in lrs or preset.lrs:
         model, result, acc = _train_one(preset, run, lr, progress)
         train_s += result.wall_s
         monitor_acc[f"{lr:g}"] = acc
@@ -478,14 +578,15 @@ def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool) -> tupl
     cells = []
     for gap in run.eval_gaps:
         start = time.perf_counter()
-        accuracy = trainer.evaluate(model, eval_data(preset, run.kv_pairs, gap, preset.eval_examples), preset.eval_batch_size)
+        accuracy = trainer.evaluate(model, eval_data(preset, run.seed, run.kv_pairs, gap, preset.eval_examples), preset.eval_batch_size)
         cells.append({
             "arch": run.arch, "kv_pairs": run.kv_pairs, "gap": gap, "accuracy": accuracy, "params": params,
-            "state_bytes_per_layer": state_bytes_per_layer(run.arch, preset, seq_len(run.kv_pairs, gap)),
+            "state_bytes_per_layer": state_bytes_per_layer(run.arch, preset, preset.sequence_length(run.kv_pairs, gap)),
             "train_steps": result.steps, "wall_s": round(train_s + time.perf_counter() - start, 2),
-            "seed": preset.seed,
+            "seed": run.seed,
         })
-    record = {"run": run.name, "arch": run.arch, "kv_pairs": run.kv_pairs, "train_gaps": list(run.train_gaps),
+    record = {"run": run.name, "arch": run.arch, "kv_pairs": run.kv_pairs, "seed": run.seed,
+              "train_gaps": list(run.train_gaps), "train_steps": result.steps,
               "monitor_accuracy": monitor_acc, "lr": lr, "train_s": round(train_s, 2)}
     return cells, record
 
@@ -493,7 +594,7 @@ def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool) -> tupl
 def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume: bool = False,
                   progress: bool = True) -> list[dict]:
     """Run (or resume) the benchmark; returns all cells. Collective under torchrun."""
-    trainer.initialize_distributed(preset.tensor_parallel_size, preset.seed)
+    trainer.initialize_distributed(preset.tensor_parallel_size, preset.seeds[0])
     rank0 = trainer.is_rank_zero()
     prepared: Results | str = Results(preset, [], [])
     if rank0:
@@ -508,11 +609,12 @@ def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume:
     for run in planned_runs(preset):
         if results.done(run):
             continue
-        cells, record = execute_run(preset, run, out, progress)
+        kept = None if run.seed == preset.seeds[0] else results.selected_lr(run)
+        cells, record = execute_run(preset, run, out, progress, None if kept is None else (kept,))
         results.add(cells, record)
         if rank0:
             write_results(out, results)
-            print(" ".join(f"{run.arch} M={c['kv_pairs']} G={c['gap']}: {c['accuracy']:.3f}" for c in cells)
+            print(" ".join(f"{run.arch} M={c['kv_pairs']} {preset.length_label}={c['gap']}: {c['accuracy']:.3f}" for c in cells)
                   + f" (lr {record['lr']:g})", flush=True)
     if rank0 and results.cells:
         write_results(out, results)

@@ -51,6 +51,7 @@ class TrainConfig:
     eval_every: int = 100
     progress: bool = True
     description: str = "train"
+    stop_at: float | None = None  # stop early once evaluate_fn() >= stop_at (checked every eval_every steps)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -61,6 +62,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"lr and min_lr must satisfy 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.stop_at is not None and not 0 < self.stop_at <= 1:
+            raise ValueError(f"stop_at must lie in (0, 1] or be None, got {self.stop_at}")
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise ValueError(f"weight_decay and clip_grad must be >= 0, got {self.weight_decay}, {self.clip_grad}")
 
@@ -241,7 +244,9 @@ def train(
 
     ``batch_at`` must be deterministic (every rank builds the same global batch and keeps its
     data-parallel slice). ``evaluate_fn`` (collective) runs every ``eval_every`` steps and at the
-    end; its value is shown in the progress bar and kept in ``history``.
+    end; its value is shown in the progress bar and kept in ``history``. With ``config.stop_at``
+    training ends at the first evaluation that reaches it (the schedule is not compressed: an
+    early stop keeps the lr it had; ``TrainResult.steps`` counts the steps taken).
     """
     model.train()
     optimizer, scheduler = make_optimizer(model, config)
@@ -270,5 +275,7 @@ def train(
             record["eval_acc"] = eval_acc
         history.append(record)
         bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{record['acc']:.2f}", eval=f"{eval_acc:.2f}", refresh=False)
+        if config.stop_at is not None and "eval_acc" in record and eval_acc >= config.stop_at:
+            break
     bar.close()
-    return TrainResult(steps=config.steps, wall_s=time.perf_counter() - start, final_loss=loss_value, history=history)
+    return TrainResult(steps=len(history), wall_s=time.perf_counter() - start, final_loss=loss_value, history=history)

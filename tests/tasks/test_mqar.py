@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from echo_megatron.tasks import IGNORE_INDEX, paper_grid, score, zoology
+from echo_megatron.tasks.mqar import expected_max_count, paper_grid_floor
 
 
 @pytest.mark.parametrize("kv_pairs,gap", [(1, 0), (4, 5), (8, 64), (32, 17)])
@@ -135,3 +136,47 @@ def test_zoology_gaps_follow_the_power_law():
 def test_bad_arguments_name_the_parameter(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _answer_an_unasked_context_value(ids: torch.Tensor, labels: torch.Tensor, kv_pairs: int) -> torch.Tensor:
+    """A scripted predictor that never binds keys to values: at each query it answers the most
+    frequent context value among those not yet revealed in the query block (ties: smallest id)."""
+    predictions = torch.full_like(ids, -1)
+    for row in range(ids.shape[0]):
+        remaining = ids[row, 1 : 2 * kv_pairs : 2].tolist()
+        for pos in (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist():
+            predictions[row, pos] = max(sorted(set(remaining)), key=remaining.count)
+            remaining.remove(int(ids[row, pos + 1]))  # the answer is revealed as the next input token
+    return predictions
+
+
+@pytest.mark.parametrize("kv_pairs", [2, 8])
+def test_paper_grid_no_binding_floor_is_reached_by_an_unasked_value_predictor(kv_pairs):
+    data = paper_grid(3000, kv_pairs, 5, seed=21)
+    floor = data.metadata["floor"]
+    correct, scored = score(_answer_an_unasked_context_value(data.input_ids, data.labels, kv_pairs), data.labels)
+    assert abs(correct / scored - floor) < _binomial_tolerance(floor, scored)
+    assert floor > 10 * data.metadata["chance"]
+
+
+def test_floor_closed_forms():
+    # Distinct values (infinitely many value tokens): H_M / M.
+    assert paper_grid_floor(8, 10**7) == pytest.approx(sum(1 / k for k in range(1, 9)) / 8, abs=1e-6)
+    assert paper_grid_floor(1) == 1.0
+    assert expected_max_count(3, 2) == pytest.approx(2.25)  # counts (3,0) w.p. 1/4, (2,1) w.p. 3/4
+    assert expected_max_count(2, 32) == pytest.approx(1 + 1 / 32)
+    assert zoology(10, 64, 8, seed=0, vocab_size=128).metadata["floor"] == 1 / 8
+
+
+def test_cpu_preset_queries_never_read_their_own_ska_chunk():
+    """Every scored query of the CPU preset sits in a later SKA chunk than the pair it asks for (SPEC §3)."""
+    from echo_megatron.tasks.mqar_benchmark import CPU_PRESET
+
+    (kv_pairs,), chunk = CPU_PRESET.kv_pairs, CPU_PRESET.ska_chunk_size
+    for gap in (*CPU_PRESET.train_gaps, *CPU_PRESET.eval_gaps):
+        data = paper_grid(16, kv_pairs, gap, seed=gap)
+        for row in range(16):
+            context_pos = {int(k): i for i, k in enumerate(data.input_ids[row, 0 : 2 * kv_pairs : 2].tolist())}
+            for pos in (data.labels[row] != IGNORE_INDEX).nonzero().flatten().tolist():
+                value_pos = 2 * context_pos[int(data.input_ids[row, pos])] + 1
+                assert value_pos // chunk < pos // chunk

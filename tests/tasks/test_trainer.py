@@ -1,6 +1,7 @@
 """The small Megatron-Core trainer: decay groups, schedule, gradient clipping, learning, determinism."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -117,3 +118,28 @@ def _data():
 
     ids, labels = _batch()
     return MQARData(ids, labels, {})
+
+
+def test_early_stop_ends_at_the_first_evaluation_that_reaches_the_target():
+    """A toy regression whose 'accuracy' is a scripted sequence: training stops at the first eval >= stop_at."""
+    trainer.initialize_distributed(1, 0)
+    scores = iter([0.2, 0.5, 0.95, 1.0])
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 8)
+            self.config = types.SimpleNamespace(sequence_parallel=False)
+
+        def forward(self, ids, position_ids, mask, runtime_gather_output=True):
+            return self.embed(ids)
+
+    def batch_at(step):
+        ids = torch.arange(8).reshape(2, 4)
+        return ids, ids
+
+    config = TrainConfig(steps=50, batch_size=2, eval_every=3, stop_at=0.9, progress=False, warmup_steps=0)
+    result = trainer.train(Tiny(), batch_at, config, lambda: next(scores))
+    assert result.steps == 9 and [h["eval_acc"] for h in result.history if "eval_acc" in h] == [0.2, 0.5, 0.95]
+    with pytest.raises(ValueError, match="stop_at"):
+        TrainConfig(steps=1, batch_size=1, stop_at=1.5)

@@ -1,0 +1,62 @@
+"""NIAH generator: layout, needle outside the query's SKA chunk, uniform depth, and the no-binding floor."""
+
+import numpy as np
+import pytest
+import torch
+
+from echo_megatron.tasks import IGNORE_INDEX, score
+from echo_megatron.tasks.niah import needle_depth_range, niah, niah_floor, no_binding_accuracy
+
+
+@pytest.mark.parametrize("seq_len,chunk", [(64, 16), (65, 16), (200, 64), (19, 16)])
+def test_layout_and_needle_outside_the_query_chunk(seq_len, chunk):
+    data = niah(500, seq_len, seed=1, chunk_size=chunk)
+    ids, labels = data.input_ids, data.labels
+    assert ids.shape == labels.shape == (500, seq_len)
+    assert torch.equal((labels != IGNORE_INDEX).nonzero()[:, 1], torch.full((500,), seq_len - 1))
+    depth = torch.tensor(data.metadata["depth"])
+    rows = torch.arange(500)
+    query = ids[:, -1]
+    assert torch.equal(ids[rows, depth], query) and torch.equal(ids[rows, depth + 1], labels[:, -1])
+    assert ((query < 32) & (labels[:, -1] >= 32) & (labels[:, -1] < 64)).all()
+    # The key appears exactly twice (needle and query); the filler holds values and noise only.
+    assert ((ids < 32).sum(dim=1) == 2).all()
+    # The needle's value lies in an earlier SKA chunk than the query.
+    assert ((depth + 1) // chunk < (seq_len - 1) // chunk).all()
+
+
+def test_needle_depth_is_uniform_over_the_allowed_range():
+    n, seq_len, chunk = 60000, 64, 16
+    depths = needle_depth_range(seq_len, chunk)
+    assert depths == 47  # key at 0 … 46, value at most at 47 < 48, the query chunk's start
+    freq = np.bincount(niah(n, seq_len, seed=4, chunk_size=chunk).metadata["depth"], minlength=depths) / n
+    p = 1 / depths
+    assert len(freq) == depths and np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n))
+
+
+@pytest.mark.parametrize("seq_len", [64, 512])
+def test_most_frequent_context_value_predictor_scores_the_floor(seq_len):
+    """The scripted no-binding predictor (most frequent value token of the context) scores the floor."""
+    data = niah(4000, seq_len, seed=7)
+    context = data.input_ids[:, :-1]
+    is_value = (context >= 32) & (context < 64)
+    counts = torch.zeros(4000, 128, dtype=torch.long).scatter_add_(1, context, is_value.long())
+    predictions = torch.full_like(data.input_ids, -1)
+    predictions[:, -1] = counts.argmax(dim=1)
+    correct, scored = score(predictions, data.labels)
+    floor, stderr = niah_floor(seq_len)
+    assert data.metadata["floor"] == floor and stderr < 0.005
+    assert correct / scored == pytest.approx(floor, abs=5 * (floor / scored) ** 0.5 + 5 * stderr)
+    assert no_binding_accuracy(data.input_ids).mean() == pytest.approx(floor, abs=5 * (floor / scored) ** 0.5 + 5 * stderr)
+    assert floor > data.metadata["chance"]  # above a constant guess: tables report it next to chance
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_examples=0, seq_len=64), "num_examples"),
+    (dict(num_examples=2, seq_len=16), "seq_len"),
+    (dict(num_examples=2, seq_len=64, chunk_size=0), "chunk_size"),
+    (dict(num_examples=2, seq_len=64, vocab_size=130), "vocab_size"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        niah(seed=0, **kwargs)
