@@ -95,7 +95,7 @@ def test_chunk_statistics_kernel_matches_torch(case, norm_keys, dtype):
 
     expected = list(chunk_statistics(k.to(work), v.to(work), layout, mask))
     if norm_keys == 2:  # every key counts, masked or not (sequence_max)
-        expected[3] = torch.linalg.vector_norm(layout.to_chunks(k.to(work)), dim=-1).amax(dim=2).transpose(1, 2)
+        expected[3] = torch.linalg.vector_norm(layout.to_chunks(k.to(work)), dim=-1).amax(dim=-1)
     tol = FP64_TOL if dtype == torch.float64 else 1e-5
     names = ["G", "M", "C", "max_norm"]
     _assert_close(got, expected, names, tol)
@@ -172,7 +172,7 @@ def test_readout_matrix_kernel_matches_torch(case, dtype):
     # chunks of 3r tokens keep the fp32 comparison well conditioned (chunk 1 already sees 3r keys)
     rows, max_norm = _visible_statistics(1, 2, rank, value_dim, 3 * rank, 9 * rank + 5, dtype, seed=rank + power)
     gamma = torch.tensor([1.2, 1.45], dtype=dtype, requires_grad=True)
-    options = dict(power=power, eps=1e-3, norm=norm, power_iters=6)
+    options = dict(power=power, eps=1e-3, norm=norm)
     got = tfn.ReadoutMatrices.apply(rows, max_norm, gamma, rank, value_dim, power, 1e-3, norm, 6)
     expected = _torch_readout(rows, max_norm, gamma, rank, value_dim, **options)
     tol = FP64_TOL if dtype == torch.float64 else 2e-5
@@ -184,7 +184,7 @@ def test_readout_matrix_kernel_matches_torch(case, dtype):
 def test_readout_matrix_kernel_jitter_rounds_and_failure():
     """A G̃ with a negative eigenvalue -5e-4·m² fails, then fails with +1e-4·m², then succeeds with +1e-3·m²
     exactly as in the torch path. One that no jitter can fix (not a Gram matrix: G = -100·m²·I) gives
-    NaN where torch raises."""
+    NaN in both."""
     rank, value_dim = 6, 5
     rows, max_norm = _visible_statistics(1, 1, rank, value_dim, 8, 40, torch.float64, seed=3)
     rows = rows.detach()
@@ -200,20 +200,18 @@ def test_readout_matrix_kernel_jitter_rounds_and_failure():
     gamma = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
     max_norm = max_norm.detach().requires_grad_()
     got = tfn.ReadoutMatrices.apply(rows, max_norm, gamma, rank, value_dim, 2, 1e-3, "causal_max", 6)
-    expected = _torch_readout(rows, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max",
-                              power_iters=6)
+    expected = _torch_readout(rows, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max")
     _assert_close([got[:, :, 1:]], [expected[:, :, 1:]], ["R"], FP64_TOL)
     _assert_close(_grads([got], [rows, max_norm, gamma]), _grads([expected], [rows, max_norm, gamma]),
                   ["d_stats", "d_max_norm", "d_gamma"], FP64_TOL)
 
     hopeless = rows.detach().clone()
     hopeless[0, 0, 3, :rank * rank] = -100.0 * scale[0, 0, 3] * torch.eye(rank, dtype=torch.float64).flatten()
-    with pytest.raises(torch.linalg.LinAlgError):
-        _torch_readout(hopeless, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max",
-                       power_iters=6)
+    failed_torch = _torch_readout(hopeless, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max")
     failed = tfn.ReadoutMatrices.apply(hopeless, max_norm, gamma, rank, value_dim, 2, 1e-3, "causal_max", 6)
-    assert torch.isnan(failed[0, 0, 3]).all()
-    assert torch.isfinite(torch.cat([failed[0, 0, :3], failed[0, 0, 4:]])).all()
+    for readout in (failed, failed_torch):  # the same in both: NaN for that matrix only
+        assert torch.isnan(readout[0, 0, 3]).all()
+        assert torch.isfinite(torch.cat([readout[0, 0, :3], readout[0, 0, 4:]])).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,8 +231,8 @@ def test_readout_kernel_matches_torch(total, dtype):
     eta = inputs["eta"].to(work)
     got = tfn.Readout.apply(inputs["q"], readout, eta, table, total)
     per_chunk = readout.index_select(2, table.slots(total).long())
-    expected = layout.from_chunks(torch.einsum("bhcpr,bcshr->bcshp", per_chunk, layout.to_chunks(inputs["q"].to(work)))
-                                  * eta[:, None]).to(dtype)
+    expected = layout.from_chunks(layout.to_chunks(inputs["q"].to(work)) @ per_chunk.mT * eta[:, None, None, None]
+                                  ).to(dtype)
     tol = FP64_TOL if dtype == torch.float64 else 1e-3
     _assert_close([got], [expected], ["y"], tol)
     wrt = [inputs["q"], readout, inputs["eta"]]

@@ -341,7 +341,7 @@ def visible_readout_matrices(
     stats = Statistics(visible[..., :square].unflatten(-1, (rank, rank)),
                        visible[..., square:2 * square].unflatten(-1, (rank, rank)),
                        visible[..., 2 * square:].unflatten(-1, (value_dim, rank)), max_norm.expand(lead))
-    return readout_matrices(stats, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm, power_iters=power_iters)
+    return readout_matrices(stats, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm)
 
 
 def ska_triton(
