@@ -68,8 +68,8 @@ class ChunkLayout:
         batch, _, heads, width = x.shape
         slots = self.num_chunks * self.chunk_size
         by_head = x.transpose(1, 2)
-        if self.token_slot is None:
-            grid = F.pad(by_head, (0, 0, 0, slots - self.seq_len)).contiguous()
+        if self.token_slot is None:  # one copy: F.pad writes a contiguous result
+            grid = F.pad(by_head, (0, 0, 0, slots - self.seq_len)) if slots > self.seq_len else by_head.contiguous()
         else:
             grid = x.new_zeros(batch, heads, slots, width).index_copy(2, self.token_slot, by_head)
         return grid.view(batch, heads, self.num_chunks, self.chunk_size, width)
@@ -108,12 +108,29 @@ def chunk_statistics(k: Tensor, v: Tensor, layout: ChunkLayout, mask: Tensor | N
     if mask is not None:
         weight = layout.to_chunks(mask.to(k.dtype)[:, :, None, None])  # [B, 1, NC, S, 1]
         keys, values = keys * weight, values * weight
-    prev = layout.previous_keys(keys)
-    gram = keys.mT @ keys
-    lag = keys.mT @ prev
-    cross = values.mT @ keys
+    gram, lag, cross = _ChunkSums.apply(keys, layout.previous_keys(keys), values)
     max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=-1)
     return Statistics(gram, lag, cross, max_norm)
+
+
+class _ChunkSums(torch.autograd.Function):
+    """Chunk grids Z (keys), Z₋ (previous keys), V [..., S, ·] -> G = ZᵀZ, M = ZᵀZ₋, C = VᵀZ [..., ·, r].
+
+    Backward in five batched matmuls, accumulated in place: dZ = Z(dG + dGᵀ) + Z₋dMᵀ + V dC, dZ₋ = Z dM, dV = Z dCᵀ.
+    """
+
+    @staticmethod
+    def forward(ctx, keys: Tensor, prev: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(keys, prev, values)
+        return keys.mT @ keys, keys.mT @ prev, values.mT @ keys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_gram: Tensor, d_lag: Tensor, d_cross: Tensor):
+        keys, prev, values = ctx.saved_tensors
+        d_keys = keys @ (d_gram + d_gram.mT)
+        d_keys.add_(prev @ d_lag.mT).add_(values @ d_cross)
+        return d_keys, keys @ d_lag, keys @ d_cross.mT
 
 
 class _ExclusiveScan(torch.autograd.Function):
