@@ -243,6 +243,22 @@ def cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Cholesky:
     return Cholesky(torch.where(failed[..., None, None], torch.nan, chol), coef, last_resort)
 
 
+@torch.no_grad()
+def spectral_norm_estimate(whitened: Tensor, power_iters: int) -> Tensor:
+    """Batched power iteration of SPEC §2 step 4 (no gradient): [..., r, r] -> σ [...]."""
+    r = whitened.shape[-1]
+    vec = torch.full(whitened.shape[:-1], 1.0 / math.sqrt(r), dtype=whitened.dtype, device=whitened.device)
+
+    def normalised(x: Tensor) -> Tensor:
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return torch.where(n > 0, x / torch.where(n > 0, n, 1.0), 0.0)
+
+    for _ in range(power_iters):
+        u = normalised((whitened @ vec[..., None])[..., 0])
+        vec = normalised((whitened.mT @ u[..., None])[..., 0])
+    return torch.linalg.vector_norm((whitened @ vec[..., None])[..., 0], dim=-1)
+
+
 class _ReadoutMatrices(torch.autograd.Function):
     """(G, M, C, m, γ̂, η) [..., ·] -> η·R [..., P, r] with a hand-written backward over the r×r algebra.
 
@@ -250,13 +266,12 @@ class _ReadoutMatrices(torch.autograd.Function):
     X_i = X_{i-1} W: R = a^K X_K Λ. The backward runs the chain in reverse with batched matmuls, then the
     Cholesky adjoint dG̃ = Λᵀ Φ(-tril(E)) Λ with E = dΛ Λᵀ assembled from the well-scaled W and X_0
     (Φ: lower triangle, halved diagonal, symmetrised), and routes tr(dG̃) to m through the ridge and jitter.
-    a = γ̂ / max(1, σ) = γ̂ exactly here: SPEC §2 step 4 proves σ_max(W) ≤ 1, so the torch path skips the
-    power iteration (the reference and the Triton kernels run it; they agree up to rounding).
+    a = γ̂ / max(1, σ), σ by power iteration without gradient (SPEC §2 step 4).
     """
 
     @staticmethod
     def forward(ctx, gram: Tensor, lag: Tensor, cross: Tensor, max_norm: Tensor, gamma: Tensor, eta: Tensor,
-                power: int, eps: float, norm: str) -> Tensor:
+                power: int, eps: float, norm: str, power_iters: int) -> Tensor:
         scale = max_norm.clamp_min(NORM_FLOOR) ** 2
         ridge = torch.full_like(scale, eps) if norm == "none" else eps * scale
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
@@ -265,23 +280,25 @@ class _ReadoutMatrices(torch.autograd.Function):
         inv = torch.linalg.solve_triangular(chol.factor, eye.expand_as(g_ridge), upper=False)  # Λ = L⁻¹
         whitened = torch.linalg.solve_triangular(chol.factor, lag, upper=False)  # L⁻¹ M
         whitened = torch.linalg.solve_triangular(chol.factor, whitened.mT, upper=False).mT  # L⁻¹ M L⁻ᵀ
+        damping = spectral_norm_estimate(whitened, power_iters).clamp_min(1.0)  # max(1, σ)
+        a = gamma / damping
         chain = [cross @ inv.mT]
         for _ in range(power):
             chain.append(chain[-1] @ whitened)
         unscaled = chain[-1] @ inv
-        ctx.save_for_backward(lag, cross, max_norm, gamma, eta, g_ridge.diagonal(dim1=-2, dim2=-1), inv, whitened,
-                              chol.coef, chol.last_resort, unscaled, *chain)
+        ctx.save_for_backward(lag, cross, max_norm, a, damping, eta, g_ridge.diagonal(dim1=-2, dim2=-1), inv,
+                              whitened, chol.coef, chol.last_resort, unscaled, *chain)
         ctx.options = (power, eps, norm)
-        return unscaled * (eta * gamma**power)[..., None, None]
+        return unscaled * (eta * a**power)[..., None, None]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_readout: Tensor):
-        lag, cross, max_norm, gamma, eta, diagonal, inv, whitened, coef, last_resort, unscaled, *chain = \
+        lag, cross, max_norm, a, damping, eta, diagonal, inv, whitened, coef, last_resort, unscaled, *chain = \
             ctx.saved_tensors
         power, eps, norm = ctx.options
         d_factor = (d_readout * unscaled).sum(dim=(-2, -1))  # d (η a^K)
-        d_x = (eta * gamma**power)[..., None, None] * (d_readout @ inv.mT)  # d X_K
+        d_x = (eta * a**power)[..., None, None] * (d_readout @ inv.mT)  # d X_K
         # E = dΛ Λᵀ from well-scaled factors (Λ M Λᵀ = W, C Λᵀ = X_0): explicit products with Λ would
         # amplify rounding by cond(L) in the ill-conditioned first chunks
         adjoint = chain[-1].mT @ d_x
@@ -304,20 +321,20 @@ class _ReadoutMatrices(torch.autograd.Function):
         d_ridge = d_shift + d_largest
         d_scale = coef * d_shift + (0.0 if norm == "none" else eps * d_ridge)
         d_max_norm = torch.where(max_norm >= NORM_FLOOR, 2.0 * max_norm * d_scale, 0.0)
-        d_gamma = d_factor * eta * power * gamma ** (power - 1) if power else torch.zeros_like(gamma)
-        return d_g, d_lag, d_cross, d_max_norm, d_gamma, d_factor * gamma**power, None, None, None
+        d_gamma = d_factor * eta * power * a ** (power - 1) / damping if power else torch.zeros_like(a)
+        return d_g, d_lag, d_cross, d_max_norm, d_gamma, d_factor * a**power, None, None, None, None
 
 
 def readout_matrices(stats: Statistics, gamma: Tensor, eta: Tensor | None = None, *, power: int, eps: float,
-                     norm: str) -> Tensor:
-    """η·R with R = a^K · C L⁻ᵀ W^K L⁻¹, W = L⁻¹ M L⁻ᵀ, LLᵀ = sym(G) + λI, a = γ̂ (SPEC §2; σ ≤ 1).
+                     norm: str, power_iters: int) -> Tensor:
+    """η·R with R = a^K · C L⁻ᵀ W^K L⁻¹, W = L⁻¹ M L⁻ᵀ, LLᵀ = sym(G) + λI, a = γ̂ / max(1, σ) (SPEC §2).
 
     stats: leading dims [...]; gamma, eta (default 1) broadcastable to [...]. Returns [..., P, r].
     """
     lead = stats.gram.shape[:-2]
     eta = torch.ones((), dtype=stats.gram.dtype, device=stats.gram.device) if eta is None else eta
     return _ReadoutMatrices.apply(stats.gram, stats.lag, stats.cross, stats.max_norm.expand(lead),
-                                  gamma.expand(lead), eta.expand(lead), power, eps, norm)
+                                  gamma.expand(lead), eta.expand(lead), power, eps, norm, power_iters)
 
 
 def forward_with_statistics(
@@ -344,7 +361,7 @@ def forward_with_statistics(
         visible = visible._replace(max_norm=seq_max)
     heads = q.shape[2]
     readout = readout_matrices(visible, gamma.view(1, heads, 1), eta.view(1, heads, 1), power=power, eps=eps,
-                               norm=norm)
+                               norm=norm, power_iters=power_iters)
     if chunk_group is not None:
         readout = readout.index_select(2, chunk_group)
     y = layout.to_chunks(q) @ readout.mT  # [B, H, NC, S, P]

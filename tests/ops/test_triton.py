@@ -172,7 +172,7 @@ def test_readout_matrix_kernel_matches_torch(case, dtype):
     # chunks of 3r tokens keep the fp32 comparison well conditioned (chunk 1 already sees 3r keys)
     rows, max_norm = _visible_statistics(1, 2, rank, value_dim, 3 * rank, 9 * rank + 5, dtype, seed=rank + power)
     gamma = torch.tensor([1.2, 1.45], dtype=dtype, requires_grad=True)
-    options = dict(power=power, eps=1e-3, norm=norm)
+    options = dict(power=power, eps=1e-3, norm=norm, power_iters=6)
     got = tfn.ReadoutMatrices.apply(rows, max_norm, gamma, rank, value_dim, power, 1e-3, norm, 6)
     expected = _torch_readout(rows, max_norm, gamma, rank, value_dim, **options)
     tol = FP64_TOL if dtype == torch.float64 else 2e-5
@@ -200,14 +200,16 @@ def test_readout_matrix_kernel_jitter_rounds_and_failure():
     gamma = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
     max_norm = max_norm.detach().requires_grad_()
     got = tfn.ReadoutMatrices.apply(rows, max_norm, gamma, rank, value_dim, 2, 1e-3, "causal_max", 6)
-    expected = _torch_readout(rows, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max")
+    expected = _torch_readout(rows, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max",
+                              power_iters=6)
     _assert_close([got[:, :, 1:]], [expected[:, :, 1:]], ["R"], FP64_TOL)
     _assert_close(_grads([got], [rows, max_norm, gamma]), _grads([expected], [rows, max_norm, gamma]),
                   ["d_stats", "d_max_norm", "d_gamma"], FP64_TOL)
 
     hopeless = rows.detach().clone()
     hopeless[0, 0, 3, :rank * rank] = -100.0 * scale[0, 0, 3] * torch.eye(rank, dtype=torch.float64).flatten()
-    failed_torch = _torch_readout(hopeless, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max")
+    failed_torch = _torch_readout(hopeless, max_norm, gamma, rank, value_dim, power=2, eps=1e-3, norm="causal_max",
+                                  power_iters=6)
     failed = tfn.ReadoutMatrices.apply(hopeless, max_norm, gamma, rank, value_dim, 2, 1e-3, "causal_max", 6)
     for readout in (failed, failed_torch):  # the same in both: NaN for that matrix only
         assert torch.isnan(readout[0, 0, 3]).all()

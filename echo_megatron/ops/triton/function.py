@@ -34,7 +34,7 @@ MAX_DENSE_VALUE = 128  # P handled by the dense kernels
 COLUMN_BLOCK = 32  # output columns per program in the token-level backward kernels
 TOKENS_PER_STEP = {"stats_fwd": 32, "stats_bwd": 32, "readout_fwd": 32, "readout_bwd": 32}
 WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense_fwd": 8, "dense_bwd": 8, "readout_fwd": 4, "readout_bwd": 8}
-NORM_KEYS = {"none": 0, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
+NORM_KEYS = {"none": 1, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
 
 _warned_dense_fallback = False
 
@@ -263,10 +263,8 @@ class ReadoutMatrices(torch.autograd.Function):
         launch(kernels_for(device).readout_matrix_bwd_kernel, (slots, batch * heads),
                stats, max_norm, gamma, params, chol_inv, aux, d_readout.contiguous(), d_stats, d_max_norm, d_gamma,
                heads, slots, rank, value_dim,
-               POWER=power, NORM_SCALED=norm != "none", BR=block_r, BP=block_p, ACC=_tl_dtype(work),
+               POWER=power, BR=block_r, BP=block_p, ACC=_tl_dtype(work),
                DOT_PRECISION=_dot_precision(work), num_warps=_num_warps("dense_bwd", block_r, block_p))
-        if norm == "none":
-            d_max_norm.zero_()
         return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), None, None, None, None, None, None
 
 
@@ -341,7 +339,7 @@ def visible_readout_matrices(
     stats = Statistics(visible[..., :square].unflatten(-1, (rank, rank)),
                        visible[..., square:2 * square].unflatten(-1, (rank, rank)),
                        visible[..., 2 * square:].unflatten(-1, (value_dim, rank)), max_norm.expand(lead))
-    return readout_matrices(stats, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm)
+    return readout_matrices(stats, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm, power_iters=power_iters)
 
 
 def ska_triton(
@@ -368,14 +366,12 @@ def ska_triton(
     weights = None if mask is None else mask.to(device=q.device, dtype=work).contiguous()
     stats, chunk_max = ChunkStatistics.apply(k, v, weights, table, NORM_KEYS[norm])
     visible = SegmentScan.apply(stats, table, total)
-    if norm == "causal_max":
-        max_norm = SegmentMax.apply(chunk_max, table, total)
-    elif norm == "sequence_max":
+    if norm == "sequence_max":
         max_norm = SegmentMax.apply(chunk_max, table, True)
         if not total:
             max_norm = max_norm.index_select(2, table.segment)
-    else:
-        max_norm = chunk_max.new_zeros(batch, heads, table.num_slots(total))
+    else:  # the visible keys' max norm: the ridge's scale with causal_max, the jitter's in every norm
+        max_norm = SegmentMax.apply(chunk_max, table, total)
     readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
                                        power=power, eps=eps, norm=norm, power_iters=power_iters)
     return Readout.apply(q, readout, eta.to(work), table, total)
