@@ -44,6 +44,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> T
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def host_constants(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of Python values on `device` without a stream sync (`torch.tensor(..., device=cuda)`
+    copies with non_blocking=False, which synchronises; pageable memory is staged before this returns)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _block(n: int) -> int:
     """Padded block width: next power of two, at least 16 (the smallest `tl.dot` operand)."""
     return max(16, triton.next_power_of_2(n))
@@ -90,10 +96,10 @@ class ChunkTable:
     def build(seq_len: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device) -> "ChunkTable":
         layout = ChunkLayout.build(seq_len, chunk_size, cu_seqlens, device)
         if cu_seqlens is None:
-            bounds = torch.tensor([0, seq_len], device=device)
+            bounds = host_constants([0, seq_len], torch.long, device)
         else:
             bounds = cu_seqlens.to(device=device, dtype=torch.long)
-        offsets = torch.tensor([c0 for c0, _ in layout.segments] + [layout.num_chunks], device=device)
+        offsets = host_constants([c0 for c0, _ in layout.segments] + [layout.num_chunks], torch.long, device)
         segment = layout.chunk_segment
         chunk_ids = torch.arange(layout.num_chunks, device=device)
         start = bounds[segment] + (chunk_ids - offsets[segment]) * chunk_size
@@ -236,7 +242,7 @@ class ReadoutMatrices(torch.autograd.Function):
         stats, max_norm = stats.contiguous(), max_norm.contiguous()
         batch, heads, slots, _ = stats.shape
         device, work = stats.device, stats.dtype
-        params = torch.tensor([eps, JITTER, NORM_FLOOR, rank ** -0.5], dtype=work, device=device)
+        params = host_constants([eps, JITTER, NORM_FLOOR, rank ** -0.5], work, device)
         readout = empty((batch, heads, slots, value_dim, rank), work, device)
         chol_inv = empty((batch, heads, slots, rank, rank), work, device)
         aux = empty((batch, heads, slots, 2), work, device)
@@ -358,7 +364,7 @@ def ska_triton(
         y = ska_triton(q.float(), k.float(), v.float(), eta, gamma, chunk_size=chunk_size, power=power, eps=eps,
                        norm=norm, mode=mode, mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters)
         return y.to(torch.bfloat16)
-    batch, seq_len, heads, rank = q.shape
+    seq_len, rank = q.shape[1], q.shape[3]
     value_dim = v.shape[-1]
     work = work_dtype(q.dtype)
     table = ChunkTable.build(seq_len, chunk_size, cu_seqlens, q.device)
