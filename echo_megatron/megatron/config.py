@@ -122,6 +122,11 @@ class SKAConfig(TransformerConfig):
         if self.ska_eps <= 0:
             raise ValueError(f"ska_eps must be > 0, got {self.ska_eps!r}")
         _check_finite("ska_eta_init", self.ska_eta_init)
+        if self.ska_eta_init <= 0:
+            raise ValueError(
+                f"ska_eta_init must be > 0, got {self.ska_eta_init!r}: with the zero-initialised output projection, "
+                "η = 0 zeroes the gradients of both that projection and η, so SKA never trains"
+            )
         if self.ska_norm not in SKA_NORMS:
             raise ValueError(f"ska_norm must be one of {SKA_NORMS}, got {self.ska_norm!r}")
         if self.ska_norm == "sequence_max" and not self.ska_allow_sequence_max:

@@ -12,7 +12,7 @@ from .chunked import ska_chunked
 from .context_parallel import ska_context_parallel
 from .decode import SKAState
 from .reference import ska_reference
-from .validation import DECODE_NORMS, check_heads, check_options, check_sequence_inputs
+from .validation import DECODE_NORMS, check_devices, check_finite, check_heads, check_options, check_sequence_inputs, promote
 
 __all__ = ["ska", "ska_prefill", "ska_step", "SKAState", "ska_chunked", "ska_reference", "ska_context_parallel"]
 
@@ -28,7 +28,7 @@ def _triton_available() -> bool:
 def ska(
     q: Tensor, k: Tensor, v: Tensor, *, eta: Tensor, gamma: Tensor, chunk_size: int = 64, power: int = 2,
     eps: float = 1e-3, norm: str = "causal_max", mode: str = "chunk_causal", mask: Tensor | None = None,
-    cu_seqlens: Tensor | None = None, power_iters: int = 6, backend: str = "auto",
+    cu_seqlens: Tensor | None = None, power_iters: int = 6, backend: str = "auto", validate: bool = False,
 ) -> Tensor:
     """Spectral Koopman Attention.
 
@@ -43,14 +43,21 @@ def ska(
         mode: "chunk_causal" (training, causal) or "prefix" (one readout over all visible tokens).
         mask: [B, T] of 0/1; tokens with 0 add nothing to the statistics (they still get an output).
         cu_seqlens: [N+1] int offsets of packed sequences (B must be 1); each sequence is independent.
-        power_iters: power-iteration steps for the spectral-norm estimate σ (no gradient).
+        power_iters: power-iteration steps for the spectral-norm estimate σ (no gradient), at most 32.
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "reference" (slow loops),
             "triton" (on CPU tensors it runs the kernels under the Triton interpreter).
+        validate: also check the data (finite q/k/v, 0/1 mask, well-formed cu_seqlens): host syncs, so off by
+            default. Without it the default path reads no tensor value on the host, except that packed
+            sequences (cu_seqlens) need their chunk count on the host to size the grid.
     Returns:
-        y [B, T, H, P] in the dtype of q; statistics are computed in fp32 (fp64 for fp64 inputs).
+        y [B, T, H, P] in the common dtype of q, k, v (promoted, never downcast); statistics are computed in
+        fp32 (fp64 for fp64 inputs). NaN/Inf inputs give NaN outputs wherever they are read, in every backend
+        (see `validation`); all tensors must be on one device.
     """
     check_sequence_inputs(q, k, v, eta, gamma, chunk_size=chunk_size, power=power, eps=eps, norm=norm, mode=mode,
-                          mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters, backend=backend)
+                          mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters, backend=backend,
+                          validate=validate)
+    q, k, v = promote(q, k, v)
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
     options = dict(chunk_size=chunk_size, power=power, eps=eps, norm=norm, mode=mode, mask=mask,
@@ -66,16 +73,20 @@ def ska(
 
 def ska_prefill(
     q: Tensor, k: Tensor, v: Tensor, *, eta: Tensor, gamma: Tensor, chunk_size: int = 64, power: int = 2,
-    eps: float = 1e-3, norm: str = "causal_max", power_iters: int = 6,
+    eps: float = 1e-3, norm: str = "causal_max", power_iters: int = 6, validate: bool = False,
 ) -> tuple[Tensor, SKAState]:
     """chunk_causal SKA over a prompt, plus the constant-size decode state after it.
 
     q, k: [B, T0, H, r]; v: [B, T0, H, P] (T0 may be 0) -> (y [B, T0, H, P], state).
-    norm must be "causal_max" or "none" (decoding cannot see the future).
+    norm must be "causal_max" or "none" (decoding cannot see the future). dtypes, devices, NaN and
+    `validate` as in `ska`.
     """
     check_heads(q, k, v, eta, gamma, token_axes=2)
     check_options(chunk_size=chunk_size, power=power, eps=eps, norm=norm, power_iters=power_iters,
                   norms=DECODE_NORMS)
+    if validate:
+        check_finite(q=q, k=k, v=v)
+    q, k, v = promote(q, k, v)
     return _decode.prefill(q, k, v, eta, gamma, chunk_size=chunk_size, power=power, eps=eps, norm=norm,
                            power_iters=power_iters)
 
@@ -90,8 +101,10 @@ def ska_step(
     if not isinstance(state, SKAState):
         raise TypeError(f"state must be an SKAState from ska_prefill, got {type(state).__name__}")
     check_heads(q, k, v, eta, gamma, token_axes=1)
+    check_devices(q, state=state.readout)
     expected = tuple(state.readout.shape[:2]) + (state.readout.shape[3],)
     if tuple(q.shape) != expected or v.shape[-1] != state.readout.shape[2]:
         raise ValueError(f"q, k must have shape [B, H, r] = {expected} and v [B, H, P] with P = "
                          f"{state.readout.shape[2]} to match the state, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    q, k, v = promote(q, k, v)
     return _decode.step(q, k, v, state, eta=eta, gamma=gamma)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import JITTER, MAX_JITTER_ROUNDS, ridge_and_jitter_scale
+from .reference import JITTER, MAX_JITTER_ROUNDS, NORM_FLOOR
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,14 +30,16 @@ class ChunkLayout:
     """Where each token sits in the padded chunk grid [NC, S] of one batch row.
 
     Every sequence (a batch row, or a `cu_seqlens` segment of a packed row) starts its own
-    chunk grid; `segments` lists the chunk range [c0, c1) of each sequence.
+    chunk grid; `segments` lists the chunk range [c0, c1) of each sequence. Building the layout of
+    packed sequences reads the chunk offsets on the host (`.tolist()`): the number of chunks sizes
+    every buffer of the torch path, so it cannot stay on the device.
     """
 
     seq_len: int
     chunk_size: int
     num_chunks: int
     segments: tuple[tuple[int, int], ...]
-    seq_starts: Tensor | None  # [N] first token of each packed sequence (None: one sequence per row)
+    start_slots: Tensor | None  # [N] slot of each packed sequence's first token (None: one sequence per row)
     token_slot: Tensor | None  # [T] slot (chunk·S + offset) of each token; None: slot == token
     chunk_segment: Tensor  # [NC] sequence index of each chunk
 
@@ -57,31 +59,34 @@ class ChunkLayout:
         token_slot = chunk_offsets[token_seq] * chunk_size + torch.arange(seq_len, device=device) - bounds[token_seq]
         chunk_segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), chunks_per_seq)
         segments = tuple((a, b) for a, b in zip(offsets[:-1], offsets[1:]))
-        return ChunkLayout(seq_len, chunk_size, num_chunks, segments, bounds[:-1], token_slot, chunk_segment)
+        # an empty sequence has no slot: point it at slot 0, which always starts a sequence
+        start_slots = torch.where(lengths > 0, chunk_offsets[:-1] * chunk_size, 0)
+        return ChunkLayout(seq_len, chunk_size, num_chunks, segments, start_slots, token_slot, chunk_segment)
 
     def to_chunks(self, x: Tensor) -> Tensor:
-        """[B, T, H, d] -> [B, NC, S, H, d], zero-padded."""
+        """[B, T, H, d] -> [B, H, NC, S, d] (head-major, contiguous), zero-padded."""
         batch, _, heads, width = x.shape
         slots = self.num_chunks * self.chunk_size
-        if self.token_slot is None:
-            grid = F.pad(x, (0, 0, 0, 0, 0, slots - self.seq_len))
+        by_head = x.transpose(1, 2)
+        if self.token_slot is None:  # one copy: F.pad writes a contiguous result
+            grid = F.pad(by_head, (0, 0, 0, slots - self.seq_len)) if slots > self.seq_len else by_head.contiguous()
         else:
-            grid = x.new_zeros(batch, slots, heads, width).index_copy(1, self.token_slot, x)
-        return grid.view(batch, self.num_chunks, self.chunk_size, heads, width)
+            grid = x.new_zeros(batch, heads, slots, width).index_copy(2, self.token_slot, by_head)
+        return grid.view(batch, heads, self.num_chunks, self.chunk_size, width)
 
     def from_chunks(self, grid: Tensor) -> Tensor:
-        """[B, NC, S, H, d] -> [B, T, H, d]."""
-        flat = grid.flatten(1, 2)
-        if self.token_slot is None:
-            return flat[:, : self.seq_len]
-        return flat.index_select(1, self.token_slot)
+        """[B, H, NC, S, d] -> [B, T, H, d] (contiguous)."""
+        flat = grid.flatten(2, 3)
+        flat = flat[:, :, : self.seq_len] if self.token_slot is None else flat.index_select(2, self.token_slot)
+        return flat.transpose(1, 2).contiguous()
 
-    def previous_keys(self, k: Tensor) -> Tensor:
-        """z_{t-1} for every token t, zero at each sequence start: [B, T, H, r]."""
-        prev = F.pad(k, (0, 0, 0, 0, 1, 0))[:, :-1]
-        if self.seq_starts is not None:
-            prev = prev.index_fill(1, self.seq_starts, 0.0)
-        return prev
+    def previous_keys(self, keys: Tensor) -> Tensor:
+        """z_{t-1} in the slot of every token t, zero at each sequence start: [B, H, NC, S, r] -> same."""
+        flat = keys.flatten(2, 3)
+        prev = F.pad(flat, (0, 0, 1, 0))[:, :, :-1]
+        if self.start_slots is not None:
+            prev = prev.index_fill(2, self.start_slots, 0.0)
+        return prev.view(keys.shape)
 
 
 class Statistics(NamedTuple):
@@ -94,22 +99,71 @@ class Statistics(NamedTuple):
 
 
 def chunk_statistics(k: Tensor, v: Tensor, layout: ChunkLayout, mask: Tensor | None) -> Statistics:
-    """Per-chunk statistics of the visible tokens. k: [B, T, H, r]; v: [B, T, H, P] (work dtype).
+    """Per-chunk statistics of the visible tokens [B, H, NC, ...]. k: [B, T, H, r]; v: [B, T, H, P] (work dtype).
 
     The lag pair (z_t, z_{t-1}) belongs to the chunk of t, so chunk j's M joins it to chunk j-1.
     A masked token contributes nothing (its pairs included).
     """
+    keys, values = layout.to_chunks(k), layout.to_chunks(v)
     if mask is not None:
-        weight = mask.to(k.dtype)[:, :, None, None]
-        k, v = k * weight, v * weight
-    keys = layout.to_chunks(k)
-    prev = layout.to_chunks(layout.previous_keys(k))
-    values = layout.to_chunks(v)
-    gram = torch.einsum("bcshi,bcshj->bhcij", keys, keys)
-    lag = torch.einsum("bcshi,bcshj->bhcij", keys, prev)
-    cross = torch.einsum("bcshp,bcshj->bhcpj", values, keys)
-    max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=2).transpose(1, 2)
+        weight = layout.to_chunks(mask.to(k.dtype)[:, :, None, None])  # [B, 1, NC, S, 1]
+        keys, values = keys * weight, values * weight
+    gram, lag, cross = _ChunkSums.apply(keys, layout.previous_keys(keys), values)
+    max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=-1)
     return Statistics(gram, lag, cross, max_norm)
+
+
+class _ChunkSums(torch.autograd.Function):
+    """Chunk grids Z (keys), Z₋ (previous keys), V [..., S, ·] -> G = ZᵀZ, M = ZᵀZ₋, C = VᵀZ [..., ·, r].
+
+    Backward in five batched matmuls, accumulated in place: dZ = Z(dG + dGᵀ) + Z₋dMᵀ + V dC, dZ₋ = Z dM, dV = Z dCᵀ.
+    """
+
+    @staticmethod
+    def forward(ctx, keys: Tensor, prev: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(keys, prev, values)
+        return keys.mT @ keys, keys.mT @ prev, values.mT @ keys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_gram: Tensor, d_lag: Tensor, d_cross: Tensor):
+        keys, prev, values = ctx.saved_tensors
+        d_keys = keys @ (d_gram + d_gram.mT)
+        d_keys.add_(prev @ d_lag.mT).add_(values @ d_cross)
+        return d_keys, keys @ d_lag, keys @ d_cross.mT
+
+
+class _ExclusiveScan(torch.autograd.Function):
+    """Exclusive prefix sum over dim 2 of [B, H, NC, ...], restarting at every sequence's first chunk.
+
+    A loop of in-place adds over chunks: PyTorch's CPU cumsum along an outer dim is strided and
+    accumulates in fp64, several times slower than this. Backward: the same scan, reversed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, starts: tuple[bool, ...]) -> Tensor:
+        out = torch.empty_like(x)
+        for c in range(x.shape[2]):
+            if starts[c]:
+                out[:, :, c].zero_()
+            else:
+                torch.add(out[:, :, c - 1], x[:, :, c - 1], out=out[:, :, c])
+        ctx.starts = starts
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out: Tensor):
+        starts, last = ctx.starts, d_out.shape[2] - 1
+        d_x = torch.empty_like(d_out)
+        for c in range(last, -1, -1):  # d_x[c] = Σ d_out[c'] over later chunks c' of the same sequence
+            if c == last or starts[c + 1]:
+                d_x[:, :, c].zero_()
+            elif c + 1 == last or starts[c + 2]:
+                d_x[:, :, c].copy_(d_out[:, :, c + 1])
+            else:
+                torch.add(d_x[:, :, c + 1], d_out[:, :, c + 1], out=d_x[:, :, c])
+        return d_x, None
 
 
 class InitialStatistics(NamedTuple):
@@ -124,26 +178,29 @@ class InitialStatistics(NamedTuple):
     join_lag: Tensor
 
 
-def _exclusive_prefix(stats: Statistics, layout: ChunkLayout, initial: InitialStatistics | None = None) -> Statistics:
-    """Statistics of all earlier chunks of the same sequence, per chunk: [B, H, NC, ...].
+def exclusive_prefix(stats: Statistics, layout: ChunkLayout, initial: InitialStatistics | None = None) -> Statistics:
+    """The scan over chunks: statistics of all earlier chunks of the same sequence, per chunk [B, H, NC, ...].
 
-    With `initial`, sequence n also sees `initial.totals[:, :, n]`, and its chunk 0 holds `initial.join_lag`.
+    With `initial` (statistics held elsewhere: earlier context-parallel segments), sequence n also sees
+    `initial.totals[:, :, n]` (max for `max_norm`), and its chunk 0 holds `initial.join_lag[:, :, n]`.
     """
-
-    def shift(x: Tensor) -> Tensor:  # inclusive scan -> exclusive scan, along dim 2
-        return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
-
-    pieces: list[list[Tensor]] = [[], [], [], []]
-    for n, (c0, c1) in enumerate(layout.segments):
-        sums = [x[:, :, c0:c1] for x in stats[:3]]
-        if initial is not None:
-            sums[1] = torch.cat([sums[1][:, :, :1] + initial.join_lag[:, :, n, None], sums[1][:, :, 1:]], dim=2)
-        for i, x in enumerate(sums):
-            before = shift(x.cumsum(dim=2))
-            pieces[i].append(before if initial is None else before + initial.totals[i][:, :, n, None])
-        before = shift(stats.max_norm[:, :, c0:c1].cummax(dim=2).values)
-        pieces[3].append(before if initial is None else torch.maximum(before, initial.totals.max_norm[:, :, n, None]))
-    return Statistics(*(torch.cat(p, dim=2) for p in pieces))
+    starts = [False] * layout.num_chunks
+    for c0, c1 in layout.segments:
+        if c1 > c0:
+            starts[c0] = True
+    lag = stats.lag
+    if initial is not None:
+        filled = [n for n, (c0, c1) in enumerate(layout.segments) if c1 > c0]
+        first_chunks = torch.tensor([layout.segments[n][0] for n in filled], device=lag.device)
+        lag = lag.index_add(2, first_chunks, initial.join_lag[:, :, filled])
+    max_norm = torch.cat([torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1].cummax(dim=2).values], dim=2)
+                          for x in (stats.max_norm[:, :, c0:c1] for c0, c1 in layout.segments)], dim=2)
+    visible = Statistics(*(_ExclusiveScan.apply(x, tuple(starts)) for x in (stats.gram, lag, stats.cross)), max_norm)
+    if initial is None:
+        return visible
+    before = initial.totals
+    return Statistics(*(x + before[i].index_select(2, layout.chunk_segment) for i, x in enumerate(visible[:3])),
+                      torch.maximum(visible.max_norm, before.max_norm.index_select(2, layout.chunk_segment)))
 
 
 def _per_sequence(x: Tensor, layout: ChunkLayout, reduce: str) -> Tensor:
@@ -164,32 +221,48 @@ def _sequence_totals(stats: Statistics, layout: ChunkLayout) -> Statistics:
 
 def _sequence_max_norm(k: Tensor, layout: ChunkLayout) -> Tensor:
     """max ‖z_t‖ over every token (masked or not) of each sequence: [B, H, N]."""
-    per_chunk = torch.linalg.vector_norm(layout.to_chunks(k), dim=-1).amax(dim=2).transpose(1, 2)
+    per_chunk = torch.linalg.vector_norm(layout.to_chunks(k), dim=-1).amax(dim=-1)
     return _per_sequence(per_chunk, layout, "amax")
 
 
-def cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Tensor:
+def _may_be_true(flags: Tensor) -> bool:
+    """`flags.any()` on the host where that is free (CPU); True on accelerators, to avoid a device sync."""
+    return flags.device.type != "cpu" or bool(flags.any())
+
+
+class Cholesky(NamedTuple):
+    """cholesky(G̃ + s·I) with the jitter s = coef·m² + [last_resort]·1e-4·max_i G̃_ii actually added."""
+
+    factor: Tensor  # L [..., r, r]; NaN where no jitter helped (non-finite statistics)
+    coef: Tensor  # [...]
+    last_resort: Tensor  # [...] bool
+
+
+def cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Cholesky:
     """Batched cholesky(G̃); a matrix where it fails is retried alone with G̃ + 1e-4·s·I (×10 per round),
-    and as a last resort with a further 1e-4·max_i G̃_ii (rounding in G at a scale far above m²)."""
+    and as a last resort with a further 1e-4·max_i G̃_ii (rounding in G at a scale far above m²).
+
+    A matrix that fails every round (NaN/Inf statistics) gets a NaN factor: non-finite inputs give NaN
+    outputs, without a host sync on accelerators.
+    """
     chol, info = torch.linalg.cholesky_ex(g_ridge)
     eye = torch.eye(g_ridge.shape[-1], dtype=g_ridge.dtype, device=g_ridge.device)
-    added = torch.zeros_like(scale)
-    jitter = JITTER
-    for _ in range(MAX_JITTER_ROUNDS):
-        failed = info > 0
-        if not bool(failed.any()):
-            return chol
-        added = torch.where(failed, jitter * scale, added)
-        chol, info = torch.linalg.cholesky_ex(g_ridge + added[..., None, None] * eye)
-        jitter *= 10.0
+    coef = torch.zeros_like(scale)
+    last_resort = torch.zeros_like(scale, dtype=torch.bool)
     failed = info > 0
-    if bool(failed.any()):
-        largest = g_ridge.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
-        added = torch.where(failed, added + JITTER * largest, added)
-        chol, info = torch.linalg.cholesky_ex(g_ridge + added[..., None, None] * eye)
-    if bool((info > 0).any()):
-        raise torch.linalg.LinAlgError("SKA: G̃ is not positive definite even with jitter")
-    return chol
+    for round_ in range(MAX_JITTER_ROUNDS + 1):
+        if not _may_be_true(failed):
+            return Cholesky(chol, coef, last_resort)
+        if round_ < MAX_JITTER_ROUNDS:
+            coef = torch.where(failed, JITTER * 10.0**round_, coef)
+            jitter = coef * scale
+        else:
+            last_resort = failed
+            jitter = coef * scale + torch.where(failed, JITTER * g_ridge.diagonal(dim1=-2, dim2=-1).amax(dim=-1), 0.0)
+        retry, info = torch.linalg.cholesky_ex(g_ridge + jitter[..., None, None] * eye)
+        chol = torch.where(failed[..., None, None], retry, chol)
+        failed = failed & (info > 0)
+    return Cholesky(torch.where(failed[..., None, None], torch.nan, chol), coef, last_resort)
 
 
 @torch.no_grad()
@@ -208,39 +281,97 @@ def spectral_norm_estimate(whitened: Tensor, power_iters: int) -> Tensor:
     return torch.linalg.vector_norm((whitened @ vec[..., None])[..., 0], dim=-1)
 
 
-def readout_matrices(
-    stats: Statistics, gamma: Tensor, *, power: int, eps: float, norm: str, power_iters: int
-) -> Tensor:
-    """R = a^K · C L⁻ᵀ W^K L⁻¹ with W = L⁻¹ M L⁻ᵀ, LLᵀ = sym(G) + λI (SPEC §2).
+class _ReadoutMatrices(torch.autograd.Function):
+    """(G, M, C, m, γ̂, η) [..., ·] -> η·R [..., P, r] with a hand-written backward over the r×r algebra.
 
-    stats: leading dims [...]; gamma broadcastable to [...]. Returns R [..., P, r].
+    With Λ = L⁻¹, W = L⁻¹ M L⁻ᵀ (two triangular solves: accurate for ill-conditioned G̃), X_0 = C Λᵀ,
+    X_i = X_{i-1} W: R = a^K X_K Λ. The backward runs the chain in reverse with batched matmuls, then the
+    Cholesky adjoint dG̃ = Λᵀ Φ(-tril(E)) Λ with E = dΛ Λᵀ assembled from the well-scaled W and X_0
+    (Φ: lower triangle, halved diagonal, symmetrised), and routes tr(dG̃) to m through the ridge and jitter.
+    a = γ̂ / max(1, σ), σ by power iteration without gradient (SPEC §2 step 4).
     """
-    gram = stats.gram
-    r = gram.shape[-1]
-    ridge, scale = ridge_and_jitter_scale(stats.max_norm, norm, eps)
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    g_ridge = 0.5 * (gram + gram.mT) + ridge[..., None, None] * eye
-    chol = cholesky_with_jitter(g_ridge, scale)
-    half = torch.linalg.solve_triangular(chol, stats.lag, upper=False)  # L⁻¹ M
-    whitened = torch.linalg.solve_triangular(chol, half.mT, upper=False).mT  # L⁻¹ M L⁻ᵀ
-    sigma = spectral_norm_estimate(whitened, power_iters)
-    a = gamma / sigma.clamp_min(1.0)
-    readout = torch.linalg.solve_triangular(chol.mT, stats.cross, upper=True, left=False)  # C L⁻ᵀ
-    for _ in range(power):
-        readout = readout @ whitened
-    readout = torch.linalg.solve_triangular(chol, readout, upper=False, left=False)  # · L⁻¹
-    return readout * (a**power)[..., None, None]
+
+    @staticmethod
+    def forward(ctx, gram: Tensor, lag: Tensor, cross: Tensor, max_norm: Tensor, gamma: Tensor, eta: Tensor,
+                power: int, eps: float, norm: str, power_iters: int) -> Tensor:
+        scale = max_norm.clamp_min(NORM_FLOOR) ** 2
+        ridge = torch.full_like(scale, eps) if norm == "none" else eps * scale
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        g_ridge = 0.5 * (gram + gram.mT) + ridge[..., None, None] * eye
+        chol = cholesky_with_jitter(g_ridge, scale)
+        inv = torch.linalg.solve_triangular(chol.factor, eye.expand_as(g_ridge), upper=False)  # Λ = L⁻¹
+        whitened = torch.linalg.solve_triangular(chol.factor, lag, upper=False)  # L⁻¹ M
+        whitened = torch.linalg.solve_triangular(chol.factor, whitened.mT, upper=False).mT  # L⁻¹ M L⁻ᵀ
+        damping = spectral_norm_estimate(whitened, power_iters).clamp_min(1.0)  # max(1, σ)
+        a = gamma / damping
+        chain = [cross @ inv.mT]
+        for _ in range(power):
+            chain.append(chain[-1] @ whitened)
+        unscaled = chain[-1] @ inv
+        ctx.save_for_backward(lag, cross, max_norm, a, damping, eta, g_ridge.diagonal(dim1=-2, dim2=-1), inv,
+                              whitened, chol.coef, chol.last_resort, unscaled, *chain)
+        ctx.options = (power, eps, norm)
+        return unscaled * (eta * a**power)[..., None, None]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_readout: Tensor):
+        lag, cross, max_norm, a, damping, eta, diagonal, inv, whitened, coef, last_resort, unscaled, *chain = \
+            ctx.saved_tensors
+        power, eps, norm = ctx.options
+        d_factor = (d_readout * unscaled).sum(dim=(-2, -1))  # d (η a^K)
+        d_x = (eta * a**power)[..., None, None] * (d_readout @ inv.mT)  # d X_K
+        # E = dΛ Λᵀ from well-scaled factors (Λ M Λᵀ = W, C Λᵀ = X_0): explicit products with Λ would
+        # amplify rounding by cond(L) in the ill-conditioned first chunks
+        adjoint = chain[-1].mT @ d_x
+        d_whitened = torch.zeros_like(whitened)
+        for x in reversed(chain[:-1]):
+            d_whitened += x.mT @ d_x
+            d_x = d_x @ whitened.mT
+        d_cross = d_x @ inv
+        adjoint += d_x.mT @ chain[0]
+        if power:
+            adjoint += d_whitened @ whitened.mT + d_whitened.mT @ whitened
+        d_lag = inv.mT @ d_whitened @ inv
+        lower = -adjoint.tril()
+        d_g = inv.mT @ (0.5 * (lower + lower.tril(-1).mT)) @ inv  # d G̃ (symmetric)
+        d_shift = d_g.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+        # last resort: + 1e-4·max_i G̃_ii, the gradient split over tied diagonal entries (as torch.amax)
+        d_largest = torch.where(last_resort, JITTER * d_shift, 0.0)
+        hits = (diagonal == diagonal.amax(dim=-1, keepdim=True)).to(d_g.dtype)
+        d_g.diagonal(dim1=-2, dim2=-1).add_(hits * (d_largest / hits.sum(dim=-1))[..., None])
+        d_ridge = d_shift + d_largest
+        d_scale = coef * d_shift + (0.0 if norm == "none" else eps * d_ridge)
+        d_max_norm = torch.where(max_norm >= NORM_FLOOR, 2.0 * max_norm * d_scale, 0.0)
+        d_gamma = d_factor * eta * power * a ** (power - 1) / damping if power else torch.zeros_like(a)
+        return d_g, d_lag, d_cross, d_max_norm, d_gamma, d_factor * a**power, None, None, None, None
+
+
+def readout_matrices(stats: Statistics, gamma: Tensor, eta: Tensor | None = None, *, power: int, eps: float,
+                     norm: str, power_iters: int) -> Tensor:
+    """η·R with R = a^K · C L⁻ᵀ W^K L⁻¹, W = L⁻¹ M L⁻ᵀ, LLᵀ = sym(G) + λI, a = γ̂ / max(1, σ) (SPEC §2).
+
+    stats: leading dims [...]; gamma, eta (default 1) broadcastable to [...]. Returns [..., P, r].
+    """
+    lead = stats.gram.shape[:-2]
+    eta = torch.ones((), dtype=stats.gram.dtype, device=stats.gram.device) if eta is None else eta
+    return _ReadoutMatrices.apply(stats.gram, stats.lag, stats.cross, stats.max_norm.expand(lead),
+                                  gamma.expand(lead), eta.expand(lead), power, eps, norm, power_iters)
 
 
 def forward_with_statistics(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, power: int,
     eps: float, norm: str, mode: str, mask: Tensor | None, cu_seqlens: Tensor | None, power_iters: int,
 ) -> tuple[Tensor, Statistics]:
-    """SKA forward in the work dtype; also returns the per-chunk statistics (for prefill)."""
+    """SKA forward in the work dtype; also returns the per-chunk statistics (for prefill).
+
+    Stages: `chunk_statistics` (per chunk) → `exclusive_prefix` (chunk_causal) or per-sequence totals
+    (prefix) → `readout_matrices` → Y_c = η R_c Q_c.
+    """
     layout = ChunkLayout.build(q.shape[1], chunk_size, cu_seqlens, q.device)
     per_chunk = chunk_statistics(k, v, layout, mask)
     if mode == "chunk_causal":
-        visible = _exclusive_prefix(per_chunk, layout)
+        visible = exclusive_prefix(per_chunk, layout)
         chunk_group = None
     else:
         visible = _sequence_totals(per_chunk, layout)
@@ -251,11 +382,11 @@ def forward_with_statistics(
             seq_max = seq_max.index_select(2, layout.chunk_segment)
         visible = visible._replace(max_norm=seq_max)
     heads = q.shape[2]
-    readout = readout_matrices(visible, gamma.view(1, heads, 1), power=power, eps=eps, norm=norm,
-                               power_iters=power_iters)
+    readout = readout_matrices(visible, gamma.view(1, heads, 1), eta.view(1, heads, 1), power=power, eps=eps,
+                               norm=norm, power_iters=power_iters)
     if chunk_group is not None:
         readout = readout.index_select(2, chunk_group)
-    y = torch.einsum("bhcpr,bcshr->bcshp", readout, layout.to_chunks(q)) * eta[:, None]
+    y = layout.to_chunks(q) @ readout.mT  # [B, H, NC, S, P]
     return layout.from_chunks(y), per_chunk
 
 

@@ -33,8 +33,8 @@ from .chunked import (
     ChunkLayout,
     InitialStatistics,
     Statistics,
-    _exclusive_prefix,
     _sequence_totals,
+    exclusive_prefix,
     chunk_statistics,
     readout_matrices,
     work_dtype,
@@ -184,10 +184,10 @@ def _torch_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bou
     totals = _sequence_totals(per_chunk, layout)
     initial = _exchange(_segment_payload(_flat_rows(totals), totals.max_norm, k, bounds), cp_group, k.shape[-1],
                         v.shape[-1])
-    visible = _exclusive_prefix(per_chunk, layout, initial)
-    readout = readout_matrices(visible, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm, power_iters=power_iters)
-    y = torch.einsum("bhcpr,bcshr->bcshp", readout, layout.to_chunks(q)) * eta[:, None]
-    return layout.from_chunks(y)
+    visible = exclusive_prefix(per_chunk, layout, initial)
+    readout = readout_matrices(visible, gamma.view(1, -1, 1), eta.view(1, -1, 1), power=power, eps=eps, norm=norm,
+                               power_iters=power_iters)
+    return layout.from_chunks(layout.to_chunks(q) @ readout.mT)
 
 
 def _triton_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bounds: Tensor,

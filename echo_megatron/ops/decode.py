@@ -57,8 +57,8 @@ def _outer(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _readout(stats: Statistics, gamma: Tensor, options: dict) -> Tensor:
-    return readout_matrices(stats, gamma.view(1, -1), power=options["power"], eps=options["eps"],
-                            norm=options["norm"], power_iters=options["power_iters"])
+    return readout_matrices(stats, gamma.view(1, -1), power=options["power"], eps=options["eps"], norm=options["norm"],
+                            power_iters=options["power_iters"])
 
 
 def prefill(

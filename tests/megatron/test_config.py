@@ -41,6 +41,8 @@ def test_sequence_max_needs_the_explicit_opt_in():
         (dict(ska_eps=0.0), "ska_eps must be > 0"),
         (dict(ska_eps=float("nan")), "ska_eps must be a finite number"),
         (dict(ska_eta_init=float("inf")), "ska_eta_init must be a finite number"),
+        (dict(ska_eta_init=0.0), "ska_eta_init must be > 0"),
+        (dict(ska_eps=float("inf")), "ska_eps must be a finite number"),
         (dict(ska_norm="max"), "ska_norm must be one of"),
         (dict(ska_backend="cuda"), "ska_backend must be one of"),
         (dict(ska_zero_init_output=1), "ska_zero_init_output must be a bool"),

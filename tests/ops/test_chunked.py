@@ -154,14 +154,14 @@ def test_sequence_max_leaks_the_future():
 
 def test_whitened_operator_spectral_norm_is_at_most_one():
     """SPEC §2 step 4: every lag pair lies inside G's token set, so σ_max(W) ≤ 1 (Cauchy–Schwarz)."""
-    from echo_megatron.ops.chunked import ChunkLayout, _exclusive_prefix, chunk_statistics
+    from echo_megatron.ops.chunked import ChunkLayout, chunk_statistics, exclusive_prefix
 
     gen = torch.Generator().manual_seed(10)
     k = torch.randn(3, 128, 2, 6, generator=gen, dtype=torch.float64)
     k[1] = k[1, :1].expand_as(k[1]) + 1e-3 * k[1]  # nearly repeated keys: the worst case for the bound
     k[2] = torch.cumsum(k[2], dim=0)  # slowly drifting keys: σ close to 1
     layout = ChunkLayout.build(128, 8, None, k.device)
-    stats = _exclusive_prefix(chunk_statistics(k, torch.zeros(3, 128, 2, 1, dtype=k.dtype), layout, None), layout)
+    stats = exclusive_prefix(chunk_statistics(k, torch.zeros(3, 128, 2, 1, dtype=k.dtype), layout, None), layout)
     gram = stats.gram[:, :, 1:] + 1e-3 * stats.max_norm[:, :, 1:, None, None] ** 2 * torch.eye(6, dtype=k.dtype)
     chol = torch.linalg.cholesky(gram)
     whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, stats.lag[:, :, 1:],

@@ -34,7 +34,7 @@ MAX_DENSE_VALUE = 128  # P handled by the dense kernels
 COLUMN_BLOCK = 32  # output columns per program in the token-level backward kernels
 TOKENS_PER_STEP = {"stats_fwd": 32, "stats_bwd": 32, "readout_fwd": 32, "readout_bwd": 32}
 WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense_fwd": 8, "dense_bwd": 8, "readout_fwd": 4, "readout_bwd": 8}
-NORM_KEYS = {"none": 0, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
+NORM_KEYS = {"none": 1, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
 
 _warned_dense_fallback = False
 
@@ -42,6 +42,12 @@ _warned_dense_fallback = False
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Allocation of every kernel output (tests swap in a NaN-filled one to catch unwritten entries)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def host_constants(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of Python values on `device` without a stream sync (`torch.tensor(..., device=cuda)`
+    copies with non_blocking=False, which synchronises; pageable memory is staged before this returns)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _block(n: int) -> int:
@@ -90,10 +96,10 @@ class ChunkTable:
     def build(seq_len: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device) -> "ChunkTable":
         layout = ChunkLayout.build(seq_len, chunk_size, cu_seqlens, device)
         if cu_seqlens is None:
-            bounds = torch.tensor([0, seq_len], device=device)
+            bounds = host_constants([0, seq_len], torch.long, device)
         else:
             bounds = cu_seqlens.to(device=device, dtype=torch.long)
-        offsets = torch.tensor([c0 for c0, _ in layout.segments] + [layout.num_chunks], device=device)
+        offsets = host_constants([c0 for c0, _ in layout.segments] + [layout.num_chunks], torch.long, device)
         segment = layout.chunk_segment
         chunk_ids = torch.arange(layout.num_chunks, device=device)
         start = bounds[segment] + (chunk_ids - offsets[segment]) * chunk_size
@@ -236,7 +242,7 @@ class ReadoutMatrices(torch.autograd.Function):
         stats, max_norm = stats.contiguous(), max_norm.contiguous()
         batch, heads, slots, _ = stats.shape
         device, work = stats.device, stats.dtype
-        params = torch.tensor([eps, JITTER, NORM_FLOOR, rank ** -0.5], dtype=work, device=device)
+        params = host_constants([eps, JITTER, NORM_FLOOR, rank ** -0.5], work, device)
         readout = empty((batch, heads, slots, value_dim, rank), work, device)
         chol_inv = empty((batch, heads, slots, rank, rank), work, device)
         aux = empty((batch, heads, slots, 2), work, device)
@@ -263,10 +269,8 @@ class ReadoutMatrices(torch.autograd.Function):
         launch(kernels_for(device).readout_matrix_bwd_kernel, (slots, batch * heads),
                stats, max_norm, gamma, params, chol_inv, aux, d_readout.contiguous(), d_stats, d_max_norm, d_gamma,
                heads, slots, rank, value_dim,
-               POWER=power, NORM_SCALED=norm != "none", BR=block_r, BP=block_p, ACC=_tl_dtype(work),
+               POWER=power, BR=block_r, BP=block_p, ACC=_tl_dtype(work),
                DOT_PRECISION=_dot_precision(work), num_warps=_num_warps("dense_bwd", block_r, block_p))
-        if norm == "none":
-            d_max_norm.zero_()
         return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), None, None, None, None, None, None
 
 
@@ -360,7 +364,7 @@ def ska_triton(
         y = ska_triton(q.float(), k.float(), v.float(), eta, gamma, chunk_size=chunk_size, power=power, eps=eps,
                        norm=norm, mode=mode, mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters)
         return y.to(torch.bfloat16)
-    batch, seq_len, heads, rank = q.shape
+    seq_len, rank = q.shape[1], q.shape[3]
     value_dim = v.shape[-1]
     work = work_dtype(q.dtype)
     table = ChunkTable.build(seq_len, chunk_size, cu_seqlens, q.device)
@@ -368,14 +372,12 @@ def ska_triton(
     weights = None if mask is None else mask.to(device=q.device, dtype=work).contiguous()
     stats, chunk_max = ChunkStatistics.apply(k, v, weights, table, NORM_KEYS[norm])
     visible = SegmentScan.apply(stats, table, total)
-    if norm == "causal_max":
-        max_norm = SegmentMax.apply(chunk_max, table, total)
-    elif norm == "sequence_max":
+    if norm == "sequence_max":
         max_norm = SegmentMax.apply(chunk_max, table, True)
         if not total:
             max_norm = max_norm.index_select(2, table.segment)
-    else:
-        max_norm = chunk_max.new_zeros(batch, heads, table.num_slots(total))
+    else:  # the visible keys' max norm: the ridge's scale with causal_max, the jitter's in every norm
+        max_norm = SegmentMax.apply(chunk_max, table, total)
     readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
                                        power=power, eps=eps, norm=norm, power_iters=power_iters)
     return Readout.apply(q, readout, eta.to(work), table, total)

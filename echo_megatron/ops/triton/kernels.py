@@ -374,14 +374,10 @@ def _cholesky_inverse(a, r, BR: tl.constexpr):
 
 
 @triton.jit
-def _norm_scale(MSLOT, idx, PARAMS, NORM_SCALED: tl.constexpr, ACC: tl.constexpr):
-    """Ridge scale s = m², m = max(floor, max ‖z‖), with a max-norm; s = 1 for norm="none"."""
-    if NORM_SCALED:
-        m = tl.maximum(tl.load(MSLOT + idx).to(ACC), tl.load(PARAMS + 2))
-        s = m * m
-    else:
-        s = tl.full([], 1.0, dtype=ACC)
-    return s
+def _norm_scale(MSLOT, idx, PARAMS, ACC: tl.constexpr):
+    """Jitter scale s = m², m = max(floor, max ‖z‖) over the visible keys (every norm; also the ridge's with a max-norm)."""
+    m = tl.maximum(tl.load(MSLOT + idx).to(ACC), tl.load(PARAMS + 2))
+    return m * m
 
 
 @triton.jit
@@ -390,13 +386,14 @@ def readout_matrix_fwd_kernel(
     POWER: tl.constexpr, POWER_ITERS: tl.constexpr, NORM_SCALED: tl.constexpr, JITTER_ROUNDS: tl.constexpr,
     BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """R = C L⁻ᵀ (a W)^K L⁻¹ of one slot (SPEC §2), W = L⁻¹ M L⁻ᵀ, L Lᵀ = G̃ = sym(G) + eps·s·I.
+    """R = C L⁻ᵀ (a W)^K L⁻¹ of one slot (SPEC §2), W = L⁻¹ M L⁻ᵀ, L Lᵀ = G̃ = sym(G) + λI with λ = eps·s
+    (NORM_SCALED) or eps (norm="none"), s = m².
 
-    A failed factorisation is retried with G̃ + jitter·s·I, the jitter starting at PARAMS[1] and ×10 per
-    round (as the torch path). Where all JITTER_ROUNDS retries fail — the torch path raises; only rounding
-    in hopeless conditioning (norm="none" with huge keys) or non-finite input gets there — a last retry
-    adds PARAMS[1]·max_i G̃_ii (a constant: no gradient), so that finite input gives finite R; R is NaN
-    only if that fails too. σ from POWER_ITERS power-iteration steps (no gradient), a = γ̂ / max(1, σ);
+    A failed factorisation is retried with G̃ + jitter·s·I in every norm, the jitter starting at PARAMS[1]
+    and ×10 per round (as the torch path). Where all JITTER_ROUNDS retries fail — only rounding in hopeless
+    conditioning (norm="none" with huge keys) or non-finite input gets there — a last retry adds
+    PARAMS[1]·max_i G̃_ii (a constant here: no gradient), so that finite input gives finite R; R is NaN
+    (as in the torch path) only if that fails too. σ from POWER_ITERS power-iteration steps (no gradient), a = γ̂ / max(1, σ);
     the filter is applied as (aW)^K, which cannot overflow where W^K would. Saves LINV = L⁻¹ and
     AUX = (max(1, σ), ridge coefficient of s) for the backward. Grid (NSLOT, B·H).
     """
@@ -408,13 +405,19 @@ def readout_matrix_fwd_kernel(
     gram = _load_matrix(row, R, R, BR, BR)
     lag = _load_matrix(row + R * R, R, R, BR, BR)
     cross = _load_matrix(row + 2 * R * R, P, R, BP, BR)
-    s = _norm_scale(MSLOT, idx, PARAMS, NORM_SCALED, ACC)
-    coef = tl.load(PARAMS)
+    s = _norm_scale(MSLOT, idx, PARAMS, ACC)
+    eps = tl.load(PARAMS).to(ACC)
+    if NORM_SCALED:  # coef: the coefficient of s in the diagonal shift (saved for the max-norm gradient)
+        coef = eps
+        ridge = eps * s
+    else:
+        coef = tl.zeros([], dtype=ACC)
+        ridge = eps
     rows = tl.arange(0, BR)
     inside = rows < R
     on_diag = (rows[:, None] == rows[None, :]) & inside[:, None]
     pad_eye = tl.where((rows[:, None] == rows[None, :]) & (rows[:, None] >= R), 1.0, 0.0)
-    g_ridge = 0.5 * (gram + tl.trans(gram)) + tl.where(on_diag, coef * s, 0.0) + pad_eye
+    g_ridge = 0.5 * (gram + tl.trans(gram)) + tl.where(on_diag, ridge, 0.0) + pad_eye
     chol_inv, bad = _cholesky_inverse(g_ridge, R, BR)
     jitter = tl.load(PARAMS + 1)
     added = tl.zeros([], dtype=ACC)
@@ -455,7 +458,7 @@ def readout_matrix_fwd_kernel(
 @triton.jit
 def readout_matrix_bwd_kernel(
     STATS, MSLOT, GAMMA, PARAMS, LINV, AUX, DRMAT, DSTATS, DMSLOT, DGAMMA, H, NSLOT, R, P,
-    POWER: tl.constexpr, NORM_SCALED: tl.constexpr,
+    POWER: tl.constexpr,
     BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Gradients of one slot's R = T_K X in the whitened form of the forward: X = L⁻¹, A = a W with
@@ -521,11 +524,10 @@ def readout_matrix_bwd_kernel(
     d_ridge = 0.5 * (d_ridge + tl.trans(d_ridge))
     _store_matrix(out, d_ridge, R, R, BR, BR)
     tl.store(DGAMMA + idx, d_gamma)
-    if NORM_SCALED:
-        trace = _total(tl.where(rows[:, None] == rows[None, :], d_ridge, 0.0))
-        m_raw = tl.load(MSLOT + idx).to(ACC)
-        coef = tl.load(AUX + idx * 2 + 1)
-        tl.store(DMSLOT + idx, tl.where(m_raw >= tl.load(PARAMS + 2), trace * coef * 2.0 * m_raw, 0.0))
+    trace = _total(tl.where(rows[:, None] == rows[None, :], d_ridge, 0.0))
+    m_raw = tl.load(MSLOT + idx).to(ACC)
+    coef = tl.load(AUX + idx * 2 + 1)
+    tl.store(DMSLOT + idx, tl.where(m_raw >= tl.load(PARAMS + 2), trace * coef * 2.0 * m_raw, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
