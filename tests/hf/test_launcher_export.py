@@ -1,0 +1,26 @@
+"""A checkpoint written by the launcher itself (`torchrun -m echo_megatron.pretrain --cpu`, TP = 2 + SP)
+-> `echo-megatron export-hf` -> the same logits as `load_megatron_checkpoint` (issue 9's end-to-end path)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from echo_megatron.cli import main
+from echo_megatron.hf import load_megatron_checkpoint
+from tests.hf.common import relative_error
+from tests.megatron.common import full_logits
+from tests.pretrain.launch import TINY, launch
+
+pytestmark = pytest.mark.multiproc
+
+
+def test_launcher_checkpoint_exports_with_logit_parity(tmp_path, model_parallel_tp1):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    launch([*TINY, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--train-iters", "4",
+            "--save", str(ckpt), "--save-interval", "4"])
+    assert main(["export-hf", str(ckpt), str(out)]) == 0
+    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(0))  # 2.5 SKA chunks of 64
+    with torch.no_grad():
+        megatron = full_logits(load_megatron_checkpoint(ckpt).eval(), ids)
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert relative_error(megatron[..., :hf.shape[-1]], hf) <= 1e-4
