@@ -74,30 +74,27 @@ def ska_operator_flops(
     *, seq_length: int, batch_size: int, num_heads: int, rank: int, value_dim: int,
     chunk_size: int, power: int, power_iters: int,
 ) -> FlopCount:
-    """The SKA operator of SPEC §2–3 (chunk_causal), without projections, for `batch_size` sequences.
+    """The SKA operator of SPEC §2–3 (chunk_causal), without projections, for `batch_size` sequences, as the
+    torch path (`echo_megatron.ops.chunked`) computes it.
 
     Per head, with n = ceil(T/S) chunks (forward; backward):
-      products    statistics G, M: 2·T·r² each, C: 2·T·P·r; K powers 2·K·P·r² per chunk;
-                  readout Y = η R_c Q_c: 2·T·P·r                       (backward 2×)
+      statistics  G, M: 2·T·r² each, C: 2·T·P·r      (backward 6·T·r² + 4·T·P·r: five products, G's once)
+      readout     Y = R_c Q_c: 2·T·P·r                                 (backward 2×)
       prefix sums over chunks: n·(2r² + P·r) additions                 (backward: a reverse sum, 1×)
-      triangular solves per chunk: W = L⁻¹ M L⁻ᵀ 2·r³, R's C·L⁻ᵀ and ·L⁻¹ 2·P·r²
-                  (backward 3×: a solve for the right-hand side, a 2·n²·m product for L)
-      Cholesky per chunk: r³/3        (backward 4·r³: torch's cholesky_backward, a product and two solves)
-      power iteration per chunk: (4·n_pi + 2)·r², no gradient
-    With K = 0 the readout C G̃⁻¹ uses neither M nor W: both are still computed, neither has a backward.
+      per chunk   Cholesky r³/3; Λ = L⁻¹ r³ and W = L⁻¹ M L⁻ᵀ 2·r³ (triangular solves);
+                  R = a^K (C Λᵀ) W^K Λ: 2·(K + 2)·P·r²; power iteration (4·n_pi + 2)·r², no gradient
+                  (backward, hand-written: (8 + 4K)·P·r² for the chain, 8·r³ for the Cholesky adjoint and
+                  dM, 4·r³ more for dW when K > 0)
     """
     t, r, p = seq_length, rank, value_dim
     chunks = math.ceil(t / chunk_size)
-    lag = FlopCount(2 * t * r * r, 2 * 2 * t * r * r * (power > 0))
-    products = 2 * t * r * r + 2 * t * p * r + chunks * 2 * power * p * r * r + 2 * t * p * r
-    prefix = FlopCount(chunks * (2 * r * r + p * r), chunks * ((1 + (power > 0)) * r * r + p * r))
-    whitening, readout_solves = chunks * 2 * r**3, chunks * 2 * p * r * r
-    solves = FlopCount(whitening + readout_solves, 3 * (whitening * (power > 0) + readout_solves))
-    cholesky = FlopCount(chunks * r**3 / 3, chunks * 4 * r**3)
-    power_iteration = chunks * (4 * power_iters + 2) * r * r
-    per_sequence = (_trained(products) + lag + prefix + solves + cholesky
-                    + FlopCount(power_iteration, 0))
-    return per_sequence * (batch_size * num_heads)
+    tokens = FlopCount(4 * t * r * r + 4 * t * p * r, 6 * t * r * r + 8 * t * p * r)
+    prefix = FlopCount(chunks * (2 * r * r + p * r), chunks * (2 * r * r + p * r))
+    factorisation = FlopCount(chunks * (r**3 / 3 + 3 * r**3), 0)
+    chain = FlopCount(chunks * 2 * (power + 2) * p * r * r,
+                      chunks * ((8 + 4 * power) * p * r * r + (8 + 4 * (power > 0)) * r**3))
+    power_iteration = FlopCount(chunks * (4 * power_iters + 2) * r * r, 0)
+    return (tokens + prefix + factorisation + chain + power_iteration) * (batch_size * num_heads)
 
 
 def ska_layer_flops(config: TransformerConfig, seq_length: int, batch_size: int = 1) -> FlopCount:
