@@ -101,3 +101,17 @@ def test_bad_arguments(tmp_path, tokenizer_dir):
         preprocess(corpus, tmp_path / "no-tokenizer", str(tmp_path / "x"))
     with pytest.raises(PreprocessError, match="--workers"):
         preprocess(corpus, tokenizer_dir, str(tmp_path / "x"), workers=0)
+
+
+@pytest.mark.multiproc
+def test_launcher_trains_on_the_preprocessed_corpus(tmp_path, tokenizer_dir):
+    """The real data path: corpus -> `echo-megatron preprocess` (BPE trained offline) -> the launcher on the
+    indexed dataset with Megatron's HuggingFaceTokenizer; the loss falls on this repetitive corpus."""
+    from tests.pretrain.launch import TINY, launch, losses
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS)
+    result = preprocess(corpus, tokenizer_dir, str(tmp_path / "data" / "corpus"), append_eod=True, progress=False)
+    flags = [flag for flag in TINY if flag != "--mock-data"]
+    trace = losses(launch([*flags, "--train-iters", "6", "--data-path", result.prefix, "--split", "100,0,0",
+                           "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir)]).stdout)
+    assert sorted(trace) == list(range(1, 7)) and trace[6] < trace[1] - 1.0, trace
