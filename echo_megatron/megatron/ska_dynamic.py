@@ -98,6 +98,9 @@ class SKADynamicInferenceContext(DynamicInferenceContext):
         if inference_config.num_speculative_tokens:
             raise ValueError("SKADynamicInferenceContext does not support speculative decoding "
                              f"(num_speculative_tokens={inference_config.num_speculative_tokens})")
+        if inference_config.num_cuda_graphs:
+            raise ValueError("SKADynamicInferenceContext does not support CUDA graphs (num_cuda_graphs="
+                             f"{inference_config.num_cuda_graphs}): the SKA step groups requests on the host")
         layer_types = inference_config.mamba_inference_state_config.layer_type_list
         if sum(symbol == "*" for symbol in layer_types) != len(ska_layers):
             raise ValueError(f"every '*' layer must be SKA: pattern has {layer_types.count('*')} '*' layers, "

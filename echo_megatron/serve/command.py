@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .generate import GenerateError, generate, memory_line, read_prompts
 
+    # torch's checkpoint reader warns that one process loads the whole checkpoint: that is the intent here.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
     streaming = args.prompt is not None
 
     def stream(request: int, text: str) -> None:

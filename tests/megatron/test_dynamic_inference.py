@@ -9,6 +9,7 @@ from megatron.core.inference.sampling_params import SamplingParams
 from megatron.core.tokenizers import MegatronTokenizer
 
 from echo_megatron.megatron.generation import build_engine, memory_per_request, ska_state_floats
+from echo_megatron.megatron.inference import greedy_generate
 from echo_megatron.megatron.ska_dynamic import SKADynamicInferenceContext
 
 from .common import VOCAB, full_logits, tiny_model
@@ -113,3 +114,11 @@ def test_state_per_request_is_constant_in_context_length(model):
     softmax_short, softmax_long = (
         allocated_per_request(_engine(softmax, max_requests=2, max_sequence_length=n)) for n in (64, 4096))
     assert softmax_long - softmax_short >= 60 * expected.softmax_kv // 64
+
+
+def test_long_context_request_equals_static_decoding(model):
+    """A 4090-token prompt + 6 tokens through the dynamic engine (constant state) == the static path."""
+    prompt = torch.randint(0, VOCAB, (1, 4090), generator=torch.Generator().manual_seed(0))
+    engine = _engine(model, max_requests=1, max_sequence_length=4096)
+    generated = _generated(engine.generate([prompt[0].tolist()], _greedy(6)))[0]
+    assert generated == greedy_generate(model, prompt, 6)[0, 4090:].tolist()
