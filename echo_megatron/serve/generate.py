@@ -18,6 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
+import torch
+
 from echo_megatron.megatron.generation import RequestMemory, build_engine, memory_per_request
 
 
@@ -165,6 +167,8 @@ def generate(
             model = load_megatron_checkpoint(ckpt_dir)
         except ConversionError as error:
             raise GenerateError(f"--load: {error}") from error
+        if torch.cuda.is_available():
+            model.cuda()
         engine = build_engine(model, tokenizer, max_requests=min(batch_size, len(prompts)), max_sequence_length=limit)
         start = time.perf_counter()
         for request_id, completion in enumerate(completions):

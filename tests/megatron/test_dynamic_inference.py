@@ -70,6 +70,13 @@ def test_batch_of_different_lengths_equals_each_alone_and_full_recomputation(mod
     assert alone == [_recomputed_greedy(model, prompt) for prompt in PROMPTS]
 
 
+def test_waiting_requests_reuse_freed_slots(model, alone):
+    """One slot, three requests: each waits for the previous to finish and starts from a zeroed state."""
+    engine = _engine(model, max_requests=1)
+    assert engine.context.max_requests == 1
+    assert _generated(engine.generate(PROMPTS, _greedy())) == alone
+
+
 def test_request_joining_mid_flight_gets_the_same_tokens(model, alone):
     """A request added while another decodes: the next steps mix its prefill with the other's decode."""
     engine = _engine(model)
