@@ -13,6 +13,7 @@ from echo_megatron.megatron.inference import greedy_generate
 from echo_megatron.megatron.ska_dynamic import SKADynamicInferenceContext
 
 from .common import VOCAB, full_logits, tiny_model
+from .test_cpu_mode import run_python
 
 NEW_TOKENS = 12
 PROMPTS = [list(range(1, 12)), [7, 8, 9], [5] + list(range(20, 40))]  # 11, 3, 21 tokens: SKA chunks of 8
@@ -129,3 +130,17 @@ def test_long_context_request_equals_static_decoding(model):
     engine = _engine(model, max_requests=1, max_sequence_length=4096)
     generated = _generated(engine.generate([prompt[0].tolist()], _greedy(6)))[0]
     assert generated == greedy_generate(model, prompt, 6)[0, 4090:].tolist()
+
+
+def test_cpu_dynamic_inference_is_a_no_op_with_cuda():
+    out = run_python(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "from megatron.core.inference.contexts import dynamic_context\n"
+        "from megatron.core.ssm.mamba_mixer import MambaMixer\n"
+        "original = MambaMixer._dynamic_inference\n"
+        "from echo_megatron.megatron.cpu_inference import enable_cpu_dynamic_inference\n"
+        "print(enable_cpu_dynamic_inference(), dynamic_context.torch is torch,\n"
+        "      MambaMixer._dynamic_inference is original)\n"
+    )
+    assert out.split() == ["False", "True", "True"]
