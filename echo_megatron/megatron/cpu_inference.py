@@ -5,10 +5,11 @@ Those modules allocate their bookkeeping in pinned host memory and order host/de
 events and streams. Without CUDA, `enable_cpu_dynamic_inference()` gives exactly those modules a view of
 `torch` in which (each line: the error it fixes):
 
-- `pin_memory=True` / `.pin_memory()` are dropped ("pin_memory=True requires a CUDA or other accelerator
-  backend; no pinned memory allocator is available on this system");
-- `torch.cuda.Event` / `Stream` / `stream(...)` / `current_stream()` are no-op stand-ins (CPU work is
-  synchronous) ("Tried to instantiate dummy base class Event/Stream", "Torch not compiled with CUDA");
+- `torch.empty` / `empty_like` / `full` ignore `pin_memory=True` ("pin_memory=True requires a CUDA or other
+  accelerator backend; no pinned memory allocator is available on this system");
+- `torch.cuda.Event`, `Stream` and `current_stream()` are no-op stand-ins, CPU work being synchronous
+  ("Tried to instantiate dummy base class Event", "torch.cuda.Stream requires CUDA support", "Torch not
+  compiled with CUDA enabled");
 - the controller's NVTX `range_push` / `range_pop` do nothing ("NVTX functions not installed. Are you
   sure you have a CUDA build?");
 - `MambaMixer._dynamic_inference` runs on PyTorch: Megatron's version calls Triton/CUDA kernels
@@ -24,7 +25,6 @@ The rest of `torch` is untouched, and nothing changes when CUDA is available. Ca
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import types
 
@@ -102,10 +102,6 @@ class _CudaView(types.ModuleType):
         super().__init__("torch.cuda")
 
     @staticmethod
-    def stream(stream=None):
-        return contextlib.nullcontext()
-
-    @staticmethod
     def current_stream(device=None) -> _NoStream:
         return _NoStream()
 
@@ -119,15 +115,11 @@ class _TorchView(types.ModuleType):
     def __init__(self):
         super().__init__("torch")
         self.cuda = _CudaView()
-        for name in ("empty", "empty_like", "full", "zeros", "ones", "tensor", "arange"):
+        for name in ("empty", "empty_like", "full"):
             setattr(self, name, _unpinned(getattr(torch, name)))
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
-
-
-def _unpinned_tensor_pin_memory(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return self
 
 
 def _mamba_token(mixer: MambaMixer, zxBCdt: Tensor, conv_state: Tensor, ssm_state: Tensor, slot: int) -> Tensor:
