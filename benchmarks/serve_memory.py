@@ -4,10 +4,9 @@ softmax attention in the '*' layers (Mamba state + KV cache), at 1K, 16K and 64K
     python benchmarks/serve_memory.py [--dtype bf16|fp32] [--out docs/results/serve_memory.md]
 
 Figures are computed from the built models' layers (`echo_megatron.megatron.generation.memory_per_request`;
-models built on the meta device, no weights). The "allocated" column is measured: the bytes per request of the
-state tensors an `SKADynamicInferenceContext` allocates (SKA slots, Mamba slots and the KV buffer) for a
-64K-token request, from a real CPU build of the preset (echo-tiny, echo-50m only: the larger ones take too
-long on the CPU).
+models built on the meta device, no weights). The "allocated" column is measured: the bytes of the state
+tensors an `SKADynamicInferenceContext` allocates (SKA slots, Mamba slots and the KV buffer) to serve one
+64K-token request.
 """
 
 from __future__ import annotations
@@ -16,14 +15,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from megatron.core.tokenizers import MegatronTokenizer
 
 from echo_megatron.hf.megatron_io import megatron_session
-from echo_megatron.megatron.generation import build_engine, memory_per_request
+from echo_megatron.megatron.generation import inference_context, memory_per_request
 from echo_megatron.megatron.presets import PRESETS
 
 LENGTHS = (1024, 16384, 65536)
-MEASURED = ("echo-tiny", "echo-50m")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -31,19 +28,17 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f}"
 
 
-def _model(name: str, dtype: torch.dtype, meta: bool):
+def _model(name: str, dtype: torch.dtype):
+    """The preset's model on the meta device (shapes only)."""
     preset = PRESETS[name]
-    config = preset.make_config(params_dtype=dtype, use_cpu_initialization=True, perform_initialization=not meta)
-    if meta:
-        with torch.device("meta"):
-            return preset.build(config, preset.seq_length)
-    return preset.build(config, preset.seq_length)
+    config = preset.make_config(params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False)
+    with torch.device("meta"):
+        return preset.build(config, preset.seq_length)
 
 
 def allocated_per_request(model, tokens: int) -> int:
     """Bytes of state tensors an engine serving one `tokens`-token request allocates."""
-    tokenizer = MegatronTokenizer.from_pretrained(metadata_path={"library": "null-text"}, vocab_size=model.vocab_size)
-    context = build_engine(model, tokenizer, max_requests=1, max_sequence_length=tokens).context
+    context = inference_context(model, max_requests=1, max_sequence_length=tokens)
     state = [context.mamba_conv_states, context.mamba_ssm_states, context.memory_buffer]
     state += [tensor for slots in context.ska_slots for tensor in slots.tensors()]
     return sum(tensor.nbytes for tensor in state)
@@ -55,8 +50,9 @@ def table(dtype_name: str) -> str:
               + " | ".join(f"attention hybrid at {n // 1024}K" for n in LENGTHS) + " |")
     rows = [header, "|" + "---|" * (5 + len(LENGTHS))]
     for name in PRESETS:
-        memory = [memory_per_request(_model(name, dtype, meta=True), n) for n in LENGTHS]
-        measured = _mib(allocated_per_request(_model(name, dtype, meta=False), LENGTHS[-1])) if name in MEASURED else "not measured"
+        model = _model(name, dtype)
+        memory = [memory_per_request(model, n) for n in LENGTHS]
+        measured = _mib(allocated_per_request(model, LENGTHS[-1]))
         first = memory[0]
         rows.append(f"| {name} | {_mib(first.ska)} | {_mib(first.mamba)} | {_mib(first.total)} | {measured} | "
                     + " | ".join(_mib(m.mamba + m.softmax_kv) for m in memory) + " |")

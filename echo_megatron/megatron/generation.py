@@ -1,6 +1,6 @@
 """Generation with Megatron-Core's dynamic inference engine (continuous batching) and per-request memory.
 
-    engine = build_engine(model, tokenizer, max_requests=4, max_sequence_length=4096)
+    engine = build_engine(model, tokenizer, max_requests=4, max_sequence_length=4096)  # inference_context options
     records = engine.generate(["1 2 3"], SamplingParams(num_tokens_to_generate=16, top_k=1))
 
 `build_engine` wraps the model as Megatron does (`GPTInferenceWrapper`, `TextGenerationController`,
@@ -11,6 +11,7 @@ runs in CPU mode (`cpu_inference.py`). `memory_per_request` says what one reques
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -80,12 +81,13 @@ def memory_per_request(model: torch.nn.Module, tokens: int) -> RequestMemory:
                          softmax_kv=layer_types.count("*") * kv_per_layer)
 
 
-def build_engine(model: torch.nn.Module, tokenizer, *, max_requests: int, max_sequence_length: int,
-                 max_tokens: int | None = None, enable_chunked_prefill: bool = False,
-                 block_size_tokens: int = BLOCK_SIZE_TOKENS) -> DynamicInferenceEngine:
-    """Megatron's `DynamicInferenceEngine` for `model` (in eval mode) serving up to `max_requests` requests of
-    up to `max_sequence_length` tokens each (prompt + generated), at most `max_tokens` tokens per forward
-    (default: all of them; with `enable_chunked_prefill` longer prompts are prefilled in pieces).
+def inference_context(model: torch.nn.Module, *, max_requests: int, max_sequence_length: int,
+                      max_tokens: int | None = None, enable_chunked_prefill: bool = False,
+                      block_size_tokens: int = BLOCK_SIZE_TOKENS) -> DynamicInferenceContext:
+    """Megatron's dynamic inference context for `model` serving up to `max_requests` requests of up to
+    `max_sequence_length` tokens each (prompt + generated), at most `max_tokens` tokens per forward (default:
+    all of them; with `enable_chunked_prefill` longer prompts are prefilled in pieces). SKA models get an
+    `SKADynamicInferenceContext`.
 
     The block budget (`buffer_size_gb`) is sized for exactly that: with SKA it is bookkeeping only (no KV
     tensor is allocated); for softmax layers it is their KV cache.
@@ -94,23 +96,30 @@ def build_engine(model: torch.nn.Module, tokenizer, *, max_requests: int, max_se
         raise ValueError(f"max_requests and max_sequence_length must be >= 1, got {max_requests}, "
                          f"{max_sequence_length}")
     enable_cpu_dynamic_inference()
-    model.eval()
-    config = model.config
-    mamba_config = MambaInferenceStateConfig.from_model(model)
     blocks = max_requests * math.ceil(max_sequence_length / block_size_tokens) + 2
     memory = memory_per_request(model, block_size_tokens)  # softmax_kv: the bytes Megatron books per block
     buffer_bytes = blocks * memory.softmax_kv + max_requests * memory.mamba
     inference_config = InferenceConfig(
         block_size_tokens=block_size_tokens, buffer_size_gb=1.01 * buffer_bytes / 1024**3, max_requests=max_requests,
         max_tokens=max_tokens or max_requests * max_sequence_length, max_sequence_length=max_sequence_length,
-        mamba_inference_state_config=mamba_config, enable_chunked_prefill=enable_chunked_prefill,
-        materialize_only_last_token_logits=True, unified_memory_level=0,
+        mamba_inference_state_config=MambaInferenceStateConfig.from_model(model),
+        enable_chunked_prefill=enable_chunked_prefill, materialize_only_last_token_logits=True, unified_memory_level=0,
     )
     layers = ska_layers(model)
     if layers:
-        context = SKADynamicInferenceContext(config, inference_config, layers)
-    else:
-        context = DynamicInferenceContext(config, inference_config)
+        return SKADynamicInferenceContext(model.config, inference_config, layers)
+    return DynamicInferenceContext(model.config, inference_config)
+
+
+def build_engine(model: torch.nn.Module, tokenizer, **context_options) -> DynamicInferenceEngine:
+    """Megatron's `DynamicInferenceEngine` for `model` (set to eval mode) on an `inference_context(model,
+    **context_options)`."""
+    if (list(model.decoder.layer_type_list).count("*") > len(ska_layers(model))
+            and importlib.util.find_spec("flash_attn") is None):
+        raise RuntimeError("Megatron-Core 0.19.2's dynamic engine runs softmax attention layers with flash-attn only "
+                           "(not installed here); decode such models with echo_megatron.megatron.inference."
+                           "greedy_generate (static context)")
+    model.eval()
+    context = inference_context(model, **context_options)
     controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
     return DynamicInferenceEngine(controller, context)
-

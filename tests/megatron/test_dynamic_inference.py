@@ -8,7 +8,7 @@ import torch
 from megatron.core.inference.sampling_params import SamplingParams
 from megatron.core.tokenizers import MegatronTokenizer
 
-from echo_megatron.megatron.generation import build_engine, memory_per_request, ska_state_floats
+from echo_megatron.megatron.generation import build_engine, inference_context, memory_per_request, ska_state_floats
 from echo_megatron.megatron.inference import greedy_generate
 from echo_megatron.megatron.ska_dynamic import SKADynamicInferenceContext
 
@@ -107,21 +107,22 @@ def test_chunked_prefill_gets_the_same_tokens(model, alone):
 def test_state_per_request_is_constant_in_context_length(model):
     """Allocated inference state per request for 64 and 4096-token requests: equal for SKA (and no KV
     buffer), 64x larger KV for the same model with softmax attention."""
-    def allocated_per_request(engine) -> int:
-        context = engine.context
+    def allocated_per_request(model, tokens: int) -> int:
+        context = inference_context(model, max_requests=2, max_sequence_length=tokens)
         state = [context.mamba_conv_states, context.mamba_ssm_states, context.memory_buffer]
         if isinstance(context, SKADynamicInferenceContext):
             state += [tensor for slots in context.ska_slots for tensor in slots.tensors()]
         return sum(tensor.nbytes for tensor in state) // context.max_requests
 
-    short, long = (allocated_per_request(_engine(model, max_requests=2, max_sequence_length=n)) for n in (64, 4096))
+    short, long = (allocated_per_request(model, n) for n in (64, 4096))
     expected = memory_per_request(model, 4096)
     assert short == long == expected.ska + expected.mamba
     assert expected.kv == 0 and expected.softmax_kv == 2 * 4096 * 4 * 16 * 4  # K and V, 4 heads x 16, fp32
     softmax = tiny_model(attention="softmax")
-    softmax_short, softmax_long = (
-        allocated_per_request(_engine(softmax, max_requests=2, max_sequence_length=n)) for n in (64, 4096))
+    softmax_short, softmax_long = (allocated_per_request(softmax, n) for n in (64, 4096))
     assert softmax_long - softmax_short >= 60 * expected.softmax_kv // 64
+    with pytest.raises(RuntimeError, match="softmax attention layers with flash-attn only"):
+        _engine(softmax)
 
 
 def test_long_context_request_equals_static_decoding(model):
