@@ -1,7 +1,7 @@
 """Generation with Megatron-Core's dynamic inference engine (continuous batching) and per-request memory.
 
-    engine = build_engine(model, tokenizer, max_requests=4, max_sequence_length=4096)  # inference_context options
-    records = engine.generate(["1 2 3"], SamplingParams(num_tokens_to_generate=16, top_k=1))
+    engine = build_engine(model, tokenizer, max_requests=4, max_sequence_length=4096)
+    records = engine.generate(["1 2 3"], SamplingParams(num_tokens_to_generate=16, top_k=1))  # greedy
 
 `build_engine` wraps the model as Megatron does (`GPTInferenceWrapper`, `TextGenerationController`,
 `DynamicInferenceEngine`); hybrid models whose `'*'` layers are SKA get an `SKADynamicInferenceContext`
