@@ -88,10 +88,11 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, model_parallel_tp1):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_launcher_checkpoint_generate_equals_hf_export(tmp_path, model_parallel_tp1):
-    """`echo_megatron.pretrain --cpu` (echo-tiny, NullTokenizer, mock data) -> generate == export-hf generate()."""
+    """`echo_megatron.pretrain --cpu` at TP = 2 + SP (echo-tiny, NullTokenizer, mock data) -> generate (TP = 1)
+    == export-hf generate()."""
     ckpt, hf_dir = tmp_path / "ckpt", tmp_path / "hf"
-    launch([*SHORT, "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "4", "--save", str(ckpt),
-            "--save-interval", "4"], nproc=1)
+    launch([*SHORT, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--train-iters", "4",
+            "--save", str(ckpt), "--save-interval", "4"])
     prompts = ["5 9 13 2 77", " ".join(str(i) for i in range(30, 100))]  # 5 and 70 tokens (SKA chunk 64)
     report = generate(ckpt, prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert main(["export-hf", str(ckpt), str(hf_dir)]) == 0
