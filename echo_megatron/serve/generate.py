@@ -169,7 +169,11 @@ def generate(
             raise GenerateError(f"--load: {error}") from error
         if torch.cuda.is_available():
             model.cuda()
-        engine = build_engine(model, tokenizer, max_requests=min(batch_size, len(prompts)), max_sequence_length=limit)
+        try:
+            engine = build_engine(model, tokenizer, max_requests=min(batch_size, len(prompts)),
+                                  max_sequence_length=limit)
+        except RuntimeError as error:  # softmax attention layers without flash-attn
+            raise GenerateError(str(error)) from error
         start = time.perf_counter()
         for request_id, completion in enumerate(completions):
             engine.add_request(request_id, completion.prompt_ids, sampling)
