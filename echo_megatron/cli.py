@@ -8,6 +8,7 @@
     torchrun --nproc-per-node 2 -m echo_megatron.cli mqar --tp 2 ...
     echo-megatron preprocess --input corpus.jsonl --tokenizer TOKENIZER_DIR --output-prefix data/corpus
     echo-megatron patch-megatron [--check|--revert]   # our megatron-core 0.19.2 fixes (patches/)
+    echo-megatron generate --load CKPT_DIR --prompt TEXT  # Megatron's dynamic inference engine (echo_megatron.serve)
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ def _add_benchmark_arguments(sub: argparse.ArgumentParser, presets: dict, task: 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from echo_megatron.serve.command import add_generate_parser
     from echo_megatron.tasks.mqar_benchmark import NIAH_PRESETS, PRESETS
 
     parser = argparse.ArgumentParser(prog="echo-megatron", description="Spectral Koopman Attention for Megatron-Core.")
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--revert", action="store_true", help="restore megatron-core's original files")
     patch.set_defaults(func=_patch_megatron, parser=patch)
     _add_hf_parsers(commands)
+    add_generate_parser(commands)
     return parser
 
 

@@ -8,6 +8,9 @@ every state; later steps decode one token each.
 Megatron-Core 0.19.2's Mamba mixer decodes only one sequence (batch size 1) under static batching
 (`patches/mamba-static-decode-batch.patch` fixes it: `echo-megatron patch-megatron`); with the patch
 applied, or without Mamba layers, any batch size decodes.
+
+Megatron's dynamic engine (continuous batching, per-request state slots) is `generation.build_engine`
+(`ska_dynamic.py`: SKA states in slots beside Mamba's, no KV cache).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Megatron places Gated DeltaNet in `'G'` (`megatron/core/ssm/gated_delta_net/`):
 
 The pre-norm is the layer's `input_layernorm` (local spec) or fused into `in_proj` (TE spec).
 No softmax, no RoPE, no KV cache: under Megatron's static inference context the layer keeps a
-constant-size `echo_megatron.ops.SKAState` per layer in `key_value_memory_dict[layer_number]`.
+constant-size `echo_megatron.ops.SKAState` per layer in `key_value_memory_dict[layer_number]`, and
+under Megatron's dynamic engine one per request in an `SKADynamicInferenceContext` slot.
 
 Per-head parameters `eta` (η) and `rho` (ρ, γ̂ = 1 + 0.5·sigmoid(ρ)) have shape [H / TP]; they are
 1-D (Megatron's default optimizer rule skips weight decay on 1-D parameters) and carry
@@ -46,6 +47,7 @@ from echo_megatron.ops import SKAState, ska, ska_context_parallel, ska_prefill, 
 from echo_megatron.ops.context_parallel import CP_BACKENDS, CP_NORMS
 
 from .config import SKAConfig
+from .ska_dynamic import ska_dynamic_forward
 
 RHO_INIT = -4.0
 PER_HEAD_PARAMETERS = ("eta", "rho")
@@ -235,14 +237,15 @@ class SpectralKoopmanAttention(MegatronModule):
         return self.out_proj(y)
 
     def _inference(self, q: Tensor, k: Tensor, v: Tensor, context: BaseInferenceContext) -> Tensor:
-        """Static-batching inference: prefill at offset 0 (resets the state), then decode steps."""
-        if not context.is_static_batching():
-            raise NotImplementedError("SpectralKoopmanAttention supports static inference contexts only (no dynamic batching)")
+        """Static batching: prefill at offset 0 (resets the state), then decode steps. Dynamic batching:
+        per-request state slots of an `SKADynamicInferenceContext` (`ska_dynamic.py`)."""
         if self.config.sequence_parallel:
             raise ValueError("SpectralKoopmanAttention inference needs sequence_parallel=False (as Megatron's Mamba mixer)")
         if self.cp_group is not None:
             raise ValueError("SpectralKoopmanAttention inference needs context_parallel_size=1 (decoding is not "
                              "split over context-parallel ranks)")
+        if not context.is_static_batching():
+            return ska_dynamic_forward(self, q, k, v, context)
         cache = context.key_value_memory_dict
         if context.sequence_len_offset == 0:
             y, state = ska_prefill(q, k, v, eta=self.eta, gamma=self.gamma(), **self.operator_options())

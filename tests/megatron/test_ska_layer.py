@@ -125,7 +125,7 @@ def test_errors():
         def is_static_batching(self):
             return False
 
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="static inference contexts only"):
+    with torch.no_grad(), pytest.raises(TypeError, match="need an SKADynamicInferenceContext"):
         layer(hidden, None, inference_context=DynamicContext(None))
     bounds = torch.tensor([0, 1, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="batch size 1"):
