@@ -39,6 +39,10 @@ from echo_megatron.tasks.mqar import IGNORE_INDEX, MQARData
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+# The terminal line of this process's progress bar: worker processes that train side by side
+# (``mqar_benchmark``'s ``workers``) each draw on their own line.
+progress_line = 0
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -251,7 +255,7 @@ def train(
     optimizer, scheduler = make_optimizer(ddp, config)
     history: list[dict] = []
     bar = tqdm(range(config.steps), desc=config.description, disable=not (config.progress and is_rank_zero()),
-               dynamic_ncols=True, leave=True)
+               dynamic_ncols=True, leave=progress_line == 0, position=progress_line)
     start = time.perf_counter()
     loss_value = math.nan
     eval_acc = math.nan
