@@ -14,7 +14,9 @@ optimiser, schedule and learning-rate sweep: each run trains one model per rate 
 the one with the best accuracy on held-out sequences of its *training* gaps (never the evaluation
 data). Results go to ``<out>/results.json`` (written after every training run, so an interrupted
 benchmark resumes where it stopped), ``runs.json`` (the sweep), ``results.md``, ``results.png`` and
-``history/`` (per-step loss, accuracy, gradient norm, learning rate).
+``history/`` (per-step loss, accuracy, gradient norm, learning rate). On a CPU-only machine a
+one-process benchmark trains ``workers`` runs side by side in spawned worker processes (the CPU preset:
+2, one per core); every run is seeded on its own, so the results equal those of one process.
 """
 
 from __future__ import annotations
