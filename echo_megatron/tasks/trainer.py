@@ -249,6 +249,10 @@ def train(
     end; its value is shown in the progress bar and kept in ``history``. With ``config.stop_at``
     training ends at the first evaluation that reaches it (the schedule is not compressed: an
     early stop keeps the lr it had; ``TrainResult.steps`` counts the steps taken).
+
+    The loss is the mean over this rank's scored positions and DDP averages gradients over the
+    data-parallel ranks: the global batch's mean whenever every rank holds as many scored positions
+    (MQAR: M per row, NIAH: one), which is what the DP=2 == DP=1 test checks.
     """
     model.train()
     ddp = wrap_data_parallel(model)
