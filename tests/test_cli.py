@@ -25,7 +25,7 @@ TINY = [
     "--set", "pattern=M*-", "--set", "hidden_size=32", "--set", "num_heads=2", "--set", "mamba_head_dim=8",
     "--set", "mamba_state_dim=8", "--set", "ffn_hidden_size=64", "--set", "ska_rank=8", "--set", "ska_value_dim=8",
     "--set", "eval_examples=8", "--set", "eval_batch_size=4", "--set", "eval_every=1", "--set", "warmup_steps=1",
-    "--set", "early_stop=0",
+    "--set", "early_stop=0", "--set", "workers=1",
 ]
 
 

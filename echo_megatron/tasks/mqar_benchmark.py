@@ -14,7 +14,9 @@ optimiser, schedule and learning-rate sweep: each run trains one model per rate 
 the one with the best accuracy on held-out sequences of its *training* gaps (never the evaluation
 data). Results go to ``<out>/results.json`` (written after every training run, so an interrupted
 benchmark resumes where it stopped), ``runs.json`` (the sweep), ``results.md``, ``results.png`` and
-``history/`` (per-step loss, accuracy, gradient norm, learning rate).
+``history/`` (per-step loss, accuracy, gradient norm, learning rate). On a CPU-only machine a
+one-process benchmark trains ``workers`` runs side by side in spawned worker processes (the CPU preset:
+2, one per core); every run is seeded on its own, so the results equal those of one process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -80,6 +83,9 @@ class MQARPreset:
     mamba_num_groups: int = 1
     tensor_parallel_size: int = 1
     task: str = "mqar"
+    # Training runs done side by side in this many single-process workers (CPU, one process launched
+    # without torchrun only; each run is seeded on its own, so results do not depend on it).
+    workers: int = 1
 
     @property
     def length_label(self) -> str:
@@ -120,7 +126,7 @@ class MQARPreset:
             raise ValueError(f"gaps must be >= 0, got eval {list(self.eval_gaps)}, train {list(self.train_gaps)}")
         ints = ("hidden_size", "num_heads", "mamba_state_dim", "mamba_head_dim", "ffn_hidden_size", "ska_rank",
                 "ska_value_dim", "ska_chunk_size", "steps", "batch_size", "eval_examples", "eval_batch_size",
-                "mamba_num_groups", "tensor_parallel_size")
+                "mamba_num_groups", "tensor_parallel_size", "workers")
         for name in ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,7 +176,7 @@ CPU_PRESET = MQARPreset(
     pattern="M*M*", hidden_size=64, num_heads=4, mamba_state_dim=16, mamba_head_dim=16, ffn_hidden_size=128,
     ska_rank=16, ska_value_dim=16, ska_chunk_size=16, ska_power=1, init_method_std=small_init_std(64),
     steps=1000, batch_size=32, lrs=(1e-3, 3e-3), min_lr=1e-5, warmup_steps=100, weight_decay=0.1, clip_grad=1.0,
-    eval_every=100, eval_examples=256, eval_batch_size=32, seeds=(0, 1, 2), early_stop=0.99,
+    eval_every=100, eval_examples=256, eval_batch_size=32, seeds=(0, 1, 2), early_stop=0.99, workers=2,
 )
 
 
@@ -346,6 +352,7 @@ class ResultsDirError(RuntimeError):
 
 
 GRID_FIELDS = ("archs", "kv_pairs", "eval_gaps", "seeds")  # may grow when resuming; everything else must match
+RUNTIME_FIELDS = ("workers",)  # how the runs are scheduled, not what they compute: may differ when resuming
 
 
 @dataclass
@@ -391,7 +398,7 @@ def prepare_out_dir(out: Path, preset: MQARPreset, *, force: bool, resume: bool)
         elif resume:
             stored = load_results(out)
             config, wanted = stored["config"], preset.to_json()
-            changed = sorted(k for k in wanted if k not in GRID_FIELDS and config.get(k) != wanted[k])
+            changed = sorted(k for k in wanted if k not in GRID_FIELDS + RUNTIME_FIELDS and config.get(k) != wanted[k])
             if changed:
                 raise ResultsDirError(
                     f"{out} holds results with different settings ({', '.join(changed)}); "
@@ -433,8 +440,9 @@ def write_results(out: Path, results: Results) -> None:
     cells = sorted(results.cells, key=lambda c: (c["kv_pairs"], ARCHS.index(c["arch"]), c["gap"]))
     document = {"preset": results.preset.name, "config": results.preset.to_json(), "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
-    _write_atomic(out / RUNS_JSON, json.dumps(results.runs, indent=1) + "\n")
-    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(results.runs))
+    runs = sorted(results.runs, key=lambda r: (r["seed"], r["kv_pairs"], ARCHS.index(r["arch"]), r["train_gaps"]))
+    _write_atomic(out / RUNS_JSON, json.dumps(runs, indent=1) + "\n")
+    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(runs))
     plot(cells, out / RESULTS_PNG, results.preset)
 
 
@@ -606,11 +614,12 @@ def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume:
     if isinstance(prepared, str):
         raise ResultsDirError(prepared)
     results = prepared
-    for run in planned_runs(preset):
-        if results.done(run):
-            continue
-        kept = None if run.seed == preset.seeds[0] else results.selected_lr(run)
-        cells, record = execute_run(preset, run, out, progress, None if kept is None else (kept,))
+    pending = [run for run in planned_runs(preset) if not results.done(run)]
+    if _workers(preset, len(pending)) > 1:
+        finished = _execute_in_workers(preset, out, results, pending, progress)
+    else:  # lazily: each run sees the learning rates its predecessors selected
+        finished = ((run, *execute_run(preset, run, out, progress, _lrs_of(preset, results, run))) for run in pending)
+    for run, cells, record in finished:
         results.add(cells, record)
         if rank0:
             write_results(out, results)
@@ -619,6 +628,68 @@ def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume:
     if rank0 and results.cells:
         write_results(out, results)
     return results.cells
+
+
+def _lrs_of(preset: MQARPreset, results: Results, run: Run) -> tuple[float, ...] | None:
+    """The learning rates ``run`` trains: the first seed sweeps ``preset.lrs`` (None); later seeds
+    reuse the rate their first-seed twin kept (a sweep again if that twin has no record)."""
+    kept = None if run.seed == preset.seeds[0] else results.selected_lr(run)
+    return None if kept is None else (kept,)
+
+
+def _workers(preset: MQARPreset, pending: int) -> int:
+    """How many worker processes train side by side: ``preset.workers`` on a CPU-only machine when
+    this benchmark is one process (not torchrun's ranks) and more than one run is left; else 1."""
+    if torch.cuda.is_available() or torch.distributed.get_world_size() > 1:
+        return 1
+    return max(1, min(preset.workers, pending))
+
+
+def _execute_in_workers(preset: MQARPreset, out: Path, results: Results, pending: list[Run], progress: bool):
+    """Yield ``(run, cells, record)`` as worker processes finish the ``pending`` runs.
+
+    Each worker is a fresh (spawned) process with its own one-rank process group and the parent's
+    intra-op thread count; a run trains exactly as it would in this process (``execute_run``, seeded
+    by the run). A later seed waits until its first-seed twin has selected the learning rate it
+    reuses. The caller must add each yielded run to ``results`` before asking for the next one."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    lines = context.Queue()
+    workers = _workers(preset, len(pending))
+    for line in range(1, workers + 1):
+        lines.put(line)
+    waiting, running = list(pending), {}
+    first_seed = preset.seeds[0]
+
+    def ready(run: Run) -> bool:
+        unfinished = [*waiting, *running.values()]
+        return run.seed == first_seed or not any(r.seed == first_seed and r.lr_source == run.lr_source for r in unfinished)
+
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(torch.get_num_threads(), lines)) as pool:
+        while waiting or running:
+            for run in [r for r in waiting if ready(r)][: workers - len(running)]:
+                waiting.remove(run)
+                running[pool.submit(_execute_in_worker, preset, run, out, progress, _lrs_of(preset, results, run))] = run
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                yield (run, *future.result())
+
+
+def _init_worker(threads: int, lines) -> None:
+    """A worker's set-up: its own rendezvous (not the parent's), the parent's thread count, a progress line."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    torch.set_num_threads(threads)
+    trainer.progress_line = lines.get()
+
+
+def _execute_in_worker(preset: MQARPreset, run: Run, out: Path, progress: bool,
+                       lrs: tuple[float, ...] | None) -> tuple[list[dict], dict]:
+    trainer.initialize_distributed(preset.tensor_parallel_size, run.seed)
+    return execute_run(preset, run, out, progress, lrs)
 
 
 def _broadcast(obj):

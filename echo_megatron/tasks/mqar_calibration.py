@@ -3,7 +3,7 @@
     python -m echo_megatron.tasks.mqar_calibration --model transformer   # plain PyTorch transformer
     python -m echo_megatron.tasks.mqar_calibration --model hf_mamba2     # transformers' Mamba2ForCausalLM
 
-Each model is trained by the same trainer (``echo_megatron.tasks.trainer``: AdamW, warm-up +
+Each model is trained by the same trainer (``echo_megatron.tasks.trainer``: Megatron's DDP and Adam, warm-up +
 cosine, clipping, early stopping) on the same batches as the CPU preset's run at ``--seed``
 (``mqar_benchmark.train_batch_fn``) and scored on the same held-out sequences. The models are not
 Megatron's and use their libraries' own initialisation, so a Megatron baseline that does much
@@ -56,7 +56,7 @@ class _MegatronCall(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.config = argparse.Namespace(sequence_parallel=False)
+        self.config = trainer.plain_model_config()  # what Megatron's DDP and finalize_model_grads read
 
     def forward(self, ids, position_ids=None, attention_mask=None, runtime_gather_output=True):
         out = self.model(ids)

@@ -1,39 +1,47 @@
-"""A small trainer for Megatron-Core language models (used by the MQAR benchmark).
+"""The MQAR/NIAH training loop on Megatron-Core's own data-parallel and optimizer machinery.
 
-Megatron-Core supplies the process groups (``parallel_state``), the model-parallel RNG tracker,
-the tensor-parallel duplicate filter and the learning-rate schedule (``OptimizerParamScheduler``:
-linear warmup, cosine decay). On top of that this module adds what a compact loop needs:
-AdamW with decoupled weight decay on matrices only, data-parallel gradient averaging, the
-sequence-parallel reduction of replicated norm gradients, tensor-parallel-aware gradient
-clipping, periodic evaluation and a tqdm progress bar.
+Megatron-Core does the work: ``DistributedDataParallel`` (gradients accumulate into a contiguous
+buffer and are averaged over data-parallel ranks), ``finalize_model_grads`` (that average, plus the
+sum over tensor-parallel ranks of the sequence-parallel replicated norm gradients, as the schedules'
+``forward_backward_func`` calls it), ``get_megatron_optimizer`` (Adam with decoupled weight decay,
+gradient clipping by the global norm over model-parallel ranks, and Megatron's rule that 1-D
+parameters and biases are not decayed: norms, SKA's η/ρ, Mamba's A_log/D/dt_bias, the Koopman
+eigenvalues) and ``OptimizerParamScheduler`` (linear warm-up, cosine decay). This module keeps only
+the small loop a task driver needs: batches, periodic evaluation, early stopping and a progress bar.
 
 Process groups use gloo on CPU and nccl on GPU; under plain ``python`` a single-rank group is
 created, under ``torchrun`` the launcher's environment is used. Every rank must call the same
-functions in the same order (collectives).
+functions in the same order (collectives). On CPU, Megatron's optimizer allocates its loss scale
+and gradient-norm buffers with ``device="cuda"`` and asserts CUDA tensor types; those calls run
+under the launcher's own CPU fix (``echo_megatron.pretrain.cpu_training.CudaToCPU``), scoped to the
+optimizer, never active with CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from megatron.core.transformer import TransformerConfig
 from tqdm.auto import tqdm
 
 from echo_megatron.megatron.parallel import initialize_single_process
 from echo_megatron.tasks.mqar import IGNORE_INDEX, MQARData
 
-# 1-D parameters (norm weights, biases, SKA η/ρ, Mamba A_log/D/dt_bias, Koopman eigenvalues) are
-# never decayed; these names are listed too so that a reshaped scalar cannot slip through.
-NO_DECAY_NAMES = ("bias", "A_log", "D", "dt_bias", "eta", "rho")
-
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+# The terminal line of this process's progress bar: worker processes that train side by side
+# (``mqar_benchmark``'s ``workers``) each draw on their own line.
+progress_line = 0
 
 
 @dataclass(frozen=True)
@@ -101,64 +109,36 @@ def is_rank_zero() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def decays(name: str, param: torch.nn.Parameter) -> bool:
-    """Whether AdamW decays this parameter: matrices yes; norms, biases and per-head scalars no."""
-    return param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups; ``wd_mult`` is read by Megatron's ``OptimizerParamScheduler``."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
-    ]
-
-
-def _all_reduce_grads(grads: list[torch.Tensor], group, scale: float = 1.0) -> None:
-    if not grads or torch.distributed.get_world_size(group) == 1:
+@contextlib.contextmanager
+def _megatron_on_this_device():
+    """On CPU, run Megatron's DDP and optimizer code under two of the launcher's CPU fixes
+    (``echo_megatron.pretrain.cpu_training``): ``cpu_streams`` (the gradient all-reduce asks for
+    ``torch.cuda.current_stream()``: ``AssertionError: Torch not compiled with CUDA enabled``) and,
+    scoped to the block, ``CudaToCPU`` (the optimizer's loss-scale and grad-norm buffers use
+    ``device="cuda"``; clipping asserts ``grad.type() == 'torch.cuda.FloatTensor'``). With CUDA: nothing."""
+    if torch.cuda.is_available():
+        yield
         return
-    flat = _flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat, group=group)  # SUM: gloo has no AVG
-    if scale != 1.0:
-        flat.mul_(scale)
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    from echo_megatron.pretrain.cpu_training import CudaToCPU, cpu_streams
+
+    cpu_streams()
+    with CudaToCPU():
+        yield
 
 
-def sync_grads(model: torch.nn.Module) -> None:
-    """Average gradients over data-parallel ranks; sum sequence-parallel replicated grads over TP."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    dp_group = parallel_state.get_data_parallel_group()
-    _all_reduce_grads([p.grad for p in params], dp_group, 1.0 / torch.distributed.get_world_size(dp_group))
-    if getattr(model.config, "sequence_parallel", False):
-        sp = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
-        _all_reduce_grads(sp, parallel_state.get_tensor_model_parallel_group())
+def plain_model_config() -> TransformerConfig:
+    """A ``TransformerConfig`` for a model that is not Megatron's (no tensor or sequence parallelism,
+    fp32): set it as ``model.config`` so that Megatron's DDP and ``finalize_model_grads`` can train it."""
+    return TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1)
 
 
-def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of the gradients of a tensor-parallel model (each shard counted once)."""
-    params = [p for p in params if p.grad is not None]
-    squares = [
-        p.grad.detach().float().pow(2).sum() for p in params if tensor_parallel.param_is_not_tensor_parallel_duplicate(p)
-    ]
-    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device())
-    torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return total.sqrt()
-
-
-def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Scale gradients so that their global norm is at most ``max_norm`` (0 = no clipping)."""
-    norm = grad_norm(params)
-    if max_norm > 0:
-        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(factor)
-    return float(norm)
+def wrap_data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
+    """Megatron's ``DistributedDataParallel`` around ``model`` (which carries a ``TransformerConfig``
+    as ``model.config``): fp32 gradient buffer, gradients averaged over data-parallel ranks when
+    ``finalize_model_grads`` runs (no overlap: the steps are tiny)."""
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
 def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -205,9 +185,17 @@ def evaluate(model: torch.nn.Module, data: MQARData, batch_size: int) -> float:
     return float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.AdamW, OptimizerParamScheduler]:
-    """AdamW with decay only on matrices, and Megatron's warmup + cosine schedule."""
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+def make_optimizer(model: DistributedDataParallel, config: TrainConfig) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    """Megatron's Adam (decoupled weight decay, none on 1-D parameters and biases: Megatron's
+    standard rule), clipping at ``config.clip_grad``, and its warm-up + cosine schedule."""
+    beta1, beta2 = config.betas
+    optimizer_config = OptimizerConfig(
+        optimizer="adam", lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
+        adam_beta1=beta1, adam_beta2=beta2, adam_eps=1e-8, clip_grad=config.clip_grad,
+        params_dtype=torch.float32, use_distributed_optimizer=False,
+    )
+    with _megatron_on_this_device():
+        optimizer = get_megatron_optimizer(optimizer_config, [model])
     warmup = min(config.warmup_steps, config.steps - 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -225,6 +213,20 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
     # The scheduler sets the lr of the *next* step; start after warmup step 0 (lr 0 would waste it).
     scheduler.step(1)
     return optimizer, scheduler
+
+
+def optimizer_step(model: DistributedDataParallel, optimizer: MegatronOptimizer) -> float:
+    """After ``loss.backward()``: ``finalize_model_grads`` (data-parallel average, sequence-parallel
+    norm gradients summed over tensor-parallel ranks), then Megatron's clipped optimizer step.
+    Returns the global gradient norm before clipping."""
+    with _megatron_on_this_device():
+        finalize_model_grads([model])
+        success, norm, _ = optimizer.step()
+        if norm is None:  # clip_grad == 0: Megatron skips the norm
+            norm = optimizer.get_grad_norm()
+    if not success:
+        raise RuntimeError("Megatron's optimizer skipped the step (non-finite gradients)")
+    return float(norm)
 
 
 def _global_loss_and_accuracy(loss: torch.Tensor, correct: int, scored: int) -> tuple[float, float]:
@@ -247,25 +249,28 @@ def train(
     end; its value is shown in the progress bar and kept in ``history``. With ``config.stop_at``
     training ends at the first evaluation that reaches it (the schedule is not compressed: an
     early stop keeps the lr it had; ``TrainResult.steps`` counts the steps taken).
+
+    The loss is the mean over this rank's scored positions and DDP averages gradients over the
+    data-parallel ranks: the global batch's mean whenever every rank holds as many scored positions
+    (MQAR: M per row, NIAH: one), which is what the DP=2 == DP=1 test checks.
     """
     model.train()
-    optimizer, scheduler = make_optimizer(model, config)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ddp = wrap_data_parallel(model)
+    optimizer, scheduler = make_optimizer(ddp, config)
     history: list[dict] = []
     bar = tqdm(range(config.steps), desc=config.description, disable=not (config.progress and is_rank_zero()),
-               dynamic_ncols=True, leave=True)
+               dynamic_ncols=True, leave=progress_line == 0, position=progress_line)
     start = time.perf_counter()
     loss_value = math.nan
     eval_acc = math.nan
     for step in bar:
         ids, labels = (x.to(device()) for x in data_parallel_slice(batch_at(step)))
-        optimizer.zero_grad(set_to_none=True)
-        loss, correct, scored = loss_and_accuracy(logits_of(model, ids), labels)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss, correct, scored = loss_and_accuracy(logits_of(ddp, ids), labels)
         loss.backward()
-        sync_grads(model)
-        norm = clip_grads(params, config.clip_grad)
-        optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
+        norm = optimizer_step(ddp, optimizer)
         scheduler.step(1)
         loss_value, acc = _global_loss_and_accuracy(loss, correct, scored)
         record = {"step": step + 1, "loss": loss_value, "acc": acc, "grad_norm": norm, "lr": lr}
