@@ -14,6 +14,9 @@ import sys
 from typing import Sequence
 
 import torch
+from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
+
+from echo_megatron.ops.context_parallel import check_context_parallel_layout
 
 from . import compat, cpu_training
 from .arguments import add_echo_arguments
@@ -41,6 +44,11 @@ def check_echo_args(args) -> None:
     if args.echo_attention == "ska" and args.ska_chunk_size > args.seq_length:
         fail(f"--ska-chunk-size ({args.ska_chunk_size}) is larger than --seq-length ({args.seq_length}): every "
              "query would sit in chunk 0 and read nothing")
+    if args.echo_attention == "ska" and Symbols.ATTENTION in args.hybrid_layer_pattern:
+        try:
+            check_context_parallel_layout(args.seq_length, args.context_parallel_size, args.ska_chunk_size)
+        except ValueError as error:
+            fail(f"--seq-length, --context-parallel-size, --ska-chunk-size: {error}")
     try:
         load_stack_spec(args.spec, args.echo_attention, args.echo_ffn)
     except ValueError as error:

@@ -26,3 +26,17 @@ def test_cpu_fixes_refuse_a_machine_with_cuda(monkeypatch):
     with pytest.raises(RuntimeError, match="--cpu is for machines without CUDA"):
         cpu_training.enable()
 
+
+
+def test_jit_warmup_runs_on_a_forked_cpu_generator(monkeypatch):
+    """Megatron's JIT warmup draws random inputs sized by the parallel layout between seeding and the
+    weight initialisation; on the CPU it must not advance the generator the weights come from."""
+    from megatron.training import initialize
+
+    monkeypatch.setattr(initialize, "_warmup_jit_function", lambda tp_size=None: torch.rand(7, device="cpu"))
+    cpu_training.jit_warmup_keeps_the_cpu_generator()
+    torch.manual_seed(0)
+    initialize._warmup_jit_function(tp_size=1)
+    after_warmup = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_warmup, torch.rand(3))

@@ -171,6 +171,9 @@ def test_softmax_and_koopman_baselines_build_the_requested_layers():
      "SKA heads (4, from --ska-num-heads or --num-attention-heads) must be divisible by --tensor-model-parallel-size (3)"),
     (["--echo-preset", "echo-tiny", "--ska-chunk-size", "512"],
      "--ska-chunk-size (512) is larger than --seq-length (256)"),
+    (["--echo-preset", "echo-tiny", "--context-parallel-size", "2", "--seq-length", "128"],
+     "--seq-length, --context-parallel-size, --ska-chunk-size: context parallelism with SKA: seq_length (128) must be "
+     "a multiple of 2 · context_parallel_size · ska_chunk_size = 2·2·64 = 256"),
     (["--echo-preset", "echo-tiny", "--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"],
      "puts SelfAttention in the '*' layers but --echo-attention ska needs SpectralKoopmanAttention"),
     (["--echo-preset", "echo-tiny", "--spec", "echo_megatron.no_such_module", "spec"],
@@ -199,10 +202,6 @@ def test_wrong_spec_stops_the_launcher_before_distributed_init(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect, open (issue 12): under the launcher, CP = 2 gives 0.6% higher "
-                   "losses than CP = 1 from iteration 1 on, for SKA-only ('*-*-*-*-': 4.9735 vs 4.9438) and "
-                   "Mamba-only ('M-M-M-M-': 4.8751 vs 4.8495) patterns alike, so the cause is outside the SKA layer "
-                   "(whose CP = 2 == CP = 1 tests pass inside a HybridModel)")
 def test_context_parallel_losses_equal_the_cp1_run():
     """CP = 2 (Megatron's load-balanced split, SKA's O(r²) exchange) vs CP = 1 (DP = 2) on the same global
     batches: the same losses up to fp32 round-off."""
