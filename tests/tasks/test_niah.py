@@ -75,3 +75,16 @@ def test_needles_span_the_haystack_at_evaluation_lengths(seq_len):
     assert longest > 0.99 * seq_len and shortest < chunk + 2
     far = longest - seq_len // 2  # distances in (T/2, T - 2]
     assert np.mean(distance > seq_len // 2) == pytest.approx(far / count, abs=5 * (0.25 / n) ** 0.5)
+
+
+@pytest.mark.parametrize("name", ["cpu", "paper"])
+def test_every_niah_preset_can_place_a_needle_at_its_training_length(name):
+    """A preset whose SKA chunk is as long as its training sequences has no room for a needle before
+    the query's chunk (the paper preset once had S = 64 at T = 64 and failed at its first batch)."""
+    from echo_megatron.tasks.mqar_benchmark import NIAH_PRESETS
+
+    preset = NIAH_PRESETS[name]
+    for length in preset.train_gaps:
+        data = preset.data(8, 1, length, seed=0)
+        depth = torch.tensor(data.metadata["depth"])
+        assert ((depth + 1) // preset.ska_chunk_size < (length - 1) // preset.ska_chunk_size).all()
