@@ -60,3 +60,31 @@ def test_most_frequent_context_value_predictor_scores_the_floor(seq_len):
 def test_bad_arguments_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
         niah(seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("seq_len", [512, 4096])
+def test_needles_span_the_haystack_at_evaluation_lengths(seq_len):
+    """Length generalisation asks for long-range recall: the distance from the needle's value to the
+    query is uniform over [T - 1 - last_needle_value, T - 2], i.e. up to the whole sequence."""
+    n, chunk = 4000, 16
+    depth = np.array(niah(n, seq_len, seed=5, chunk_size=chunk).metadata["depth"])
+    distance = seq_len - 2 - depth  # value at depth + 1, query at T - 1
+    count = needle_depth_range(seq_len, chunk)
+    shortest, longest = seq_len - 1 - count, seq_len - 2  # distances: `count` consecutive integers
+    assert distance.min() >= shortest and distance.max() <= longest
+    assert longest > 0.99 * seq_len and shortest < chunk + 2
+    far = longest - seq_len // 2  # distances in (T/2, T - 2]
+    assert np.mean(distance > seq_len // 2) == pytest.approx(far / count, abs=5 * (0.25 / n) ** 0.5)
+
+
+@pytest.mark.parametrize("name", ["cpu", "paper"])
+def test_every_niah_preset_can_place_a_needle_at_its_training_length(name):
+    """A preset whose SKA chunk is as long as its training sequences has no room for a needle before
+    the query's chunk (the paper preset once had S = 64 at T = 64 and failed at its first batch)."""
+    from echo_megatron.tasks.mqar_benchmark import NIAH_PRESETS
+
+    preset = NIAH_PRESETS[name]
+    for length in preset.train_gaps:
+        data = preset.data(8, 1, length, seed=0)
+        depth = torch.tensor(data.metadata["depth"])
+        assert ((depth + 1) // preset.ska_chunk_size < (length - 1) // preset.ska_chunk_size).all()
