@@ -167,7 +167,8 @@ class SpectralKoopmanAttention(MegatronModule):
 
         Like Megatron's parallel linears: with `use_cpu_initialization` the blocks of all heads are drawn
         from the default generator and each rank keeps its own (so q/k do not depend on the TP size),
-        otherwise the local heads are drawn under the model-parallel RNG. v rows keep `init_method`.
+        otherwise the local heads are drawn under the model-parallel RNG. v rows keep `init_method` (with
+        `use_cpu_initialization` rows of its master weight: `_init_value_rows_from_master`).
         """
         weight = self.in_proj.weight
         hidden = weight.shape[1]
