@@ -117,6 +117,9 @@ class SpectralKoopmanAttention(MegatronModule):
             self.num_heads_local * self.rank,
             self.num_heads_local * self.value_dim,
         )
+        # Megatron's CPU init draws in_proj's full master weight from the default generator and keeps
+        # contiguous rows, which do not match our per-rank [q | k | v] layout: remember the state to redraw it.
+        in_proj_rng_state = torch.get_rng_state() if config.use_cpu_initialization else None
         self.in_proj = build_module(
             submodules.in_proj,
             config.hidden_size,
@@ -155,6 +158,8 @@ class SpectralKoopmanAttention(MegatronModule):
             param.no_weight_decay = True
         if config.perform_initialization:
             self._init_query_key_orthogonal()
+            if in_proj_rng_state is not None:
+                self._init_value_rows_from_master(in_proj_rng_state)
 
     @torch.no_grad()
     def _init_query_key_orthogonal(self) -> None:
@@ -162,7 +167,8 @@ class SpectralKoopmanAttention(MegatronModule):
 
         Like Megatron's parallel linears: with `use_cpu_initialization` the blocks of all heads are drawn
         from the default generator and each rank keeps its own (so q/k do not depend on the TP size),
-        otherwise the local heads are drawn under the model-parallel RNG. v rows keep `init_method`.
+        otherwise the local heads are drawn under the model-parallel RNG. v rows keep `init_method` (with
+        `use_cpu_initialization` rows of its master weight: `_init_value_rows_from_master`).
         """
         weight = self.in_proj.weight
         hidden = weight.shape[1]
@@ -182,6 +188,24 @@ class SpectralKoopmanAttention(MegatronModule):
                 blocks = orthogonal_blocks(2 * self.num_heads_local)
         query_key = 2 * self.num_heads_local * self.rank
         weight[:query_key].copy_(blocks.reshape(query_key, hidden))
+
+    @torch.no_grad()
+    def _init_value_rows_from_master(self, rng_state: Tensor) -> None:
+        """v rows of this rank's heads from in_proj's master weight [H·(2r + P), d] (TP = 1 layout).
+
+        Redraws, from `rng_state` (the default generator before in_proj was built), the master weight that
+        Megatron's `_initialize_affine_weight_cpu` drew, then restores the generator: v then does not
+        depend on the TP size, and at TP = 1 it is exactly what Megatron wrote.
+        """
+        weight = self.in_proj.weight
+        resume_state = torch.get_rng_state()
+        torch.set_rng_state(rng_state)
+        master = torch.empty(self.num_heads * (2 * self.rank + self.value_dim), weight.shape[1], dtype=torch.float32)
+        self.config.init_method(master)
+        torch.set_rng_state(resume_state)
+        local_values = self.num_heads_local * self.value_dim
+        start = 2 * self.num_heads * self.rank + get_pg_rank(self.tp_group) * local_values
+        weight[-local_values:].copy_(master[start : start + local_values])
 
     def gamma(self) -> Tensor:
         """Effective γ̂ per local head [H / TP], computed in at least fp32 (bf16 would round γ̂ ≈ 1.009 to 1)."""
