@@ -225,9 +225,12 @@ def _sequence_max_norm(k: Tensor, layout: ChunkLayout) -> Tensor:
     return _per_sequence(per_chunk, layout, "amax")
 
 
+HOST_READ_FREE = ("cpu",)  # device types whose values the host reads without a device sync
+
+
 def _may_be_true(flags: Tensor) -> bool:
     """`flags.any()` on the host where that is free (CPU); True on accelerators, to avoid a device sync."""
-    return flags.device.type != "cpu" or bool(flags.any())
+    return flags.device.type not in HOST_READ_FREE or bool(flags.any())
 
 
 class Cholesky(NamedTuple):
