@@ -25,7 +25,9 @@ from echo_megatron.ops import ska
 HEADS, RANK, VALUE_DIM, CHUNK, POWER, SDPA_WIDTH = 8, 48, 64, 64, 2, 64
 
 
-def ska_step(seq_len: int):
+def ska_step(seq_len: int, whole_sequence: bool = False):
+    """fwd+bwd of the torch path; `whole_sequence` runs the stages over the whole sequence at once (the
+    path packed sequences take, forced with cu_seqlens = [0, T]) instead of block by block."""
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, seq_len, HEADS, RANK, generator=gen).requires_grad_() for _ in range(2))
     v = torch.randn(1, seq_len, HEADS, VALUE_DIM, generator=gen).requires_grad_()
@@ -33,7 +35,8 @@ def ska_step(seq_len: int):
     gamma = torch.full((HEADS,), 1.01, requires_grad=True)
 
     def step() -> None:
-        ska(q, k, v, eta=eta, gamma=gamma, chunk_size=CHUNK, power=POWER, backend="torch").sum().backward()
+        ska(q, k, v, eta=eta, gamma=gamma, chunk_size=CHUNK, power=POWER, backend="torch",
+            cu_seqlens=torch.tensor([0, seq_len]) if whole_sequence else None).sum().backward()
     return step
 
 
@@ -69,12 +72,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed SKA runs per length (SDPA: 2)")
     parser.add_argument("--sdpa-max", type=int, default=32768, help="no SDPA above this T (quadratic)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per length")
+    parser.add_argument("--whole", action="store_true",
+                        help="also time the whole-sequence stages (cu_seqlens = [0, T]) next to the block-by-block path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     print(f"threads={args.threads}; ms, median [min, max]; ratio = SDPA / SKA (medians)")
-    print("| T | SKA wall | SKA cpu | SDPA flash wall | SDPA flash cpu | ratio wall | ratio cpu | SKA cpu t(T)/t(T/2) |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = " whole-sequence SKA cpu | whole / blocks (cpu) |" if args.whole else ""
+    print("| T | SKA wall | SKA cpu | SDPA flash wall | SDPA flash cpu | ratio wall | ratio cpu | SKA cpu t(T)/t(T/2) |" + extra)
+    print("|---|---|---|---|---|---|---|---|" + "---|" * (2 if args.whole else 0))
     previous = None
     for seq_len in lengths:
         ours = measure(ska_step(seq_len), args.repeats)
@@ -86,7 +92,11 @@ def main() -> None:
                       f"{peer['cpu'][0] / ours['cpu'][0]:.1f}x"]
         else:
             cells += ["not run"] * 2 + ["-"] * 2
-        print(f"| {seq_len} | " + " | ".join(cells) + f" | {growth} |", flush=True)
+        cells.append(growth)
+        if args.whole:
+            whole = measure(ska_step(seq_len, whole_sequence=True), args.repeats)
+            cells += [_cell(whole["cpu"]), f"{whole['cpu'][0] / ours['cpu'][0]:.2f}"]
+        print(f"| {seq_len} | " + " | ".join(cells) + " |", flush=True)
         previous = (seq_len, ours["cpu"][0])
         if args.profile:
             step = ska_step(seq_len)

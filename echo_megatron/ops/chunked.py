@@ -80,10 +80,16 @@ class ChunkLayout:
         flat = flat[:, :, : self.seq_len] if self.token_slot is None else flat.index_select(2, self.token_slot)
         return flat.transpose(1, 2).contiguous()
 
-    def previous_keys(self, keys: Tensor) -> Tensor:
-        """z_{t-1} in the slot of every token t, zero at each sequence start: [B, H, NC, S, r] -> same."""
+    def previous_keys(self, keys: Tensor, before: Tensor | None = None) -> Tensor:
+        """z_{t-1} in the slot of every token t, zero at each sequence start: [B, H, NC, S, r] -> same.
+
+        before [B, H, r]: the key preceding slot 0 (a block of a longer sequence); None: slot 0 starts a sequence.
+        """
         flat = keys.flatten(2, 3)
-        prev = F.pad(flat, (0, 0, 1, 0))[:, :, :-1]
+        if before is None:
+            prev = F.pad(flat, (0, 0, 1, 0))[:, :, :-1]
+        else:
+            prev = torch.cat([before[:, :, None], flat[:, :, :-1]], dim=2)
         if self.start_slots is not None:
             prev = prev.index_fill(2, self.start_slots, 0.0)
         return prev.view(keys.shape)
@@ -141,14 +147,17 @@ class _ExclusiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, starts: tuple[bool, ...]) -> Tensor:
+    def forward(ctx, x: Tensor, starts: tuple[bool, ...], initial: Tensor | None = None) -> Tensor:
+        """initial [B, H, ...]: what chunk 0 sees (the sum over earlier blocks of its sequence); None: zero."""
         out = torch.empty_like(x)
         for c in range(x.shape[2]):
-            if starts[c]:
+            if c == 0 and initial is not None:
+                out[:, :, c].copy_(initial)
+            elif starts[c]:
                 out[:, :, c].zero_()
             else:
                 torch.add(out[:, :, c - 1], x[:, :, c - 1], out=out[:, :, c])
-        ctx.starts = starts
+        ctx.starts, ctx.has_initial = starts, initial is not None
         return out
 
     @staticmethod
@@ -163,7 +172,10 @@ class _ExclusiveScan(torch.autograd.Function):
                 d_x[:, :, c].copy_(d_out[:, :, c + 1])
             else:
                 torch.add(d_x[:, :, c + 1], d_out[:, :, c + 1], out=d_x[:, :, c])
-        return d_x, None
+        d_initial = None
+        if ctx.has_initial:  # chunk 0's sequence: every chunk until the next start reads `initial`
+            d_initial = d_out[:, :, 0] + d_x[:, :, 0]
+        return d_x, None, d_initial
 
 
 class InitialStatistics(NamedTuple):
@@ -225,9 +237,12 @@ def _sequence_max_norm(k: Tensor, layout: ChunkLayout) -> Tensor:
     return _per_sequence(per_chunk, layout, "amax")
 
 
+HOST_READ_FREE = ("cpu",)  # device types whose values the host reads without a device sync
+
+
 def _may_be_true(flags: Tensor) -> bool:
     """`flags.any()` on the host where that is free (CPU); True on accelerators, to avoid a device sync."""
-    return flags.device.type != "cpu" or bool(flags.any())
+    return flags.device.type not in HOST_READ_FREE or bool(flags.any())
 
 
 class Cholesky(NamedTuple):
@@ -359,16 +374,93 @@ def readout_matrices(stats: Statistics, gamma: Tensor, eta: Tensor | None = None
                                   gamma.expand(lead), eta.expand(lead), power, eps, norm, power_iters)
 
 
+class _ApplyReadout(torch.autograd.Function):
+    """Query grid Q [..., S, r], readouts R [..., P, r] -> Y = Q Rᵀ [..., S, P].
+
+    Autograd's bmm backward falls back to one matmul per matrix for these strides; this one is two batched
+    matmuls: dQ = dY R, dR = dYᵀ Q.
+    """
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, readout: Tensor) -> Tensor:
+        ctx.save_for_backward(queries, readout)
+        return queries @ readout.mT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_y: Tensor):
+        queries, readout = ctx.saved_tensors
+        return d_y @ readout, d_y.mT @ queries
+
+
+BLOCK_READOUTS = 128  # readout matrices (batch · head · chunk) per block of the chunk_causal pipeline
+
+
+def _causal_in_blocks(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, mask: Tensor | None,
+    seq_max: Tensor | None, keep_statistics: bool, **readout_options,
+) -> tuple[Tensor, Statistics | None]:
+    """chunk_causal SKA of one sequence per batch row, run block by block over the chunks.
+
+    Same arithmetic as the whole-sequence stages, in the same order (bitwise the same result): each block
+    computes its chunk statistics, continues the exclusive prefix from the running totals of earlier blocks
+    (`_ExclusiveScan(initial=...)`; a running `cummax` for the max norm), its readouts and its outputs.
+    A block holds about BLOCK_READOUTS readouts, so the r×r temporaries of the dense algebra and its
+    backward stay in cache instead of streaming T/S·r² buffers through memory at every stage (which
+    made the whole-sequence path superlinear in T). Returns y [B, T, H, P] and, with `keep_statistics`,
+    the per-chunk statistics [B, H, NC, ...].
+    """
+    batch, seq_len, heads, _ = q.shape
+    block_tokens = chunk_size * max(1, BLOCK_READOUTS // (batch * heads))
+    if mask is not None:
+        weight = mask.to(k.dtype)[:, :, None, None]
+        k, v = k * weight, v * weight
+    eta, gamma = eta.view(1, heads, 1), gamma.view(1, heads, 1)
+    running: Statistics | None = None  # sums over the chunks of earlier blocks; max norm over them
+    last_key = None
+    outputs, per_block = [], []
+    for q_b, k_b, v_b in zip(*(x.split(block_tokens, dim=1) for x in (q, k, v))):
+        layout = ChunkLayout.build(q_b.shape[1], chunk_size, None, q.device)
+        keys, values = layout.to_chunks(k_b), layout.to_chunks(v_b)
+        gram, lag, cross = _ChunkSums.apply(keys, layout.previous_keys(keys, last_key), values)
+        max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=-1)
+        starts = (running is None,) + (False,) * (layout.num_chunks - 1)
+        sums = [_ExclusiveScan.apply(x, starts, None if running is None else running[i])
+                for i, x in enumerate((gram, lag, cross))]
+        # running max over [earlier blocks, this block's chunks]: cummax's tie rule (the later index) as
+        # in the whole-sequence scan
+        earlier = torch.zeros_like(max_norm[:, :, :1]) if running is None else running.max_norm[:, :, None]
+        maxima = torch.cat([earlier, max_norm], dim=2).cummax(dim=2).values
+        visible = Statistics(*sums, maxima[:, :, :-1] if seq_max is None else seq_max[:, :, None])
+        readout = readout_matrices(visible, gamma, eta, **readout_options)
+        outputs.append(layout.from_chunks(_ApplyReadout.apply(layout.to_chunks(q_b), readout)))
+        running = Statistics(*(x[:, :, -1] + d[:, :, -1] for x, d in zip(sums, (gram, lag, cross))), maxima[:, :, -1])
+        last_key = keys[:, :, -1, (q_b.shape[1] - 1) % chunk_size]
+        if keep_statistics:
+            per_block.append(Statistics(gram, lag, cross, max_norm))
+    y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    statistics = Statistics(*(torch.cat(x, dim=2) for x in zip(*per_block))) if keep_statistics else None
+    return y, statistics
+
+
 def forward_with_statistics(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, power: int,
     eps: float, norm: str, mode: str, mask: Tensor | None, cu_seqlens: Tensor | None, power_iters: int,
-) -> tuple[Tensor, Statistics]:
-    """SKA forward in the work dtype; also returns the per-chunk statistics (for prefill).
+    keep_statistics: bool = True,
+) -> tuple[Tensor, Statistics | None]:
+    """SKA forward in the work dtype; also returns the per-chunk statistics (for prefill; None without
+    `keep_statistics`).
 
     Stages: `chunk_statistics` (per chunk) → `exclusive_prefix` (chunk_causal) or per-sequence totals
-    (prefix) → `readout_matrices` → Y_c = η R_c Q_c.
+    (prefix) → `readout_matrices` → Y_c = η R_c Q_c. chunk_causal mode without packed sequences runs these
+    stages block by block (`_causal_in_blocks`).
     """
     layout = ChunkLayout.build(q.shape[1], chunk_size, cu_seqlens, q.device)
+    readout_options = dict(power=power, eps=eps, norm=norm, power_iters=power_iters)
+    if mode == "chunk_causal" and cu_seqlens is None and q.shape[1] > 0:
+        seq_max = _sequence_max_norm(k, layout)[:, :, 0] if norm == "sequence_max" else None
+        return _causal_in_blocks(q, k, v, eta, gamma, chunk_size=chunk_size, mask=mask, seq_max=seq_max,
+                                 keep_statistics=keep_statistics, **readout_options)
     per_chunk = chunk_statistics(k, v, layout, mask)
     if mode == "chunk_causal":
         visible = exclusive_prefix(per_chunk, layout)
@@ -382,11 +474,10 @@ def forward_with_statistics(
             seq_max = seq_max.index_select(2, layout.chunk_segment)
         visible = visible._replace(max_norm=seq_max)
     heads = q.shape[2]
-    readout = readout_matrices(visible, gamma.view(1, heads, 1), eta.view(1, heads, 1), power=power, eps=eps,
-                               norm=norm, power_iters=power_iters)
+    readout = readout_matrices(visible, gamma.view(1, heads, 1), eta.view(1, heads, 1), **readout_options)
     if chunk_group is not None:
         readout = readout.index_select(2, chunk_group)
-    y = layout.to_chunks(q) @ readout.mT  # [B, H, NC, S, P]
+    y = _ApplyReadout.apply(layout.to_chunks(q), readout)  # [B, H, NC, S, P]
     return layout.from_chunks(y), per_chunk
 
 
@@ -402,5 +493,5 @@ def ska_chunked(
     work = work_dtype(q.dtype)
     y, _ = forward_with_statistics(q.to(work), k.to(work), v.to(work), eta.to(work), gamma.to(work), chunk_size=chunk_size,
                     power=power, eps=eps, norm=norm, mode=mode, mask=mask, cu_seqlens=cu_seqlens,
-                    power_iters=power_iters)
+                    power_iters=power_iters, keep_statistics=False)
     return y.to(q.dtype)

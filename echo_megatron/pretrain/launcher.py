@@ -41,9 +41,9 @@ def check_echo_args(args) -> None:
     if args.echo_attention == "ska" and heads % args.tensor_model_parallel_size:
         fail(f"SKA heads ({heads}, from --ska-num-heads or --num-attention-heads) must be divisible by "
              f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})")
-    if args.echo_attention == "ska" and args.ska_chunk_size > args.seq_length:
-        fail(f"--ska-chunk-size ({args.ska_chunk_size}) is larger than --seq-length ({args.seq_length}): every "
-             "query would sit in chunk 0 and read nothing")
+    if args.echo_attention == "ska" and args.ska_chunk_size >= args.seq_length:
+        fail(f"--ska-chunk-size ({args.ska_chunk_size}) must be smaller than --seq-length ({args.seq_length}): "
+             "otherwise every query sits in chunk 0 and reads nothing")
     if args.echo_attention == "ska" and Symbols.ATTENTION in args.hybrid_layer_pattern:
         try:
             check_context_parallel_layout(args.seq_length, args.context_parallel_size, args.ska_chunk_size)

@@ -50,6 +50,33 @@ def test_masked_matches_reference_fp64(case, mode, norm):
     _compare_to_reference(inputs, 1e-9, chunk_size=chunk, power=power, norm=norm, mode=mode, mask=mask)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[8]],
+                         ids=lambda c: "B{}T{}H{}r{}P{}S{}K{}".format(*c))
+@pytest.mark.parametrize("norm, masked", [("causal_max", False), ("none", True), ("sequence_max", True)])
+@pytest.mark.parametrize("block_readouts", [1, 5])
+@pytest.mark.filterwarnings("ignore:norm=\"sequence_max\"")
+def test_chunk_causal_blocks_match_reference_and_the_whole_sequence_stages_fp64(case, norm, masked, block_readouts,
+                                                                               monkeypatch):
+    """The block-by-block chunk_causal pipeline (many small blocks here) gives the reference's values and
+    gradients; its outputs are bitwise those of the whole-sequence stages (which packed sequences take),
+    its gradients equal up to the order of summation across blocks."""
+    from echo_megatron.ops import chunked
+
+    batch, seq_len, heads, rank, value_dim, chunk, power = case
+    inputs = make_inputs(batch, seq_len, heads, rank, value_dim, requires_grad=True, seed=11)
+    mask = (torch.rand(batch, seq_len, generator=torch.Generator().manual_seed(2)) > 0.3).double() if masked else None
+    options = dict(chunk_size=chunk, power=power, norm=norm, mask=mask)
+    monkeypatch.setattr(chunked, "BLOCK_READOUTS", block_readouts)
+    _compare_to_reference(inputs, 1e-9, **options)
+    if batch > 1:  # packed sequences (the whole-sequence stages) need B = 1
+        return
+    blocks = forward_and_grads(inputs, "torch", **options)
+    whole = forward_and_grads(inputs, "torch", **options, cu_seqlens=torch.tensor([0, seq_len]))
+    assert torch.equal(blocks[0], whole[0]), f"y: blocks differ from the whole-sequence stages by {rel_err(blocks[0], whole[0]):.1e}"
+    for name, a, b in zip(GRAD_NAMES, blocks[1:], whole[1:]):
+        assert rel_err(a, b) <= 1e-13, f"{name}: rel err {rel_err(a, b):.1e}"
+
+
 @pytest.mark.parametrize("mode", ["chunk_causal", "prefix"])
 def test_packed_sequences_match_reference_and_isolated_runs(mode):
     inputs = make_inputs(1, 150, 2, 5, 7, requires_grad=True, seed=3)

@@ -170,7 +170,9 @@ def test_softmax_and_koopman_baselines_build_the_requested_layers():
     (["--echo-preset", "echo-tiny", "--tensor-model-parallel-size", "3"],
      "SKA heads (4, from --ska-num-heads or --num-attention-heads) must be divisible by --tensor-model-parallel-size (3)"),
     (["--echo-preset", "echo-tiny", "--ska-chunk-size", "512"],
-     "--ska-chunk-size (512) is larger than --seq-length (256)"),
+     "--ska-chunk-size (512) must be smaller than --seq-length (256)"),
+    (["--echo-preset", "echo-tiny", "--ska-chunk-size", "256"],
+     "--ska-chunk-size (256) must be smaller than --seq-length (256)"),
     (["--echo-preset", "echo-tiny", "--context-parallel-size", "2", "--seq-length", "128"],
      "--seq-length, --context-parallel-size, --ska-chunk-size: context parallelism with SKA: seq_length (128) must be "
      "a multiple of 2 · context_parallel_size · ska_chunk_size = 2·2·64 = 256"),

@@ -351,6 +351,24 @@ def segment_scan_kernel(
 
 
 @triton.jit
+def _div_ieee(x, y):
+    """x / y (y a scalar) rounded to nearest in fp32: Triton's `/` and `tl.sqrt` compile to approximate
+    instructions on NVIDIA GPUs, which the Cholesky's r pivots compound. fp64 `/` is already IEEE."""
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, tl.broadcast_to(y, x.shape))
+    else:
+        return x / y
+
+
+@triton.jit
+def _sqrt_ieee(x):
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
 def _cholesky_inverse(a, r, BR: tl.constexpr):
     """X = L⁻¹ where a = L Lᵀ is [BR, BR] and the identity outside its leading r×r block.
 
@@ -365,10 +383,10 @@ def _cholesky_inverse(a, r, BR: tl.constexpr):
         col = tl.sum(tl.where(rows[None, :] == j, a, 0.0), axis=1)  # a[:, j]
         pivot2 = tl.sum(tl.where(rows == j, col, 0.0), axis=0)
         bad += tl.where(pivot2 > 0, 0, 1)
-        pivot = tl.sqrt(tl.where(pivot2 > 0, pivot2, 1.0))
-        l_col = tl.where(rows >= j, col / pivot, 0.0)
+        pivot = _sqrt_ieee(tl.where(pivot2 > 0, pivot2, 1.0))
+        l_col = tl.where(rows >= j, _div_ieee(col, pivot), 0.0)
         a = a - l_col[:, None] * l_col[None, :]
-        x_row = tl.sum(tl.where(rows[:, None] == j, x, 0.0), axis=0) / pivot  # new X[j, :]
+        x_row = _div_ieee(tl.sum(tl.where(rows[:, None] == j, x, 0.0), axis=0), pivot)  # new X[j, :]
         x = tl.where(rows[:, None] == j, x_row[None, :], x - l_col[:, None] * x_row[None, :])
     return x, bad
 
