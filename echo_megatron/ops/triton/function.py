@@ -16,6 +16,8 @@ algebra runs in PyTorch (`chunked.readout_matrices`, autograd) with a warning.
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from dataclasses import dataclass
 
@@ -44,9 +46,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> T
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def host_constants(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small tensor of Python values on `device` without a stream sync (`torch.tensor(..., device=cuda)`
-    copies with non_blocking=False, which synchronises; pageable memory is staged before this returns)."""
+@functools.lru_cache(maxsize=256)
+def device_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small read-only tensor of Python values on `device`, copied from the host once per
+    (values, dtype, device) and reused: after a warm-up call no `ska()` call copies from the host, so the
+    forward can be captured in a CUDA graph. The one copy is non-blocking (`torch.tensor(..., device=cuda)`
+    would synchronise)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
@@ -95,11 +100,13 @@ class ChunkTable:
     @staticmethod
     def build(seq_len: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device) -> "ChunkTable":
         layout = ChunkLayout.build(seq_len, chunk_size, cu_seqlens, device)
-        if cu_seqlens is None:
-            bounds = host_constants([0, seq_len], torch.long, device)
-        else:
+        if cu_seqlens is None:  # computed on the device: no host copy
+            bounds = torch.arange(2, dtype=torch.long, device=device) * seq_len
+            offsets = torch.arange(2, dtype=torch.long, device=device) * layout.num_chunks
+        else:  # the layout has read the chunk offsets on the host already (ChunkLayout)
             bounds = cu_seqlens.to(device=device, dtype=torch.long)
-        offsets = host_constants([c0 for c0, _ in layout.segments] + [layout.num_chunks], torch.long, device)
+            offsets = torch.tensor([c0 for c0, _ in layout.segments] + [layout.num_chunks], dtype=torch.long
+                                   ).to(device, non_blocking=True)
         segment = layout.chunk_segment
         chunk_ids = torch.arange(layout.num_chunks, device=device)
         start = bounds[segment] + (chunk_ids - offsets[segment]) * chunk_size
@@ -242,7 +249,7 @@ class ReadoutMatrices(torch.autograd.Function):
         stats, max_norm = stats.contiguous(), max_norm.contiguous()
         batch, heads, slots, _ = stats.shape
         device, work = stats.device, stats.dtype
-        params = host_constants([eps, JITTER, NORM_FLOOR, rank ** -0.5], work, device)
+        params = device_constants((eps, JITTER, NORM_FLOOR, rank ** -0.5), work, device)
         readout = empty((batch, heads, slots, value_dim, rank), work, device)
         chol_inv = empty((batch, heads, slots, rank, rank), work, device)
         aux = empty((batch, heads, slots, 2), work, device)
