@@ -126,3 +126,20 @@ def add_echo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     SKAArgumentGroupFactory().build_group(parser, title="Spectral Koopman Attention (SKAConfig ska_* fields)")
     parser.set_defaults(**echo_defaults(sys.argv[1:] if argv is None else argv))
     return parser
+
+
+CHECKPOINT_MODEL_ARGS = (*(f.name for f in dataclasses.fields(SKAConfig) if f.name.startswith("ska_") and f.name != "ska_backend"),
+                         "echo_attention", "echo_ffn")
+"""Echo flags that define the model: `--use-checkpoint-args` restores them from the checkpoint, as Megatron
+restores its own model args (its list does not know ours). `ska_backend` is a run-time choice and stays."""
+
+
+def restore_checkpoint_model_args(args: argparse.Namespace, checkpoint_args: argparse.Namespace) -> None:
+    """Set `CHECKPOINT_MODEL_ARGS` from a checkpoint's stored args (the checkpoint wins, as for Megatron's)."""
+    from megatron.training.utils import print_rank_0
+
+    for name in CHECKPOINT_MODEL_ARGS:
+        value = getattr(checkpoint_args, name, None)
+        if value is not None and getattr(args, name, None) != value:
+            print_rank_0(f"Setting {name} to {value} from checkpoint")
+            setattr(args, name, value)

@@ -19,7 +19,7 @@ from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
 from echo_megatron.ops.context_parallel import check_context_parallel_layout
 
 from . import compat, cpu_training
-from .arguments import add_echo_arguments
+from .arguments import add_echo_arguments, restore_checkpoint_model_args
 from .model import load_stack_spec
 
 
@@ -65,10 +65,12 @@ def parse_args(argv: Sequence[str] | None = None):
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     args = arguments.parse_args(extra_args_provider=add_echo_arguments)
+    if args.use_checkpoint_args:  # Megatron's model args, then ours (Megatron's list does not know them)
+        for load_arg in ("pretrained_checkpoint", "load"):
+            loaded = load_args_from_checkpoint(args, load_arg=load_arg)
+            if isinstance(loaded, tuple):  # (args, checkpoint_args); just args when there was nothing to load
+                restore_checkpoint_model_args(args, loaded[1])
     check_echo_args(args)
-    if args.use_checkpoint_args:
-        load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
-        load_args_from_checkpoint(args)
     arguments.validate_args(args)
     set_global_variables(args)
     return args

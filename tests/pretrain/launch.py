@@ -20,7 +20,7 @@ SHORT = [*TINY, "--seq-length", "128"]
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.eE+-]+)")
 
 
-def _env() -> dict:
+def launcher_env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "OMP_NUM_THREADS": "1"}
 
@@ -30,7 +30,7 @@ def launch(flags: list[str], nproc: int = 2, check: bool = True, timeout: int = 
     one process); stdout and stderr together in `.stdout`. With check, a failure shows the log's tail."""
     runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
               if nproc else [sys.executable])
-    result = subprocess.run([*runner, "-m", "echo_megatron.pretrain", *flags], cwd=REPO, env=_env(), text=True,
+    result = subprocess.run([*runner, "-m", "echo_megatron.pretrain", *flags], cwd=REPO, env=launcher_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"launcher exited with {result.returncode}:\n{result.stdout[-6000:]}")

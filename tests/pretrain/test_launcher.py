@@ -6,12 +6,14 @@ Each torchrun run is a few tens of seconds on 2 shared cores; runs are shared th
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import typing
 
 import pytest
 import typing_extensions
 
-from .launch import SHORT, assert_resumed_exactly, launch, layer_tables, losses
+from .launch import REPO, SHORT, assert_resumed_exactly, launch, launcher_env, layer_tables, losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -75,6 +77,22 @@ def test_tp2_resume_matches_the_uninterrupted_run(tp2):
                       "8", "--lr", "1e-3", "--load", str(save), "--ckpt-step", "4", "--log-interval", "1",
                       "--eval-iters", "0"])
     assert_resumed_exactly(losses(log), losses(resumed.stdout), start=4)
+
+
+def test_use_checkpoint_args_restores_the_ska_fields(tp2):
+    """--use-checkpoint-args restores the model's ska_* fields (Megatron's own list does not know them), as
+    Megatron restores its model args: the checkpoint wins over flags; --ska-backend stays a run-time choice."""
+    save, _ = tp2
+    code = ("import sys; from echo_megatron.pretrain import compat, cpu_training; "
+            "from echo_megatron.pretrain.launcher import parse_args; cpu_training.enable(); compat.apply(); "
+            "a = parse_args(sys.argv[1:]); print('ARGS', a.ska_chunk_size, a.ska_power, a.ska_backend)")
+    flags = ["--cpu", "--echo-preset", "echo-tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--load", str(save), "--use-checkpoint-args", "--ska-chunk-size", "32", "--ska-power", "1",
+             "--ska-backend", "torch"]
+    result = subprocess.run([sys.executable, "-c", code, *flags], cwd=REPO, env=launcher_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "ARGS 64 2 torch" in result.stdout.splitlines()
 
 
 # ------------------------------------------------------------------ DP=2 on an indexed dataset, distributed optimizer
