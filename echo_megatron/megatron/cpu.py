@@ -372,3 +372,44 @@ def install_cpu_rng_tracker() -> None:
     again if other code replaced the tracker). Seed it with `model_parallel_cuda_manual_seed(seed)`."""
     tensor_parallel_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     tensor_parallel_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+class CPUEvent:
+    """A `torch.cuda.Event` stand-in: CPU work is synchronous, so every wait is already satisfied."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: "CPUEvent") -> float:
+        return 0.0
+
+
+class CPUStream:
+    """A `torch.cuda.Stream` stand-in: CPU work is already ordered, so every operation is a no-op."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event: CPUEvent | None = None) -> CPUEvent:
+        return event or CPUEvent()

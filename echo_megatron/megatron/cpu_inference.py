@@ -33,6 +33,8 @@ from torch import Tensor
 
 from megatron.core.ssm.mamba_mixer import MambaMixer
 
+from echo_megatron.megatron.cpu import CPUEvent, CPUStream
+
 INFERENCE_MODULES = (
     "megatron.core.inference.contexts.dynamic_context",
     "megatron.core.inference.text_generation_controllers.text_generation_controller",
@@ -40,47 +42,6 @@ INFERENCE_MODULES = (
 )
 
 _enabled = False
-
-
-class _NoEvent:
-    """Stand-in for `torch.cuda.Event` on CPU: every wait is already satisfied."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, stream=None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, other: "_NoEvent") -> float:
-        return 0.0
-
-
-class _NoStream:
-    """Stand-in for `torch.cuda.Stream` on CPU."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait_stream(self, other) -> None:
-        pass
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def record_event(self, event=None) -> _NoEvent:
-        return event or _NoEvent()
 
 
 def _unpinned(factory):
@@ -95,15 +56,15 @@ def _unpinned(factory):
 class _CudaView(types.ModuleType):
     """`torch.cuda` with no-op events and streams; everything else forwarded."""
 
-    Event = _NoEvent
-    Stream = _NoStream
+    Event = CPUEvent
+    Stream = CPUStream
 
     def __init__(self):
         super().__init__("torch.cuda")
 
     @staticmethod
-    def current_stream(device=None) -> _NoStream:
-        return _NoStream()
+    def current_stream(device=None) -> CPUStream:
+        return CPUStream()
 
     def __getattr__(self, name: str):
         return getattr(torch.cuda, name)

@@ -15,7 +15,7 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
-from echo_megatron.megatron.cpu import enable_cpu_mode
+from echo_megatron.megatron.cpu import CPUStream, enable_cpu_mode
 
 _applied = False
 
@@ -87,22 +87,6 @@ def one_device_connection() -> None:
     parallelism require setting the environment variable CUDA_DEVICE_MAX_CONNECTIONS to 1` (a CUDA
     stream-ordering setting, meaningless on the CPU). Set it unless the user did."""
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-
-
-class CPUStream:
-    """A CUDA stream stand-in: CPU work is already ordered, so every operation is a no-op."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
 
 
 def cpu_streams() -> None:

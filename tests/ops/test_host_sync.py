@@ -31,7 +31,7 @@ PYTHON_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__
 
 
 class HostRead(AssertionError):
-    pass
+    """A tensor value was read on the host inside the trapped region."""
 
 
 class _TrapSyncingOps(TorchDispatchMode):
