@@ -74,11 +74,11 @@ class ChunkLayout:
             grid = x.new_zeros(batch, heads, slots, width).index_copy(2, self.token_slot, by_head)
         return grid.view(batch, heads, self.num_chunks, self.chunk_size, width)
 
-    def from_chunks(self, grid: Tensor) -> Tensor:
-        """[B, H, NC, S, d] -> [B, T, H, d] (contiguous)."""
+    def from_chunks(self, grid: Tensor, out: Tensor | None = None) -> Tensor:
+        """[B, H, NC, S, d] -> [B, T, H, d] (contiguous, or written into `out`)."""
         flat = grid.flatten(2, 3)
         flat = flat[:, :, : self.seq_len] if self.token_slot is None else flat.index_select(2, self.token_slot)
-        return flat.transpose(1, 2).contiguous()
+        return flat.transpose(1, 2).contiguous() if out is None else out.copy_(flat.transpose(1, 2))
 
     def previous_keys(self, keys: Tensor, before: Tensor | None = None) -> Tensor:
         """z_{t-1} in the slot of every token t, zero at each sequence start: [B, H, NC, S, r] -> same.
@@ -119,62 +119,97 @@ def chunk_statistics(k: Tensor, v: Tensor, layout: ChunkLayout, mask: Tensor | N
     return Statistics(gram, lag, cross, max_norm)
 
 
-class _ChunkSums(torch.autograd.Function):
-    """Chunk grids Z (keys), Z₋ (previous keys), V [..., S, ·] -> G = ZᵀZ, M = ZᵀZ₋, C = VᵀZ [..., ·, r].
+def _chunk_sums(keys: Tensor, prev: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunk grids Z (keys), Z₋ (previous keys), V [..., S, ·] -> G = ZᵀZ, M = ZᵀZ₋, C = VᵀZ [..., ·, r]."""
+    return keys.mT @ keys, keys.mT @ prev, values.mT @ keys
 
-    Backward in five batched matmuls, accumulated in place: dZ = Z(dG + dGᵀ) + Z₋dMᵀ + V dC, dZ₋ = Z dM, dV = Z dCᵀ.
-    """
+
+def _chunk_sums_backward(keys: Tensor, prev: Tensor, values: Tensor, d_gram: Tensor, d_lag: Tensor,
+                         d_cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Five batched matmuls, accumulated in place: dZ = Z(dG + dGᵀ) + Z₋dMᵀ + V dC, dZ₋ = Z dM, dV = Z dCᵀ."""
+    lead = keys.shape[:-2]
+    keys, prev, values, d_gram, d_lag, d_cross = (x.reshape(-1, *x.shape[-2:]) for x in
+                                                  (keys, prev, values, d_gram, d_lag, d_cross))
+    d_keys = torch.bmm(keys, d_gram + d_gram.mT).baddbmm_(prev, d_lag.mT).baddbmm_(values, d_cross)
+    return tuple(x.view(*lead, *x.shape[-2:]) for x in (d_keys, torch.bmm(keys, d_lag), torch.bmm(keys, d_cross.mT)))
+
+
+class _ChunkSums(torch.autograd.Function):
+    """`_chunk_sums` with its hand-written backward."""
 
     @staticmethod
     def forward(ctx, keys: Tensor, prev: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ctx.save_for_backward(keys, prev, values)
-        return keys.mT @ keys, keys.mT @ prev, values.mT @ keys
+        return _chunk_sums(keys, prev, values)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_gram: Tensor, d_lag: Tensor, d_cross: Tensor):
-        keys, prev, values = ctx.saved_tensors
-        d_keys = keys @ (d_gram + d_gram.mT)
-        d_keys.add_(prev @ d_lag.mT).add_(values @ d_cross)
-        return d_keys, keys @ d_lag, keys @ d_cross.mT
+        return _chunk_sums_backward(*ctx.saved_tensors, d_gram, d_lag, d_cross)
+
+
+def _exclusive_scan(x: Tensor, starts: tuple[bool, ...], initial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exclusive prefix sum over dim 2 of [B, H, NC, ...], restarting at every sequence's first chunk; also
+    the inclusive total of the last sequence [B, H, ...] (the running sum a next block continues from).
+
+    initial [B, H, ...]: what chunk 0 sees (the sum over earlier blocks of its sequence); None: zero.
+    A loop of adds over chunks: PyTorch's CPU cumsum along an outer dim is strided and accumulates in
+    fp64, several times slower than this.
+    """
+    out = torch.empty_like(x)
+    outs, xs = out.unbind(2), x.unbind(2)
+    for c in range(len(xs)):
+        if c == 0 and initial is not None:
+            outs[c].copy_(initial)
+        elif starts[c]:
+            outs[c].zero_()
+        else:
+            torch.add(outs[c - 1], xs[c - 1], out=outs[c])
+    total = outs[-1] + xs[-1] if xs else x.new_zeros(x.shape[:2] + x.shape[3:])
+    return out, total
+
+
+def _exclusive_scan_backward(d_out: Tensor | None, d_total: Tensor | None, starts: tuple[bool, ...],
+                             has_initial: bool, shape: torch.Size) -> tuple[Tensor | None, Tensor | None]:
+    """(d_x, d_initial) of `_exclusive_scan`: the same scan, reversed. d_out, d_total: None = zero."""
+    if d_out is None and d_total is None:
+        return None, None
+    last = len(starts) - 1
+    if d_out is None:
+        d_out = d_total.new_zeros(()).expand(shape)
+    d_x = torch.empty(shape, dtype=d_out.dtype, device=d_out.device)
+    d_xs, d_outs = d_x.unbind(2), d_out.unbind(2)
+    # d_x[c] = Σ d_out[c'] over later chunks c' of the same sequence (+ d_total in the last sequence)
+    zero_after = d_total is None  # d_x[c + 1] is known to be zero
+    for c in range(last, -1, -1):
+        if c == last:
+            d_xs[c].zero_() if zero_after else d_xs[c].copy_(d_total)
+        elif starts[c + 1]:
+            d_xs[c].zero_()
+            zero_after = True
+        elif zero_after:
+            d_xs[c].copy_(d_outs[c + 1])
+            zero_after = False
+        else:
+            torch.add(d_xs[c + 1], d_outs[c + 1], out=d_xs[c])
+    # chunk 0's sequence: every chunk until the next start reads `initial`
+    d_initial = d_outs[0] + d_xs[0] if has_initial else None
+    return d_x, d_initial
 
 
 class _ExclusiveScan(torch.autograd.Function):
-    """Exclusive prefix sum over dim 2 of [B, H, NC, ...], restarting at every sequence's first chunk.
-
-    A loop of in-place adds over chunks: PyTorch's CPU cumsum along an outer dim is strided and
-    accumulates in fp64, several times slower than this. Backward: the same scan, reversed.
-    """
+    """`_exclusive_scan` with its backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, starts: tuple[bool, ...], initial: Tensor | None = None) -> Tensor:
-        """initial [B, H, ...]: what chunk 0 sees (the sum over earlier blocks of its sequence); None: zero."""
-        out = torch.empty_like(x)
-        for c in range(x.shape[2]):
-            if c == 0 and initial is not None:
-                out[:, :, c].copy_(initial)
-            elif starts[c]:
-                out[:, :, c].zero_()
-            else:
-                torch.add(out[:, :, c - 1], x[:, :, c - 1], out=out[:, :, c])
-        ctx.starts, ctx.has_initial = starts, initial is not None
-        return out
+    def forward(ctx, x: Tensor, starts: tuple[bool, ...], initial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.starts, ctx.has_initial, ctx.shape = starts, initial is not None, x.shape
+        return _exclusive_scan(x, starts, initial)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out: Tensor):
-        starts, last = ctx.starts, d_out.shape[2] - 1
-        d_x = torch.empty_like(d_out)
-        for c in range(last, -1, -1):  # d_x[c] = Σ d_out[c'] over later chunks c' of the same sequence
-            if c == last or starts[c + 1]:
-                d_x[:, :, c].zero_()
-            elif c + 1 == last or starts[c + 2]:
-                d_x[:, :, c].copy_(d_out[:, :, c + 1])
-            else:
-                torch.add(d_x[:, :, c + 1], d_out[:, :, c + 1], out=d_x[:, :, c])
-        d_initial = None
-        if ctx.has_initial:  # chunk 0's sequence: every chunk until the next start reads `initial`
-            d_initial = d_out[:, :, 0] + d_x[:, :, 0]
+    def backward(ctx, d_out: Tensor | None, d_total: Tensor | None):
+        d_x, d_initial = _exclusive_scan_backward(d_out, d_total, ctx.starts, ctx.has_initial, ctx.shape)
         return d_x, None, d_initial
 
 
@@ -207,7 +242,7 @@ def exclusive_prefix(stats: Statistics, layout: ChunkLayout, initial: InitialSta
         lag = lag.index_add(2, first_chunks, initial.join_lag[:, :, filled])
     max_norm = torch.cat([torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1].cummax(dim=2).values], dim=2)
                           for x in (stats.max_norm[:, :, c0:c1] for c0, c1 in layout.segments)], dim=2)
-    visible = Statistics(*(_ExclusiveScan.apply(x, tuple(starts)) for x in (stats.gram, lag, stats.cross)), max_norm)
+    visible = Statistics(*(_ExclusiveScan.apply(x, tuple(starts))[0] for x in (stats.gram, lag, stats.cross)), max_norm)
     if initial is None:
         return visible
     before = initial.totals
@@ -282,84 +317,120 @@ def cholesky_with_jitter(g_ridge: Tensor, scale: Tensor) -> Cholesky:
 
 @torch.no_grad()
 def spectral_norm_estimate(whitened: Tensor, power_iters: int) -> Tensor:
-    """Batched power iteration of SPEC §2 step 4 (no gradient): [..., r, r] -> σ [...]."""
+    """Batched power iteration of SPEC §2 step 4 (no gradient): [N, r, r] -> σ [N]."""
     r = whitened.shape[-1]
-    vec = torch.full(whitened.shape[:-1], 1.0 / math.sqrt(r), dtype=whitened.dtype, device=whitened.device)
+    vec = torch.full((*whitened.shape[:-1], 1), 1.0 / math.sqrt(r), dtype=whitened.dtype, device=whitened.device)
 
-    def normalised(x: Tensor) -> Tensor:
-        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        return torch.where(n > 0, x / torch.where(n > 0, n, 1.0), 0.0)
+    def normalised(x: Tensor) -> Tensor:  # x / ‖x‖, and 0 where ‖x‖ = 0
+        n = torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        return x.div_(torch.where(n > 0, n, 1.0))
 
     for _ in range(power_iters):
-        u = normalised((whitened @ vec[..., None])[..., 0])
-        vec = normalised((whitened.mT @ u[..., None])[..., 0])
-    return torch.linalg.vector_norm((whitened @ vec[..., None])[..., 0], dim=-1)
+        u = normalised(torch.bmm(whitened, vec))
+        vec = normalised(torch.bmm(whitened.mT, u))
+    return torch.linalg.vector_norm(torch.bmm(whitened, vec), dim=(-2, -1))
+
+
+class _Readout(NamedTuple):
+    """What `_readout_backward` needs of `_readout_forward`'s work; shapes [N, ·]."""
+
+    max_norm: Tensor
+    a: Tensor
+    damping: Tensor
+    eta: Tensor
+    diagonal: Tensor  # of G̃
+    inv: Tensor  # Λ
+    whitened: Tensor  # W
+    coef: Tensor
+    last_resort: Tensor
+    unscaled: Tensor  # X_K Λ
+    chain: tuple[Tensor, ...]  # X_0 … X_K
+
+
+def _readout_forward(gram: Tensor, lag: Tensor, cross: Tensor, max_norm: Tensor, gamma: Tensor, eta: Tensor,
+                     power: int, eps: float, norm: str, power_iters: int) -> tuple[Tensor, _Readout]:
+    """(G, M, C [N, ·, r], m, γ̂, η [N]) -> (η·R [N, P, r], saved for the backward). See `_ReadoutMatrices`."""
+    scale = max_norm.clamp_min(NORM_FLOOR) ** 2
+    ridge = torch.full_like(scale, eps) if norm == "none" else eps * scale
+    g_ridge = (gram + gram.mT).mul_(0.5)  # sym(G) + λI
+    g_ridge.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
+    chol = cholesky_with_jitter(g_ridge, scale)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    # right-hand solves (X A = B): with these memory layouts LAPACK needs no transposed copies (2-3x faster)
+    inv = torch.linalg.solve_triangular(chol.factor, eye.expand_as(g_ridge), upper=False, left=False)  # Λ = L⁻¹
+    upper = chol.factor.mT
+    whitened = torch.linalg.solve_triangular(upper, lag, upper=True, left=False)  # M L⁻ᵀ
+    whitened = torch.linalg.solve_triangular(upper, whitened.mT, upper=True, left=False).mT  # L⁻¹ M L⁻ᵀ
+    damping = spectral_norm_estimate(whitened, power_iters).clamp_min(1.0)  # max(1, σ)
+    a = gamma / damping
+    chain = [torch.bmm(cross, inv.mT)]
+    for _ in range(power):
+        chain.append(torch.bmm(chain[-1], whitened))
+    unscaled = torch.bmm(chain[-1], inv)
+    saved = _Readout(max_norm, a, damping, eta, g_ridge.diagonal(dim1=-2, dim2=-1), inv, whitened, chol.coef,
+                     chol.last_resort, unscaled, tuple(chain))
+    return unscaled * (eta * a**power)[:, None, None], saved
+
+
+def _readout_backward(saved: _Readout, d_readout: Tensor, power: int, eps: float,
+                      norm: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """d η·R [N, P, r] -> (dG, dM, dC, dm, dγ̂, dη) of `_readout_forward`."""
+    max_norm, a, damping, eta, diagonal, inv, whitened, coef, last_resort, unscaled, chain = saved
+    d_factor = (d_readout * unscaled).sum(dim=(-2, -1))  # d (η a^K)
+    d_x = torch.bmm(d_readout, inv.mT).mul_((eta * a**power)[:, None, None])  # d X_K
+    # E = dΛ Λᵀ from well-scaled factors (Λ M Λᵀ = W, C Λᵀ = X_0): explicit products with Λ would
+    # amplify rounding by cond(L) in the ill-conditioned first chunks
+    adjoint = torch.bmm(chain[-1].mT, d_x)
+    d_whitened = torch.zeros_like(whitened)
+    for x in reversed(chain[:-1]):
+        d_whitened.baddbmm_(x.mT, d_x)
+        d_x = torch.bmm(d_x, whitened.mT)
+    d_cross = torch.bmm(d_x, inv)
+    adjoint.baddbmm_(d_x.mT, chain[0])
+    if power:
+        adjoint.baddbmm_(d_whitened, whitened.mT).baddbmm_(d_whitened.mT, whitened)
+    d_lag = torch.bmm(torch.bmm(inv.mT, d_whitened), inv)
+    phi = adjoint.tril(-1)  # Φ(-tril(E)) = -(strict lower + its transpose + diagonal) / 2
+    phi = phi + phi.mT
+    phi.diagonal(dim1=-2, dim2=-1).copy_(adjoint.diagonal(dim1=-2, dim2=-1))
+    d_g = torch.bmm(torch.bmm(inv.mT, phi.mul_(-0.5)), inv)  # d G̃ (symmetric)
+    d_shift = d_g.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    # last resort: + 1e-4·max_i G̃_ii, the gradient split over tied diagonal entries (as torch.amax)
+    d_largest = torch.where(last_resort, JITTER * d_shift, 0.0)
+    hits = (diagonal == diagonal.amax(dim=-1, keepdim=True)).to(d_g.dtype)
+    d_g.diagonal(dim1=-2, dim2=-1).add_(hits * (d_largest / hits.sum(dim=-1))[:, None])
+    d_ridge = d_shift + d_largest
+    d_scale = coef * d_shift + (0.0 if norm == "none" else eps * d_ridge)
+    d_max_norm = torch.where(max_norm >= NORM_FLOOR, 2.0 * max_norm * d_scale, 0.0)
+    d_gamma = d_factor * eta * power * a ** (power - 1) / damping if power else torch.zeros_like(a)
+    return d_g, d_lag, d_cross, d_max_norm, d_gamma, d_factor * a**power
 
 
 class _ReadoutMatrices(torch.autograd.Function):
-    """(G, M, C, m, γ̂, η) [..., ·] -> η·R [..., P, r] with a hand-written backward over the r×r algebra.
+    """(G, M, C, m, γ̂, η) [N, ·] -> η·R [N, P, r] with a hand-written backward over the r×r algebra.
 
     With Λ = L⁻¹, W = L⁻¹ M L⁻ᵀ (two triangular solves: accurate for ill-conditioned G̃), X_0 = C Λᵀ,
     X_i = X_{i-1} W: R = a^K X_K Λ. The backward runs the chain in reverse with batched matmuls, then the
     Cholesky adjoint dG̃ = Λᵀ Φ(-tril(E)) Λ with E = dΛ Λᵀ assembled from the well-scaled W and X_0
     (Φ: lower triangle, halved diagonal, symmetrised), and routes tr(dG̃) to m through the ridge and jitter.
-    a = γ̂ / max(1, σ), σ by power iteration without gradient (SPEC §2 step 4).
+    a = γ̂ / max(1, σ), σ by power iteration without gradient (SPEC §2 step 4). Products are `bmm` and
+    in-place `baddbmm_` on [N, ·, ·] (fewer passes over the r×r buffers than out-of-place sums).
     """
 
     @staticmethod
     def forward(ctx, gram: Tensor, lag: Tensor, cross: Tensor, max_norm: Tensor, gamma: Tensor, eta: Tensor,
                 power: int, eps: float, norm: str, power_iters: int) -> Tensor:
-        scale = max_norm.clamp_min(NORM_FLOOR) ** 2
-        ridge = torch.full_like(scale, eps) if norm == "none" else eps * scale
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        g_ridge = 0.5 * (gram + gram.mT) + ridge[..., None, None] * eye
-        chol = cholesky_with_jitter(g_ridge, scale)
-        inv = torch.linalg.solve_triangular(chol.factor, eye.expand_as(g_ridge), upper=False)  # Λ = L⁻¹
-        whitened = torch.linalg.solve_triangular(chol.factor, lag, upper=False)  # L⁻¹ M
-        whitened = torch.linalg.solve_triangular(chol.factor, whitened.mT, upper=False).mT  # L⁻¹ M L⁻ᵀ
-        damping = spectral_norm_estimate(whitened, power_iters).clamp_min(1.0)  # max(1, σ)
-        a = gamma / damping
-        chain = [cross @ inv.mT]
-        for _ in range(power):
-            chain.append(chain[-1] @ whitened)
-        unscaled = chain[-1] @ inv
-        ctx.save_for_backward(lag, cross, max_norm, a, damping, eta, g_ridge.diagonal(dim1=-2, dim2=-1), inv,
-                              whitened, chol.coef, chol.last_resort, unscaled, *chain)
+        readout, saved = _readout_forward(gram, lag, cross, max_norm, gamma, eta, power, eps, norm, power_iters)
+        ctx.save_for_backward(*saved[:-1], *saved.chain)
         ctx.options = (power, eps, norm)
-        return unscaled * (eta * a**power)[..., None, None]
+        return readout
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_readout: Tensor):
-        lag, cross, max_norm, a, damping, eta, diagonal, inv, whitened, coef, last_resort, unscaled, *chain = \
-            ctx.saved_tensors
-        power, eps, norm = ctx.options
-        d_factor = (d_readout * unscaled).sum(dim=(-2, -1))  # d (η a^K)
-        d_x = (eta * a**power)[..., None, None] * (d_readout @ inv.mT)  # d X_K
-        # E = dΛ Λᵀ from well-scaled factors (Λ M Λᵀ = W, C Λᵀ = X_0): explicit products with Λ would
-        # amplify rounding by cond(L) in the ill-conditioned first chunks
-        adjoint = chain[-1].mT @ d_x
-        d_whitened = torch.zeros_like(whitened)
-        for x in reversed(chain[:-1]):
-            d_whitened += x.mT @ d_x
-            d_x = d_x @ whitened.mT
-        d_cross = d_x @ inv
-        adjoint += d_x.mT @ chain[0]
-        if power:
-            adjoint += d_whitened @ whitened.mT + d_whitened.mT @ whitened
-        d_lag = inv.mT @ d_whitened @ inv
-        lower = -adjoint.tril()
-        d_g = inv.mT @ (0.5 * (lower + lower.tril(-1).mT)) @ inv  # d G̃ (symmetric)
-        d_shift = d_g.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
-        # last resort: + 1e-4·max_i G̃_ii, the gradient split over tied diagonal entries (as torch.amax)
-        d_largest = torch.where(last_resort, JITTER * d_shift, 0.0)
-        hits = (diagonal == diagonal.amax(dim=-1, keepdim=True)).to(d_g.dtype)
-        d_g.diagonal(dim1=-2, dim2=-1).add_(hits * (d_largest / hits.sum(dim=-1))[..., None])
-        d_ridge = d_shift + d_largest
-        d_scale = coef * d_shift + (0.0 if norm == "none" else eps * d_ridge)
-        d_max_norm = torch.where(max_norm >= NORM_FLOOR, 2.0 * max_norm * d_scale, 0.0)
-        d_gamma = d_factor * eta * power * a ** (power - 1) / damping if power else torch.zeros_like(a)
-        return d_g, d_lag, d_cross, d_max_norm, d_gamma, d_factor * a**power, None, None, None, None
+        fields = ctx.saved_tensors
+        saved = _Readout(*fields[:len(_Readout._fields) - 1], fields[len(_Readout._fields) - 1:])
+        return (*_readout_backward(saved, d_readout, *ctx.options), None, None, None, None)
 
 
 def readout_matrices(stats: Statistics, gamma: Tensor, eta: Tensor | None = None, *, power: int, eps: float,
@@ -370,8 +441,10 @@ def readout_matrices(stats: Statistics, gamma: Tensor, eta: Tensor | None = None
     """
     lead = stats.gram.shape[:-2]
     eta = torch.ones((), dtype=stats.gram.dtype, device=stats.gram.device) if eta is None else eta
-    return _ReadoutMatrices.apply(stats.gram, stats.lag, stats.cross, stats.max_norm.expand(lead),
-                                  gamma.expand(lead), eta.expand(lead), power, eps, norm, power_iters)
+    flat = [x.reshape(-1, *x.shape[-2:]) for x in stats[:3]]
+    scalars = [x.expand(lead).reshape(-1) for x in (stats.max_norm, gamma, eta)]
+    readout = _ReadoutMatrices.apply(*flat, *scalars, power, eps, norm, power_iters)
+    return readout.view(*lead, *readout.shape[-2:])
 
 
 class _ApplyReadout(torch.autograd.Function):
@@ -390,57 +463,123 @@ class _ApplyReadout(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_y: Tensor):
         queries, readout = ctx.saved_tensors
+        d_y = d_y.contiguous()  # a broadcast gradient (of a sum, say) would send bmm down a slow path
         return d_y @ readout, d_y.mT @ queries
 
 
 BLOCK_READOUTS = 128  # readout matrices (batch · head · chunk) per block of the chunk_causal pipeline
 
 
+class _CausalBlocks(torch.autograd.Function):
+    """chunk_causal SKA of one sequence per batch row, block by block over the chunks, as one autograd node.
+
+    q, k, v [B, T, H, ·] (work dtype, masked tokens zeroed), visible max norm [B, H, NC], γ̂, η [H] -> y [B, T, H, P].
+    Each block of `block_tokens` tokens computes its chunk statistics, continues the exclusive prefix from the
+    running totals of the earlier blocks, its readouts and its outputs; the backward walks the blocks in
+    reverse, carrying the gradient of those running totals (and of the key each block's first lag pair
+    borrows from the block before). A block holds about BLOCK_READOUTS readouts, so the r×r temporaries of
+    the dense algebra and its backward stay in cache instead of streaming T/S·r² buffers through memory at
+    every stage (which made the whole-sequence path superlinear in T), and the token tensors are written
+    in place, block by block, in both directions (no per-block autograd nodes, splits or concatenations).
+    `statistics` (a list, or None) receives each block's per-chunk (G, M, C) [B, H, nb, ...].
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, visible_max: Tensor, gamma: Tensor, eta: Tensor,
+                chunk_size: int, block_tokens: int, options: tuple, statistics: list | None) -> Tensor:
+        batch, seq_len, heads, _ = q.shape
+        y = q.new_empty(batch, seq_len, heads, v.shape[-1])
+        gamma, eta = gamma.view(1, heads, 1), eta.view(1, heads, 1)
+        running, last_key, saved, blocks = None, None, [], []
+        for t0 in range(0, seq_len, block_tokens):
+            t1 = min(t0 + block_tokens, seq_len)
+            layout = ChunkLayout.build(t1 - t0, chunk_size, None, q.device)
+            keys, values, queries = (layout.to_chunks(x[:, t0:t1]) for x in (k, v, q))
+            prev = layout.previous_keys(keys, last_key)
+            stats = _chunk_sums(keys, prev, values)
+            starts = (running is None,) + (False,) * (layout.num_chunks - 1)
+            sums, running = zip(*(_exclusive_scan(x, starts, None if running is None else running[i])
+                                  for i, x in enumerate(stats)))
+            lead = sums[0].shape[:-2]  # [B, H, nb]
+            c0 = t0 // chunk_size
+            scalars = (x.expand(lead).reshape(-1) for x in (visible_max[:, :, c0:c0 + layout.num_chunks], gamma, eta))
+            readout, block_saved = _readout_forward(*(x.view(-1, *x.shape[-2:]) for x in sums), *scalars, *options)
+            readout = readout.view(*lead, *readout.shape[-2:])
+            layout.from_chunks(queries @ readout.mT, out=y[:, t0:t1])
+            saved += [keys, prev, values, queries, readout, *block_saved[:-1], *block_saved.chain]
+            blocks.append((t0, t1, c0, layout, starts))
+            last_key = keys[:, :, -1, (t1 - t0 - 1) % chunk_size]
+            if statistics is not None:
+                statistics.append(stats)
+        ctx.save_for_backward(*saved)
+        ctx.blocks, ctx.options, ctx.shapes = blocks, options, (q.shape, k.shape, v.shape, visible_max.shape)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_y: Tensor):
+        q_shape, k_shape, v_shape, max_shape = ctx.shapes
+        d_q, d_k, d_v = (d_y.new_empty(shape) for shape in (q_shape, k_shape, v_shape))
+        d_visible_max = d_y.new_empty(max_shape)
+        d_gamma = d_eta = 0.0
+        per_block = len(ctx.saved_tensors) // len(ctx.blocks)
+        d_running = (None, None, None)  # gradient of the running totals the next block started from
+        d_borrowed = None  # gradient of the key the next block borrowed for its first lag pair
+        for i in reversed(range(len(ctx.blocks))):
+            t0, t1, c0, layout, starts = ctx.blocks[i]
+            keys, prev, values, queries, readout, *fields = ctx.saved_tensors[i * per_block:(i + 1) * per_block]
+            block_saved = _Readout(*fields[:len(_Readout._fields) - 1], tuple(fields[len(_Readout._fields) - 1:]))
+            d_grid = layout.to_chunks(d_y[:, t0:t1])
+            layout.from_chunks(d_grid @ readout, out=d_q[:, t0:t1])
+            lead = readout.shape[:-2]
+            d_readout = (d_grid.mT @ queries).view(-1, *readout.shape[-2:])
+            *d_sums, d_max, d_gamma_b, d_eta_b = _readout_backward(block_saved, d_readout, *ctx.options[:3])
+            d_stats, d_running = zip(*(_exclusive_scan_backward(d.view(*lead, *d.shape[-2:]), d_total, starts, i > 0,
+                                                                (*lead, *d.shape[-2:]))
+                                       for d, d_total in zip(d_sums, d_running)))
+            d_keys, d_prev, d_values = _chunk_sums_backward(keys, prev, values, *d_stats)
+            d_keys_flat, d_prev_flat = d_keys.flatten(2, 3), d_prev.flatten(2, 3)  # prev[j] = keys[j - 1]
+            d_keys_flat[:, :, :-1] += d_prev_flat[:, :, 1:]
+            if d_borrowed is not None:
+                d_keys_flat[:, :, t1 - t0 - 1] += d_borrowed
+            d_borrowed = d_prev_flat[:, :, 0]
+            layout.from_chunks(d_keys, out=d_k[:, t0:t1])
+            layout.from_chunks(d_values, out=d_v[:, t0:t1])
+            d_visible_max[:, :, c0:c0 + layout.num_chunks] = d_max.view(lead)
+            d_gamma = d_gamma + d_gamma_b.view(lead).sum(dim=(0, 2))
+            d_eta = d_eta + d_eta_b.view(lead).sum(dim=(0, 2))
+        return d_q, d_k, d_v, d_visible_max, d_gamma, d_eta, None, None, None, None
+
+
 def _causal_in_blocks(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, mask: Tensor | None,
-    seq_max: Tensor | None, keep_statistics: bool, **readout_options,
+    seq_max: Tensor | None, keep_statistics: bool, power: int, eps: float, norm: str, power_iters: int,
 ) -> tuple[Tensor, Statistics | None]:
-    """chunk_causal SKA of one sequence per batch row, run block by block over the chunks.
+    """chunk_causal SKA of one sequence per batch row, run block by block over the chunks (`_CausalBlocks`).
 
-    Same arithmetic as the whole-sequence stages, in the same order (bitwise the same result): each block
-    computes its chunk statistics, continues the exclusive prefix from the running totals of earlier blocks
-    (`_ExclusiveScan(initial=...)`; a running `cummax` for the max norm), its readouts and its outputs.
-    A block holds about BLOCK_READOUTS readouts, so the r×r temporaries of the dense algebra and its
-    backward stay in cache instead of streaming T/S·r² buffers through memory at every stage (which
-    made the whole-sequence path superlinear in T). Returns y [B, T, H, P] and, with `keep_statistics`,
-    the per-chunk statistics [B, H, NC, ...].
+    Same arithmetic as the whole-sequence stages: outputs equal to rounding (the exclusive prefix continues
+    from running totals), gradients up to the order of summation across blocks. The max norm of the visible
+    chunks is one `cummax` over all chunks (its tie rule as in the whole-sequence scan). Returns
+    y [B, T, H, P] and, with `keep_statistics`, the per-chunk statistics [B, H, NC, ...].
     """
     batch, seq_len, heads, _ = q.shape
-    block_tokens = chunk_size * max(1, BLOCK_READOUTS // (batch * heads))
+    num_chunks = math.ceil(seq_len / chunk_size)
     if mask is not None:
         weight = mask.to(k.dtype)[:, :, None, None]
         k, v = k * weight, v * weight
-    eta, gamma = eta.view(1, heads, 1), gamma.view(1, heads, 1)
-    running: Statistics | None = None  # sums over the chunks of earlier blocks; max norm over them
-    last_key = None
-    outputs, per_block = [], []
-    for q_b, k_b, v_b in zip(*(x.split(block_tokens, dim=1) for x in (q, k, v))):
-        layout = ChunkLayout.build(q_b.shape[1], chunk_size, None, q.device)
-        keys, values = layout.to_chunks(k_b), layout.to_chunks(v_b)
-        gram, lag, cross = _ChunkSums.apply(keys, layout.previous_keys(keys, last_key), values)
-        max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=-1)
-        starts = (running is None,) + (False,) * (layout.num_chunks - 1)
-        sums = [_ExclusiveScan.apply(x, starts, None if running is None else running[i])
-                for i, x in enumerate((gram, lag, cross))]
-        # running max over [earlier blocks, this block's chunks]: cummax's tie rule (the later index) as
-        # in the whole-sequence scan
-        earlier = torch.zeros_like(max_norm[:, :, :1]) if running is None else running.max_norm[:, :, None]
-        maxima = torch.cat([earlier, max_norm], dim=2).cummax(dim=2).values
-        visible = Statistics(*sums, maxima[:, :, :-1] if seq_max is None else seq_max[:, :, None])
-        readout = readout_matrices(visible, gamma, eta, **readout_options)
-        outputs.append(layout.from_chunks(_ApplyReadout.apply(layout.to_chunks(q_b), readout)))
-        running = Statistics(*(x[:, :, -1] + d[:, :, -1] for x, d in zip(sums, (gram, lag, cross))), maxima[:, :, -1])
-        last_key = keys[:, :, -1, (q_b.shape[1] - 1) % chunk_size]
-        if keep_statistics:
-            per_block.append(Statistics(gram, lag, cross, max_norm))
-    y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-    statistics = Statistics(*(torch.cat(x, dim=2) for x in zip(*per_block))) if keep_statistics else None
-    return y, statistics
+    norms = F.pad(torch.linalg.vector_norm(k, dim=-1), (0, 0, 0, num_chunks * chunk_size - seq_len))
+    max_norm = norms.view(batch, num_chunks, chunk_size, heads).amax(dim=2).transpose(1, 2)  # [B, H, NC]
+    if seq_max is None:  # over the chunks before each chunk
+        visible_max = torch.cat([torch.zeros_like(max_norm[:, :, :1]), max_norm[:, :, :-1]], dim=2).cummax(dim=2).values
+    else:
+        visible_max = seq_max[:, :, None].expand_as(max_norm)
+    block_tokens = chunk_size * max(1, BLOCK_READOUTS // (batch * heads))
+    per_block = [] if keep_statistics else None
+    y = _CausalBlocks.apply(q, k, v, visible_max, gamma, eta, chunk_size, block_tokens,
+                            (power, eps, norm, power_iters), per_block)
+    if not keep_statistics:
+        return y, None
+    return y, Statistics(*(torch.cat(x, dim=2) for x in zip(*per_block)), max_norm)
 
 
 def forward_with_statistics(
