@@ -17,7 +17,7 @@ process's baseline after importing torch and building the inputs) belongs to it 
 measurement that dies of memory exhaustion (or is refused by the address-space cap) is reported
 as OOM. Prints Markdown tables.
 
-    .venv/bin/python benchmarks/bench_ops.py            # full run (about 15 min on 2 cores)
+    .venv/bin/python benchmarks/bench_ops.py            # full run (about 10 min on 2 cores)
     .venv/bin/python benchmarks/bench_ops.py --quick    # T up to 4096, a minute or two
 """
 
@@ -206,14 +206,14 @@ def _estimate_line(name: str, seq_len: int, measured: dict[int, dict]) -> str | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="T up to 4096 and a short decode table")
-    parser.add_argument("--attention-max-len", type=int, default=16384,
+    parser.add_argument("--attention-max-len", type=int, default=32768,
                         help="longest T at which attention is run (longer cells: 'not run' plus a labelled estimate)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    lengths = [1024, 2048, 4096] if args.quick else [1024, 4096, 8192, 16384, 65536]
+    lengths = [1024, 2048, 4096] if args.quick else [1024, 4096, 8192, 16384, 32768, 65536]
     print(f"B={BATCH}, H={HEADS}, attention d={HEAD_DIM} (q/k/v), SKA matched r=P={SKA_CONFIGS['matched'][0]}, "
           f"SKA paper r={SKA_CONFIGS['paper'][0]} P={SKA_CONFIGS['paper'][1]}, S={CHUNK}, K=2, fp32, "
           f"{torch.get_num_threads()} threads\n")
@@ -221,14 +221,14 @@ def main() -> None:
           "| SDPA peak MiB | SKA matched peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     estimates = []
-    ska_times: dict[tuple[bool, int], dict] = {}
+    ska_times: dict[tuple[str, bool, int], dict] = {}
     for backward in (False, True):
         name = "fwd+bwd" if backward else "fwd"
         attention: dict[int, dict] = {}
         for seq_len in lengths:
             matched = measure(kind="seq", impl="torch", config="matched", T=seq_len, backward=backward)
             paper = measure(kind="seq", impl="torch", config="paper", T=seq_len, backward=backward)
-            ska_times[backward, seq_len] = matched
+            ska_times["matched", backward, seq_len], ska_times["paper", backward, seq_len] = matched, paper
             run_attention = seq_len <= args.attention_max_len
             att = measure(kind="seq", impl="attention", T=seq_len, backward=backward) if run_attention else NOT_RUN
             attention[seq_len] = att
@@ -239,12 +239,14 @@ def main() -> None:
                   f"{_fmt_mem(matched)} |", flush=True)
     for line in filter(None, estimates):
         print(line)
-    print("\nSKA (matched) scaling, t(T2)/t(T1) / (T2/T1) (1.0 = linear):")
-    for backward in (False, True):
-        pairs = zip(lengths[:-1], lengths[1:])
-        parts = [f"{a}→{b}: {ska_times[backward, b]['ms'] / ska_times[backward, a]['ms'] / (b / a):.2f}"
-                 for a, b in pairs if "missing" not in ska_times[backward, a] and "missing" not in ska_times[backward, b]]
-        print(f"  {'fwd+bwd' if backward else 'fwd'}: " + ", ".join(parts))
+    print("\nSKA scaling, t(T2)/t(T1) / (T2/T1) (1.0 = linear):")
+    for config in SKA_CONFIGS:
+        for backward in (False, True):
+            times = {t: ska_times[config, backward, t] for t in lengths}
+            parts = [f"{a}→{b}: {times[b]['ms'] / times[a]['ms'] / (b / a):.2f}"
+                     for a, b in zip(lengths[:-1], lengths[1:])
+                     if "missing" not in times[a] and "missing" not in times[b]]
+            print(f"  {config} {'fwd+bwd' if backward else 'fwd'}: " + ", ".join(parts))
     contexts = [1024, 8192] if args.quick else [1024, 16384, 65536]
     print("\n| context | SKA (matched) step ms | SKA state KiB | attention step ms | SDPA backend | KV cache KiB |")
     print("|---|---|---|---|---|---|")

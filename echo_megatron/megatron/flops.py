@@ -78,7 +78,8 @@ def ska_operator_flops(
     torch path (`echo_megatron.ops.chunked`) computes it.
 
     Per head, with n = ceil(T/S) chunks (forward; backward):
-      statistics  G, M: 2·T·r² each, C: 2·T·P·r      (backward 6·T·r² + 4·T·P·r: five products, G's once)
+      statistics  G, M: 2·T·r² each, C: 2·T·P·r, one product Aᵀ Z with A = [Z | Z₋ | V]
+                  (backward 8·T·r² + 4·T·P·r: Z dSᵀ and A dS)
       readout     Y = R_c Q_c: 2·T·P·r                                 (backward 2×)
       prefix sums over chunks: n·(2r² + P·r) additions                 (backward: a reverse sum, 1×)
       per chunk   Cholesky r³/3; Λ = L⁻¹ r³ and W = L⁻¹ M L⁻ᵀ 2·r³ (triangular solves);
@@ -88,7 +89,7 @@ def ska_operator_flops(
     """
     t, r, p = seq_length, rank, value_dim
     chunks = math.ceil(t / chunk_size)
-    tokens = FlopCount(4 * t * r * r + 4 * t * p * r, 6 * t * r * r + 8 * t * p * r)
+    tokens = FlopCount(4 * t * r * r + 4 * t * p * r, 8 * t * r * r + 8 * t * p * r)
     prefix = FlopCount(chunks * (2 * r * r + p * r), chunks * (2 * r * r + p * r))
     factorisation = FlopCount(chunks * (r**3 / 3 + 3 * r**3), 0)
     chain = FlopCount(chunks * 2 * (power + 2) * p * r * r,

@@ -63,11 +63,19 @@ class ChunkLayout:
         start_slots = torch.where(lengths > 0, chunk_offsets[:-1] * chunk_size, 0)
         return ChunkLayout(seq_len, chunk_size, num_chunks, segments, start_slots, token_slot, chunk_segment)
 
-    def to_chunks(self, x: Tensor) -> Tensor:
-        """[B, T, H, d] -> [B, H, NC, S, d] (head-major, contiguous), zero-padded."""
+    def to_chunks(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """[B, T, H, d] -> [B, H, NC, S, d] (head-major, contiguous, or written into `out`), zero-padded."""
         batch, _, heads, width = x.shape
         slots = self.num_chunks * self.chunk_size
         by_head = x.transpose(1, 2)
+        if out is not None:
+            flat = out.view(batch, heads, slots, width) if out.is_contiguous() else out.flatten(2, 3)
+            if self.token_slot is None:
+                flat[:, :, : self.seq_len].copy_(by_head)
+                flat[:, :, self.seq_len:].zero_()
+            else:
+                flat.zero_().index_copy_(2, self.token_slot, by_head)
+            return out
         if self.token_slot is None:  # one copy: F.pad writes a contiguous result
             grid = F.pad(by_head, (0, 0, 0, slots - self.seq_len)) if slots > self.seq_len else by_head.contiguous()
         else:
@@ -80,12 +88,19 @@ class ChunkLayout:
         flat = flat[:, :, : self.seq_len] if self.token_slot is None else flat.index_select(2, self.token_slot)
         return flat.transpose(1, 2).contiguous() if out is None else out.copy_(flat.transpose(1, 2))
 
-    def previous_keys(self, keys: Tensor, before: Tensor | None = None) -> Tensor:
-        """z_{t-1} in the slot of every token t, zero at each sequence start: [B, H, NC, S, r] -> same.
+    def previous_keys(self, keys: Tensor, before: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """z_{t-1} in the slot of every token t, zero at each sequence start: [B, H, NC, S, r] -> same (or `out`).
 
         before [B, H, r]: the key preceding slot 0 (a block of a longer sequence); None: slot 0 starts a sequence.
         """
         flat = keys.flatten(2, 3)
+        if out is not None:
+            out_flat = out.flatten(2, 3)
+            out_flat[:, :, 1:].copy_(flat[:, :, :-1])
+            out_flat[:, :, 0].zero_() if before is None else out_flat[:, :, 0].copy_(before)
+            if self.start_slots is not None:
+                out_flat.index_fill_(2, self.start_slots, 0.0)
+            return out
         if before is None:
             prev = F.pad(flat, (0, 0, 1, 0))[:, :, :-1]
         else:
@@ -93,6 +108,18 @@ class ChunkLayout:
         if self.start_slots is not None:
             prev = prev.index_fill(2, self.start_slots, 0.0)
         return prev.view(keys.shape)
+
+    def token_grid(self, k: Tensor, v: Tensor, before: Tensor | None = None) -> Tensor:
+        """The chunk grid [Z | Z₋ | V] [B, H, NC, S, 2r + P] of keys, previous keys and values (no autograd).
+
+        k: [B, T, H, r]; v: [B, T, H, P]; before as in `previous_keys`.
+        """
+        batch, _, heads, rank = k.shape
+        grid = k.new_empty(batch, heads, self.num_chunks, self.chunk_size, 2 * rank + v.shape[-1])
+        self.to_chunks(k, out=grid[..., :rank])
+        self.to_chunks(v, out=grid[..., 2 * rank:])
+        self.previous_keys(grid[..., :rank], before, out=grid[..., rank:2 * rank])
+        return grid
 
 
 class Statistics(NamedTuple):
@@ -114,38 +141,50 @@ def chunk_statistics(k: Tensor, v: Tensor, layout: ChunkLayout, mask: Tensor | N
     if mask is not None:
         weight = layout.to_chunks(mask.to(k.dtype)[:, :, None, None])  # [B, 1, NC, S, 1]
         keys, values = keys * weight, values * weight
-    gram, lag, cross = _ChunkSums.apply(keys, layout.previous_keys(keys), values)
+    grid = torch.cat([keys, layout.previous_keys(keys), values], dim=-1)
+    stacked = _ChunkSums.apply(grid, k.shape[-1])
     max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=-1)
-    return Statistics(gram, lag, cross, max_norm)
+    return Statistics(*_unstack(stacked, k.shape[-1]), max_norm)
 
 
-def _chunk_sums(keys: Tensor, prev: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Chunk grids Z (keys), Z₋ (previous keys), V [..., S, ·] -> G = ZᵀZ, M = ZᵀZ₋, C = VᵀZ [..., ·, r]."""
-    return keys.mT @ keys, keys.mT @ prev, values.mT @ keys
+def _unstack(stacked: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[..., 2r + P, r] = [G; Mᵀ; C] -> views (G, M, C)."""
+    return stacked[..., :rank, :], stacked[..., rank:2 * rank, :].mT, stacked[..., 2 * rank:, :]
 
 
-def _chunk_sums_backward(keys: Tensor, prev: Tensor, values: Tensor, d_gram: Tensor, d_lag: Tensor,
-                         d_cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Five batched matmuls, accumulated in place: dZ = Z(dG + dGᵀ) + Z₋dMᵀ + V dC, dZ₋ = Z dM, dV = Z dCᵀ."""
-    lead = keys.shape[:-2]
-    keys, prev, values, d_gram, d_lag, d_cross = (x.reshape(-1, *x.shape[-2:]) for x in
-                                                  (keys, prev, values, d_gram, d_lag, d_cross))
-    d_keys = torch.bmm(keys, d_gram + d_gram.mT).baddbmm_(prev, d_lag.mT).baddbmm_(values, d_cross)
-    return tuple(x.view(*lead, *x.shape[-2:]) for x in (d_keys, torch.bmm(keys, d_lag), torch.bmm(keys, d_cross.mT)))
+def _stack(gram: Tensor, lag: Tensor, cross: Tensor) -> Tensor:
+    """(G, M, C) -> [..., 2r + P, r] = [G; Mᵀ; C] (the inverse of `_unstack`)."""
+    return torch.cat([gram, lag.mT, cross], dim=-2)
+
+
+def _chunk_sums(grid: Tensor, rank: int) -> Tensor:
+    """Chunk grids A = [Z | Z₋ | V] [..., S, 2r + P] -> Aᵀ Z = [G; Mᵀ; C] [..., 2r + P, r] (one batched matmul):
+    G = ZᵀZ, M = ZᵀZ₋, C = VᵀZ."""
+    return grid.mT @ grid[..., :rank]
+
+
+def _chunk_sums_backward(grid: Tensor, rank: int, d_stacked: Tensor) -> Tensor:
+    """d [G; Mᵀ; C] -> dA = Z dSᵀ, plus A dS on the Z columns (Z is both factors): two batched matmuls."""
+    lead = grid.shape[:-2]
+    grid, d_stacked = grid.reshape(-1, *grid.shape[-2:]), d_stacked.reshape(-1, *d_stacked.shape[-2:])
+    d_grid = torch.bmm(grid[..., :rank], d_stacked.mT)
+    d_grid[..., :rank] += torch.bmm(grid, d_stacked)
+    return d_grid.view(*lead, *d_grid.shape[-2:])
 
 
 class _ChunkSums(torch.autograd.Function):
     """`_chunk_sums` with its hand-written backward."""
 
     @staticmethod
-    def forward(ctx, keys: Tensor, prev: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.save_for_backward(keys, prev, values)
-        return _chunk_sums(keys, prev, values)
+    def forward(ctx, grid: Tensor, rank: int) -> Tensor:
+        ctx.save_for_backward(grid)
+        ctx.rank = rank
+        return _chunk_sums(grid, rank)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_gram: Tensor, d_lag: Tensor, d_cross: Tensor):
-        return _chunk_sums_backward(*ctx.saved_tensors, d_gram, d_lag, d_cross)
+    def backward(ctx, d_stacked: Tensor):
+        return _chunk_sums_backward(*ctx.saved_tensors, ctx.rank, d_stacked), None
 
 
 def _exclusive_scan(x: Tensor, starts: tuple[bool, ...], initial: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -372,6 +411,11 @@ def _readout_forward(gram: Tensor, lag: Tensor, cross: Tensor, max_norm: Tensor,
     return unscaled * (eta * a**power)[:, None, None], saved
 
 
+def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place, [N, ·, ·] (`baddbmm` with out=acc: torch's FlopCounterMode counts it, not `baddbmm_`)."""
+    torch.baddbmm(acc, a, b, out=acc)
+
+
 def _readout_backward(saved: _Readout, d_readout: Tensor, power: int, eps: float,
                       norm: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """d η·R [N, P, r] -> (dG, dM, dC, dm, dγ̂, dη) of `_readout_forward`."""
@@ -383,12 +427,13 @@ def _readout_backward(saved: _Readout, d_readout: Tensor, power: int, eps: float
     adjoint = torch.bmm(chain[-1].mT, d_x)
     d_whitened = torch.zeros_like(whitened)
     for x in reversed(chain[:-1]):
-        d_whitened.baddbmm_(x.mT, d_x)
+        _accumulate_product(d_whitened, x.mT, d_x)
         d_x = torch.bmm(d_x, whitened.mT)
     d_cross = torch.bmm(d_x, inv)
-    adjoint.baddbmm_(d_x.mT, chain[0])
+    _accumulate_product(adjoint, d_x.mT, chain[0])
     if power:
-        adjoint.baddbmm_(d_whitened, whitened.mT).baddbmm_(d_whitened.mT, whitened)
+        _accumulate_product(adjoint, d_whitened, whitened.mT)
+        _accumulate_product(adjoint, d_whitened.mT, whitened)
     d_lag = torch.bmm(torch.bmm(inv.mT, d_whitened), inv)
     phi = adjoint.tril(-1)  # Φ(-tril(E)) = -(strict lower + its transpose + diagonal) / 2
     phi = phi + phi.mT
@@ -414,7 +459,7 @@ class _ReadoutMatrices(torch.autograd.Function):
     Cholesky adjoint dG̃ = Λᵀ Φ(-tril(E)) Λ with E = dΛ Λᵀ assembled from the well-scaled W and X_0
     (Φ: lower triangle, halved diagonal, symmetrised), and routes tr(dG̃) to m through the ridge and jitter.
     a = γ̂ / max(1, σ), σ by power iteration without gradient (SPEC §2 step 4). Products are `bmm` and
-    in-place `baddbmm_` on [N, ·, ·] (fewer passes over the r×r buffers than out-of-place sums).
+    in-place accumulations on [N, ·, ·] (fewer passes over the r×r buffers than out-of-place sums).
     """
 
     @staticmethod
@@ -474,43 +519,43 @@ class _CausalBlocks(torch.autograd.Function):
     """chunk_causal SKA of one sequence per batch row, block by block over the chunks, as one autograd node.
 
     q, k, v [B, T, H, ·] (work dtype, masked tokens zeroed), visible max norm [B, H, NC], γ̂, η [H] -> y [B, T, H, P].
-    Each block of `block_tokens` tokens computes its chunk statistics, continues the exclusive prefix from the
-    running totals of the earlier blocks, its readouts and its outputs; the backward walks the blocks in
-    reverse, carrying the gradient of those running totals (and of the key each block's first lag pair
-    borrows from the block before). A block holds about BLOCK_READOUTS readouts, so the r×r temporaries of
-    the dense algebra and its backward stay in cache instead of streaming T/S·r² buffers through memory at
-    every stage (which made the whole-sequence path superlinear in T), and the token tensors are written
-    in place, block by block, in both directions (no per-block autograd nodes, splits or concatenations).
-    `statistics` (a list, or None) receives each block's per-chunk (G, M, C) [B, H, nb, ...].
+    Each block of `block_tokens` tokens builds its token grid [Z | Z₋ | V], its chunk statistics [G; Mᵀ; C]
+    (one matmul), continues their exclusive prefix from the running total of the earlier blocks (one scan),
+    computes its readouts and its outputs; the backward walks the blocks in reverse, carrying the gradient of
+    that running total and of the key each block's first lag pair borrows from the block before. A block
+    holds about BLOCK_READOUTS readouts, so the r×r temporaries of the dense algebra and its backward stay in
+    cache instead of streaming T/S·r² buffers through memory at every stage (which made the whole-sequence
+    path superlinear in T), and the token tensors are written in place, block by block, in both directions.
+    `statistics` (a list, or None) receives each block's per-chunk [G; Mᵀ; C] [B, H, nb, 2r + P, r].
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, visible_max: Tensor, gamma: Tensor, eta: Tensor,
                 chunk_size: int, block_tokens: int, options: tuple, statistics: list | None) -> Tensor:
-        batch, seq_len, heads, _ = q.shape
+        batch, seq_len, heads, rank = k.shape
         y = q.new_empty(batch, seq_len, heads, v.shape[-1])
         gamma, eta = gamma.view(1, heads, 1), eta.view(1, heads, 1)
         running, last_key, saved, blocks = None, None, [], []
         for t0 in range(0, seq_len, block_tokens):
             t1 = min(t0 + block_tokens, seq_len)
             layout = ChunkLayout.build(t1 - t0, chunk_size, None, q.device)
-            keys, values, queries = (layout.to_chunks(x[:, t0:t1]) for x in (k, v, q))
-            prev = layout.previous_keys(keys, last_key)
-            stats = _chunk_sums(keys, prev, values)
+            grid = layout.token_grid(k[:, t0:t1], v[:, t0:t1], last_key)
+            queries = layout.to_chunks(q[:, t0:t1])
+            stacked = _chunk_sums(grid, rank)
             starts = (running is None,) + (False,) * (layout.num_chunks - 1)
-            sums, running = zip(*(_exclusive_scan(x, starts, None if running is None else running[i])
-                                  for i, x in enumerate(stats)))
-            lead = sums[0].shape[:-2]  # [B, H, nb]
+            sums, running = _exclusive_scan(stacked, starts, running)
+            lead = sums.shape[:-2]  # [B, H, nb]
             c0 = t0 // chunk_size
             scalars = (x.expand(lead).reshape(-1) for x in (visible_max[:, :, c0:c0 + layout.num_chunks], gamma, eta))
-            readout, block_saved = _readout_forward(*(x.view(-1, *x.shape[-2:]) for x in sums), *scalars, *options)
+            readout, block_saved = _readout_forward(*(x.reshape(-1, *x.shape[-2:]) for x in _unstack(sums, rank)),
+                                                    *scalars, *options)
             readout = readout.view(*lead, *readout.shape[-2:])
             layout.from_chunks(queries @ readout.mT, out=y[:, t0:t1])
-            saved += [keys, prev, values, queries, readout, *block_saved[:-1], *block_saved.chain]
+            saved += [grid, queries, readout, *block_saved[:-1], *block_saved.chain]
             blocks.append((t0, t1, c0, layout, starts))
-            last_key = keys[:, :, -1, (t1 - t0 - 1) % chunk_size]
+            last_key = grid[:, :, -1, (t1 - t0 - 1) % chunk_size, :rank]
             if statistics is not None:
-                statistics.append(stats)
+                statistics.append(stacked)
         ctx.save_for_backward(*saved)
         ctx.blocks, ctx.options, ctx.shapes = blocks, options, (q.shape, k.shape, v.shape, visible_max.shape)
         return y
@@ -519,32 +564,35 @@ class _CausalBlocks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_y: Tensor):
         q_shape, k_shape, v_shape, max_shape = ctx.shapes
+        rank = k_shape[-1]
         d_q, d_k, d_v = (d_y.new_empty(shape) for shape in (q_shape, k_shape, v_shape))
         d_visible_max = d_y.new_empty(max_shape)
         d_gamma = d_eta = 0.0
         per_block = len(ctx.saved_tensors) // len(ctx.blocks)
-        d_running = (None, None, None)  # gradient of the running totals the next block started from
+        d_running = None  # gradient of the running total the next block started from
         d_borrowed = None  # gradient of the key the next block borrowed for its first lag pair
         for i in reversed(range(len(ctx.blocks))):
             t0, t1, c0, layout, starts = ctx.blocks[i]
-            keys, prev, values, queries, readout, *fields = ctx.saved_tensors[i * per_block:(i + 1) * per_block]
+            grid, queries, readout, *fields = ctx.saved_tensors[i * per_block:(i + 1) * per_block]
             block_saved = _Readout(*fields[:len(_Readout._fields) - 1], tuple(fields[len(_Readout._fields) - 1:]))
-            d_grid = layout.to_chunks(d_y[:, t0:t1])
-            layout.from_chunks(d_grid @ readout, out=d_q[:, t0:t1])
+            d_outputs = layout.to_chunks(d_y[:, t0:t1])
+            layout.from_chunks(d_outputs @ readout, out=d_q[:, t0:t1])
             lead = readout.shape[:-2]
-            d_readout = (d_grid.mT @ queries).view(-1, *readout.shape[-2:])
-            *d_sums, d_max, d_gamma_b, d_eta_b = _readout_backward(block_saved, d_readout, *ctx.options[:3])
-            d_stats, d_running = zip(*(_exclusive_scan_backward(d.view(*lead, *d.shape[-2:]), d_total, starts, i > 0,
-                                                                (*lead, *d.shape[-2:]))
-                                       for d, d_total in zip(d_sums, d_running)))
-            d_keys, d_prev, d_values = _chunk_sums_backward(keys, prev, values, *d_stats)
-            d_keys_flat, d_prev_flat = d_keys.flatten(2, 3), d_prev.flatten(2, 3)  # prev[j] = keys[j - 1]
-            d_keys_flat[:, :, :-1] += d_prev_flat[:, :, 1:]
+            d_readout = (d_outputs.mT @ queries).view(-1, *readout.shape[-2:])
+            d_gram, d_lag, d_cross, d_max, d_gamma_b, d_eta_b = _readout_backward(block_saved, d_readout,
+                                                                                  *ctx.options[:3])
+            d_sums = _stack(d_gram, d_lag, d_cross)
+            d_stacked, d_running = _exclusive_scan_backward(d_sums.view(*lead, *d_sums.shape[-2:]), d_running,
+                                                            starts, i > 0, (*lead, *d_sums.shape[-2:]))
+            d_grid = _chunk_sums_backward(grid, rank, d_stacked).flatten(2, 3)  # [B, H, slots, 2r + P]
+            d_keys, d_prev = d_grid[..., :rank], d_grid[..., rank:2 * rank]  # prev[j] = keys[j - 1]
+            d_keys[:, :, :-1] += d_prev[:, :, 1:]
             if d_borrowed is not None:
-                d_keys_flat[:, :, t1 - t0 - 1] += d_borrowed
-            d_borrowed = d_prev_flat[:, :, 0]
-            layout.from_chunks(d_keys, out=d_k[:, t0:t1])
-            layout.from_chunks(d_values, out=d_v[:, t0:t1])
+                d_keys[:, :, t1 - t0 - 1] += d_borrowed
+            d_borrowed = d_prev[:, :, 0]
+            grid_shape = (*lead, layout.chunk_size)
+            layout.from_chunks(d_keys.view(*grid_shape, rank), out=d_k[:, t0:t1])
+            layout.from_chunks(d_grid[..., 2 * rank:].view(*grid_shape, -1), out=d_v[:, t0:t1])
             d_visible_max[:, :, c0:c0 + layout.num_chunks] = d_max.view(lead)
             d_gamma = d_gamma + d_gamma_b.view(lead).sum(dim=(0, 2))
             d_eta = d_eta + d_eta_b.view(lead).sum(dim=(0, 2))
@@ -579,7 +627,7 @@ def _causal_in_blocks(
                             (power, eps, norm, power_iters), per_block)
     if not keep_statistics:
         return y, None
-    return y, Statistics(*(torch.cat(x, dim=2) for x in zip(*per_block)), max_norm)
+    return y, Statistics(*_unstack(torch.cat(per_block, dim=2), k.shape[-1]), max_norm)
 
 
 def forward_with_statistics(
