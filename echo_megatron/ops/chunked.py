@@ -535,6 +535,7 @@ class _CausalBlocks(torch.autograd.Function):
         batch, seq_len, heads, rank = k.shape
         y = q.new_empty(batch, seq_len, heads, v.shape[-1])
         gamma, eta = gamma.view(1, heads, 1), eta.view(1, heads, 1)
+        keep = any(ctx.needs_input_grad[:6])  # without gradients nothing outlives its block
         running, last_key, saved, blocks = None, None, [], []
         for t0 in range(0, seq_len, block_tokens):
             t1 = min(t0 + block_tokens, seq_len)
@@ -551,7 +552,8 @@ class _CausalBlocks(torch.autograd.Function):
                                                     *scalars, *options)
             readout = readout.view(*lead, *readout.shape[-2:])
             layout.from_chunks(queries @ readout.mT, out=y[:, t0:t1])
-            saved += [grid, queries, readout, *block_saved[:-1], *block_saved.chain]
+            if keep:
+                saved += [grid, queries, readout, *block_saved[:-1], *block_saved.chain]
             blocks.append((t0, t1, c0, layout, starts))
             last_key = grid[:, :, -1, (t1 - t0 - 1) % chunk_size, :rank]
             if statistics is not None:
