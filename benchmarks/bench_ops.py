@@ -10,7 +10,9 @@ and printed. Both operators get the same B, H and head width: attention d = 64 a
 - SKA ``paper`` (r = 48, P = 64): the narrower keys of the paper's configurations (cheaper).
 
 Cells hold measurements only; a cell not run says so, and extrapolations are printed on separate
-lines labelled "estimate".
+lines labelled "estimate". Each cell is the median of 3 timed runs after a warm-up; with ``--rounds N``
+the whole fwd / fwd+bwd table is measured N times in turn and each cell shows the median over rounds
+with its (min–max) range: on a shared machine single runs move by tens of percent.
 
 Every measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss, minus the
 process's baseline after importing torch and building the inputs) belongs to it alone; a
@@ -18,6 +20,7 @@ measurement that dies of memory exhaustion (or is refused by the address-space c
 as OOM. Prints Markdown tables.
 
     .venv/bin/python benchmarks/bench_ops.py            # full run (about 10 min on 2 cores)
+    .venv/bin/python benchmarks/bench_ops.py --rounds 3 # the same, three rounds interleaved (medians, ranges)
     .venv/bin/python benchmarks/bench_ops.py --quick    # T up to 4096, a minute or two
 """
 
@@ -179,7 +182,20 @@ def measure(**spec) -> dict:
 
 
 def _fmt_ms(m: dict) -> str:
-    return m["missing"] if "missing" in m else f"{m['ms']:.1f}"
+    if "missing" in m:
+        return m["missing"]
+    low, high = m.get("range", (m["ms"], m["ms"]))
+    return f"{m['ms']:.1f}" if low == high else f"{m['ms']:.1f} ({low:.0f}–{high:.0f})"
+
+
+def median_of_rounds(runs: list[dict]) -> dict:
+    """One cell over several rounds: the median of its per-round medians (ms, peak memory) and the ms range."""
+    missing = [run for run in runs if "missing" in run]
+    if missing:
+        return missing[0]
+    ms = [run["ms"] for run in runs]
+    return {**runs[0], "ms": statistics.median(ms), "range": (min(ms), max(ms)),
+            "peak_bytes": statistics.median(run["peak_bytes"] for run in runs)}
 
 
 def _fmt_mem(m: dict) -> str:
@@ -208,6 +224,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T up to 4096 and a short decode table")
     parser.add_argument("--attention-max-len", type=int, default=32768,
                         help="longest T at which attention is run (longer cells: 'not run' plus a labelled estimate)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the fwd / fwd+bwd table this many times, cells interleaved; print per-cell medians "
+                             "with the (min–max) range over rounds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -220,19 +239,25 @@ def main() -> None:
     print("| T | pass | SDPA backend | SDPA ms | SKA matched ms | SKA paper ms | SDPA / SKA matched | SDPA / SKA paper "
           "| SDPA peak MiB | SKA matched peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    impls = {"matched": dict(impl="torch", config="matched"), "paper": dict(impl="torch", config="paper"),
+             "attention": dict(impl="attention")}
+    runs: dict[tuple[str, bool, int], list[dict]] = {}
+    for _ in range(args.rounds):  # whole tables in turn: a slow drift of the machine hits every cell alike
+        for backward in (False, True):
+            for seq_len in lengths:
+                for key, impl in impls.items():
+                    if key != "attention" or seq_len <= args.attention_max_len:
+                        runs.setdefault((key, backward, seq_len), []).append(
+                            measure(kind="seq", T=seq_len, backward=backward, **impl))
+    cells = {key: median_of_rounds(value) for key, value in runs.items()}
     estimates = []
-    ska_times: dict[tuple[str, bool, int], dict] = {}
     for backward in (False, True):
         name = "fwd+bwd" if backward else "fwd"
         attention: dict[int, dict] = {}
         for seq_len in lengths:
-            matched = measure(kind="seq", impl="torch", config="matched", T=seq_len, backward=backward)
-            paper = measure(kind="seq", impl="torch", config="paper", T=seq_len, backward=backward)
-            ska_times["matched", backward, seq_len], ska_times["paper", backward, seq_len] = matched, paper
-            run_attention = seq_len <= args.attention_max_len
-            att = measure(kind="seq", impl="attention", T=seq_len, backward=backward) if run_attention else NOT_RUN
-            attention[seq_len] = att
-            if not run_attention:
+            matched, paper = cells["matched", backward, seq_len], cells["paper", backward, seq_len]
+            att = attention[seq_len] = cells.get(("attention", backward, seq_len), NOT_RUN)
+            if att is NOT_RUN:
                 estimates.append(_estimate_line(name, seq_len, attention))
             print(f"| {seq_len} | {name} | {att.get('backend', '—')} | {_fmt_ms(att)} | {_fmt_ms(matched)} | "
                   f"{_fmt_ms(paper)} | {_ratio(att, matched)} | {_ratio(att, paper)} | {_fmt_mem(att)} | "
@@ -242,7 +267,7 @@ def main() -> None:
     print("\nSKA scaling, t(T2)/t(T1) / (T2/T1) (1.0 = linear):")
     for config in SKA_CONFIGS:
         for backward in (False, True):
-            times = {t: ska_times[config, backward, t] for t in lengths}
+            times = {t: cells[config, backward, t] for t in lengths}
             parts = [f"{a}→{b}: {times[b]['ms'] / times[a]['ms'] / (b / a):.2f}"
                      for a, b in zip(lengths[:-1], lengths[1:])
                      if "missing" not in times[a] and "missing" not in times[b]]

@@ -607,9 +607,9 @@ def _causal_in_blocks(
 ) -> tuple[Tensor, Statistics | None]:
     """chunk_causal SKA of one sequence per batch row, run block by block over the chunks (`_CausalBlocks`).
 
-    Same arithmetic as the whole-sequence stages: outputs equal to rounding (the exclusive prefix continues
-    from running totals), gradients up to the order of summation across blocks. The max norm of the visible
-    chunks is one `cummax` over all chunks (its tie rule as in the whole-sequence scan). Returns
+    Same sums in the same order as the whole-sequence stages (bitwise the same outputs; gradients up to the
+    order of summation across blocks). The max norm of the visible chunks is one `cummax` over all chunks
+    (its tie rule as in the whole-sequence scan). Returns
     y [B, T, H, P] and, with `keep_statistics`, the per-chunk statistics [B, H, NC, ...].
     """
     batch, seq_len, heads, _ = q.shape
