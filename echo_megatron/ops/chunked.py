@@ -69,7 +69,7 @@ class ChunkLayout:
         slots = self.num_chunks * self.chunk_size
         by_head = x.transpose(1, 2)
         if out is not None:
-            flat = out.view(batch, heads, slots, width) if out.is_contiguous() else out.flatten(2, 3)
+            flat = out.flatten(2, 3)
             if self.token_slot is None:
                 flat[:, :, : self.seq_len].copy_(by_head)
                 flat[:, :, self.seq_len:].zero_()

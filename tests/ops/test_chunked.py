@@ -196,3 +196,17 @@ def test_whitened_operator_spectral_norm_is_at_most_one():
     sigma = torch.linalg.matrix_norm(whitened, ord=2)
     assert sigma.max().item() <= 1.0 + 1e-12
     assert sigma.max().item() > 0.9  # the bound is nearly attained, so the test can fail
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 17, 17, 81, 130, 150]], ids=["one-sequence", "packed"])
+def test_token_grid_is_keys_previous_keys_values(cu_seqlens):
+    """`ChunkLayout.token_grid` (written in place) equals the grids `to_chunks` and `previous_keys` build."""
+    from echo_megatron.ops.chunked import ChunkLayout
+
+    gen = torch.Generator().manual_seed(4)
+    k, v = torch.randn(1, 150, 3, 5, generator=gen), torch.randn(1, 150, 3, 7, generator=gen)
+    before = torch.randn(1, 3, 5, generator=gen) if cu_seqlens is None else None  # a block of a longer sequence
+    layout = ChunkLayout.build(150, 16, None if cu_seqlens is None else torch.tensor(cu_seqlens), k.device)
+    keys = layout.to_chunks(k)
+    expected = torch.cat([keys, layout.previous_keys(keys, before), layout.to_chunks(v)], dim=-1)
+    assert torch.equal(layout.token_grid(k, v, before), expected)
