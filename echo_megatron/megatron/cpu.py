@@ -378,16 +378,16 @@ class CPUEvent:
     """A `torch.cuda.Event` stand-in: CPU work is synchronous, so every wait is already satisfied."""
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        """Takes `torch.cuda.Event`'s arguments (enable_timing, blocking, interprocess); none applies on CPU."""
 
     def record(self, stream=None) -> None:
-        pass
+        """Nothing to mark: the work before this call has already run."""
 
     def synchronize(self) -> None:
-        pass
+        """Nothing to wait for: the recorded work has already run."""
 
     def wait(self, stream=None) -> None:
-        pass
+        """Nothing to wait for: the recorded work has already run."""
 
     def query(self) -> bool:
         return True
@@ -400,16 +400,16 @@ class CPUStream:
     """A `torch.cuda.Stream` stand-in: CPU work is already ordered, so every operation is a no-op."""
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        """Takes `torch.cuda.Stream`'s arguments (device, priority); none applies on CPU."""
 
     def synchronize(self) -> None:
-        pass
+        """Nothing to wait for: the stream's work has already run."""
 
     def wait_stream(self, stream) -> None:
-        pass
+        """Nothing to order: every CPU stream runs on the calling thread, in program order."""
 
     def wait_event(self, event) -> None:
-        pass
+        """Nothing to order: the event's work has already run."""
 
     def record_event(self, event: CPUEvent | None = None) -> CPUEvent:
         return event or CPUEvent()
