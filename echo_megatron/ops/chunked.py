@@ -66,21 +66,15 @@ class ChunkLayout:
     def to_chunks(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """[B, T, H, d] -> [B, H, NC, S, d] (head-major, contiguous, or written into `out`), zero-padded."""
         batch, _, heads, width = x.shape
-        slots = self.num_chunks * self.chunk_size
-        by_head = x.transpose(1, 2)
-        if out is not None:
-            flat = out.flatten(2, 3)
-            if self.token_slot is None:
-                flat[:, :, : self.seq_len].copy_(by_head)
-                flat[:, :, self.seq_len:].zero_()
-            else:
-                flat.zero_().index_copy_(2, self.token_slot, by_head)
-            return out
-        if self.token_slot is None:  # one copy: F.pad writes a contiguous result
-            grid = F.pad(by_head, (0, 0, 0, slots - self.seq_len)) if slots > self.seq_len else by_head.contiguous()
+        if out is None:
+            out = x.new_empty(batch, heads, self.num_chunks, self.chunk_size, width)
+        flat, by_head = out.flatten(2, 3), x.transpose(1, 2)
+        if self.token_slot is None:
+            flat[:, :, : self.seq_len].copy_(by_head)
+            flat[:, :, self.seq_len:].zero_()
         else:
-            grid = x.new_zeros(batch, heads, slots, width).index_copy(2, self.token_slot, by_head)
-        return grid.view(batch, heads, self.num_chunks, self.chunk_size, width)
+            flat.zero_().index_copy_(2, self.token_slot, by_head)
+        return out
 
     def from_chunks(self, grid: Tensor, out: Tensor | None = None) -> Tensor:
         """[B, H, NC, S, d] -> [B, T, H, d] (contiguous, or written into `out`)."""
@@ -93,21 +87,23 @@ class ChunkLayout:
 
         before [B, H, r]: the key preceding slot 0 (a block of a longer sequence); None: slot 0 starts a sequence.
         """
-        flat = keys.flatten(2, 3)
-        if out is not None:
-            out_flat = out.flatten(2, 3)
-            out_flat[:, :, 1:].copy_(flat[:, :, :-1])
-            out_flat[:, :, 0].zero_() if before is None else out_flat[:, :, 0].copy_(before)
-            if self.start_slots is not None:
-                out_flat.index_fill_(2, self.start_slots, 0.0)
+        if out is None:
+            out = torch.empty_like(keys)
+        flat, out_flat = keys.flatten(2, 3), out.flatten(2, 3)
+        if flat.shape[2] == 0:  # no chunks (an empty sequence)
             return out
+        out_flat[:, :, 1:].copy_(flat[:, :, :-1])
         if before is None:
-            prev = F.pad(flat, (0, 0, 1, 0))[:, :, :-1]
+            out_flat[:, :, 0].zero_()
         else:
-            prev = torch.cat([before[:, :, None], flat[:, :, :-1]], dim=2)
+            out_flat[:, :, 0].copy_(before)
         if self.start_slots is not None:
-            prev = prev.index_fill(2, self.start_slots, 0.0)
-        return prev.view(keys.shape)
+            out_flat.index_fill_(2, self.start_slots, 0.0)
+        return out
+
+    def chunk_max_norm(self, k: Tensor) -> Tensor:
+        """max ‖z‖ over the tokens of each chunk: [B, T, H, r] -> [B, H, NC] (0 for an empty chunk)."""
+        return self.to_chunks(torch.linalg.vector_norm(k, dim=-1)[..., None]).amax(dim=(-2, -1))
 
     def token_grid(self, k: Tensor, v: Tensor, before: Tensor | None = None) -> Tensor:
         """The chunk grid [Z | Z₋ | V] [B, H, NC, S, 2r + P] of keys, previous keys and values (no autograd).
@@ -137,14 +133,19 @@ def chunk_statistics(k: Tensor, v: Tensor, layout: ChunkLayout, mask: Tensor | N
     The lag pair (z_t, z_{t-1}) belongs to the chunk of t, so chunk j's M joins it to chunk j-1.
     A masked token contributes nothing (its pairs included).
     """
-    keys, values = layout.to_chunks(k), layout.to_chunks(v)
-    if mask is not None:
-        weight = layout.to_chunks(mask.to(k.dtype)[:, :, None, None])  # [B, 1, NC, S, 1]
-        keys, values = keys * weight, values * weight
-    grid = torch.cat([keys, layout.previous_keys(keys), values], dim=-1)
+    k, v = _masked(k, v, mask)
+    keys = layout.to_chunks(k)
+    grid = torch.cat([keys, layout.previous_keys(keys), layout.to_chunks(v)], dim=-1)
     stacked = _ChunkSums.apply(grid, k.shape[-1])
-    max_norm = torch.linalg.vector_norm(keys, dim=-1).amax(dim=-1)
-    return Statistics(*_unstack(stacked, k.shape[-1]), max_norm)
+    return Statistics(*_unstack(stacked, k.shape[-1]), layout.chunk_max_norm(k))
+
+
+def _masked(k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Keys and values of masked tokens (mask [B, T] = 0) set to zero, so they and their pairs add nothing."""
+    if mask is None:
+        return k, v
+    weight = mask.to(k.dtype)[:, :, None, None]
+    return k * weight, v * weight
 
 
 def _unstack(stacked: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -209,20 +210,23 @@ def _exclusive_scan(x: Tensor, starts: tuple[bool, ...], initial: Tensor | None 
 
 
 def _exclusive_scan_backward(d_out: Tensor | None, d_total: Tensor | None, starts: tuple[bool, ...],
-                             has_initial: bool, shape: torch.Size) -> tuple[Tensor | None, Tensor | None]:
+                             has_initial: bool) -> tuple[Tensor | None, Tensor | None]:
     """(d_x, d_initial) of `_exclusive_scan`: the same scan, reversed. d_out, d_total: None = zero."""
     if d_out is None and d_total is None:
         return None, None
     last = len(starts) - 1
-    if d_out is None:
-        d_out = d_total.new_zeros(()).expand(shape)
-    d_x = torch.empty(shape, dtype=d_out.dtype, device=d_out.device)
+    if d_out is None:  # [B, H, NC, ...] from the total's [B, H, ...]
+        d_out = d_total.new_zeros(()).expand(*d_total.shape[:2], len(starts), *d_total.shape[2:])
+    d_x = d_out.new_empty(d_out.shape)
     d_xs, d_outs = d_x.unbind(2), d_out.unbind(2)
     # d_x[c] = Σ d_out[c'] over later chunks c' of the same sequence (+ d_total in the last sequence)
     zero_after = d_total is None  # d_x[c + 1] is known to be zero
     for c in range(last, -1, -1):
         if c == last:
-            d_xs[c].zero_() if zero_after else d_xs[c].copy_(d_total)
+            if zero_after:
+                d_xs[c].zero_()
+            else:
+                d_xs[c].copy_(d_total)
         elif starts[c + 1]:
             d_xs[c].zero_()
             zero_after = True
@@ -242,13 +246,13 @@ class _ExclusiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, starts: tuple[bool, ...], initial: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
-        ctx.starts, ctx.has_initial, ctx.shape = starts, initial is not None, x.shape
+        ctx.starts, ctx.has_initial = starts, initial is not None
         return _exclusive_scan(x, starts, initial)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out: Tensor | None, d_total: Tensor | None):
-        d_x, d_initial = _exclusive_scan_backward(d_out, d_total, ctx.starts, ctx.has_initial, ctx.shape)
+        d_x, d_initial = _exclusive_scan_backward(d_out, d_total, ctx.starts, ctx.has_initial)
         return d_x, None, d_initial
 
 
@@ -307,7 +311,7 @@ def _sequence_totals(stats: Statistics, layout: ChunkLayout) -> Statistics:
 
 def _sequence_max_norm(k: Tensor, layout: ChunkLayout) -> Tensor:
     """max ‖z_t‖ over every token (masked or not) of each sequence: [B, H, N]."""
-    per_chunk = torch.linalg.vector_norm(layout.to_chunks(k), dim=-1).amax(dim=-1)
+    per_chunk = layout.chunk_max_norm(k)
     return _per_sequence(per_chunk, layout, "amax")
 
 
@@ -585,7 +589,7 @@ class _CausalBlocks(torch.autograd.Function):
                                                                                   *ctx.options[:3])
             d_sums = _stack(d_gram, d_lag, d_cross)
             d_stacked, d_running = _exclusive_scan_backward(d_sums.view(*lead, *d_sums.shape[-2:]), d_running,
-                                                            starts, i > 0, (*lead, *d_sums.shape[-2:]))
+                                                            starts, i > 0)
             d_grid = _chunk_sums_backward(grid, rank, d_stacked).flatten(2, 3)  # [B, H, slots, 2r + P]
             d_keys, d_prev = d_grid[..., :rank], d_grid[..., rank:2 * rank]  # prev[j] = keys[j - 1]
             d_keys[:, :, :-1] += d_prev[:, :, 1:]
@@ -613,12 +617,8 @@ def _causal_in_blocks(
     y [B, T, H, P] and, with `keep_statistics`, the per-chunk statistics [B, H, NC, ...].
     """
     batch, seq_len, heads, _ = q.shape
-    num_chunks = math.ceil(seq_len / chunk_size)
-    if mask is not None:
-        weight = mask.to(k.dtype)[:, :, None, None]
-        k, v = k * weight, v * weight
-    norms = F.pad(torch.linalg.vector_norm(k, dim=-1), (0, 0, 0, num_chunks * chunk_size - seq_len))
-    max_norm = norms.view(batch, num_chunks, chunk_size, heads).amax(dim=2).transpose(1, 2)  # [B, H, NC]
+    k, v = _masked(k, v, mask)
+    max_norm = ChunkLayout.build(seq_len, chunk_size, None, k.device).chunk_max_norm(k)  # [B, H, NC]
     if seq_max is None:  # over the chunks before each chunk
         visible_max = torch.cat([torch.zeros_like(max_norm[:, :, :1]), max_norm[:, :, :-1]], dim=2).cummax(dim=2).values
     else:
