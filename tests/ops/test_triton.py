@@ -330,10 +330,16 @@ def test_prefix_max_norm_ties_split_like_torch():
     _compare_backends(inputs, FP64_TOL, chunk_size=8, power=1, mode="prefix")
 
 
-def test_dense_algebra_falls_back_to_torch_above_rank_64(monkeypatch):
-    inputs = make_inputs(1, 40, 1, 72, 5, requires_grad=True, seed=1)
+def test_rank_128_runs_the_dense_kernels():
+    """r = 100 (padded to 128, the largest the dense kernels take): equal to the torch path in fp64."""
+    inputs = make_inputs(1, 33, 1, 100, 9, requires_grad=True, seed=1)
+    _compare_backends(inputs, FP64_TOL, chunk_size=16)
+
+
+def test_dense_algebra_falls_back_to_torch_above_rank_128(monkeypatch):
+    inputs = make_inputs(1, 40, 1, 130, 5, requires_grad=True, seed=1)
     monkeypatch.setattr(tfn, "_warned_dense_fallback", False)
-    with pytest.warns(UserWarning, match="r <= 64"):
+    with pytest.warns(UserWarning, match="r <= 128"):
         ska(inputs["q"], inputs["k"], inputs["v"], eta=inputs["eta"], gamma=inputs["gamma"], backend="triton",
             chunk_size=16)
     _compare_backends(inputs, FP64_TOL, chunk_size=16)

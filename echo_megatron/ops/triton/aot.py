@@ -19,9 +19,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
 
-from .runtime import Launch, _load
+from .runtime import Launch, _load, recording
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
+# sm_90 (H100/H200) per-SM limits, from NVIDIA's CUDA occupancy tables
+SM90_REGISTERS = 65536
+SM90_SHARED_BYTES = 228 * 1024  # per SM; at most 227 KiB of it for one program
+SM90_SHARED_RESERVED = 1024  # bytes the driver reserves per resident program
+SM90_MAX_WARPS = 64
+SM90_MAX_PROGRAMS = 32
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,15 @@ class KernelResources:
     registers: int  # per thread
     spill_bytes: int  # stack + local memory per thread
     shared_bytes: int  # dynamic shared memory per program
+
+    @property
+    def programs_per_sm(self) -> int:
+        """Programs that fit on one sm_90 SM at once (registers allocated per warp in units of 256, shared
+        memory plus the per-program reservation, warp and program limits): the occupancy calculator's rule."""
+        registers_per_warp = -(-self.registers * 32 // 256) * 256
+        by_registers = SM90_REGISTERS // (registers_per_warp * self.num_warps)
+        by_shared = SM90_SHARED_BYTES // (self.shared_bytes + SM90_SHARED_RESERVED)
+        return min(by_registers, by_shared, SM90_MAX_WARPS // self.num_warps, SM90_MAX_PROGRAMS)
 
 
 def _cuobjdump() -> Path:
@@ -66,15 +81,42 @@ def compile_launches(launches: list[Launch], arch: int = 90, fp16_as: str = "fp1
         constexprs.update({k: 1 for k, v in values.items() if type(v) is int and v == 1})
         signature = {name: "constexpr" if name in constexprs else mangle_type(values[name]).replace("fp16", fp16_as)
                      for name in fn.arg_names}
-        num_warps = rec.kwargs.get("num_warps", 4)
-        key = (rec.name, tuple(sorted(signature.items())), tuple(sorted(map(str, constexprs.items()))), num_warps)
+        options = {name: rec.kwargs[name] for name in _LAUNCH_OPTIONS if name in rec.kwargs}
+        num_warps = options.setdefault("num_warps", 4)
+        key = (rec.name, tuple(sorted(signature.items())), tuple(sorted(map(str, constexprs.items()))),
+               tuple(sorted(options.items())))
         if key in seen:
             continue
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target,
-                                  options=dict(num_warps=num_warps))
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
         usage = _resource_usage(compiled.asm["cubin"])
         hidden = ("ACC", "DOT_PRECISION", *_LAUNCH_OPTIONS)
         shown = ", ".join(f"{k}={v}" for k, v in rec.kwargs.items() if k not in hidden)
         seen[key] = KernelResources(rec.name, shown, num_warps, usage["REG"], usage["STACK"] + usage["LOCAL"],
                                     compiled.metadata.shared)
     return list(seen.values())
+
+
+# (r, P) of the report: the matched configuration r = P at 32, 64 and 128 (an 8B model's width) and the
+# paper's 180M configuration r = 48, P = 64
+REPORT_SHAPES = ((32, 32), (48, 64), (64, 64), (128, 128))
+
+
+def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int = 64, power: int = 2
+                ) -> list[tuple[int, int, KernelResources]]:
+    """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` launches (S = chunk, K = power),
+    compiled for sm_90. The launches are recorded without running them (bf16 is recorded as fp16, see
+    `compile_launches`)."""
+    import torch
+
+    from .. import ska
+
+    rows = []
+    for rank, value_dim in shapes:
+        q, k = (torch.zeros(1, 2 * chunk, 1, rank, dtype=torch.float16, requires_grad=True) for _ in range(2))
+        v = torch.zeros(1, 2 * chunk, 1, value_dim, dtype=torch.float16, requires_grad=True)
+        eta, gamma = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+        with recording(run=False) as launches:
+            y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, backend="triton")
+            y.float().sum().backward()
+        rows += [(rank, value_dim, res) for res in compile_launches(launches, arch=90, fp16_as="bf16")]
+    return rows

@@ -10,7 +10,7 @@ Pipeline (SPEC §3), every stage a Triton kernel forward and backward:
 
 Torch only glues the stages: the chunk table, casting η and γ̂, `index_select`/`index_add_` between
 chunks and sequences in prefix mode, scattering the max-norm gradient to the recorded argmax chunk,
-and summing the per-slot partials of dη and dγ̂ over batch and chunks. For r > 64 or P > 128 the dense
+and summing the per-slot partials of dη and dγ̂ over batch and chunks. For r > 128 or P > 128 the dense
 algebra runs in PyTorch (`chunked.readout_matrices`, autograd) with a warning.
 """
 
@@ -30,12 +30,18 @@ from ..chunked import ChunkLayout, Statistics, readout_matrices, work_dtype
 from ..reference import JITTER, MAX_JITTER_ROUNDS, NORM_FLOOR
 from .runtime import interpreted, kernels_for, launch
 
-MAX_DENSE_RANK = 64  # r handled by the register-resident dense kernels
+MAX_DENSE_RANK = 128  # r handled by the dense kernels (dense.py)
 MAX_DENSE_VALUE = 128  # P handled by the dense kernels
+DENSE_SQUARE_SLOTS = 14  # [r, r] workspace matrices per dense program (dense.py: `_workspace`)
+DENSE_BLOCK = 16  # diagonal block of the blocked Cholesky
+DENSE_TILE = 16  # tile of the dense products (r, P are padded to powers of two >= 16)
+# Persistent dense programs per SM: a program's workspace is (14 r² + 2 P r) floats, so fewer at r = 128.
+DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
+INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
 # Launch tuning, from the sm_90 resource report of `aot.py` (registers, spills, shared memory):
 COLUMN_BLOCK = 32  # output columns per program in the token-level backward kernels
 TOKENS_PER_STEP = {"stats_fwd": 32, "stats_bwd": 32, "readout_fwd": 32, "readout_bwd": 32}
-WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense_fwd": 8, "dense_bwd": 8, "readout_fwd": 4, "readout_bwd": 8}
+WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense": 4, "readout_fwd": 4, "readout_bwd": 8}
 NORM_KEYS = {"none": 1, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
 
 _warned_dense_fallback = False
@@ -240,6 +246,24 @@ class SegmentMax(torch.autograd.Function):
         return d_x, None, None
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dense_launch(device: torch.device, slots: int, block_r: int, block_p: int, work: torch.dtype
+                  ) -> tuple[tuple[int], Tensor, dict]:
+    """Grid, workspace and shared launch options of the persistent dense kernels."""
+    if interpreted(device):
+        programs = min(slots, INTERPRETED_DENSE_PROGRAMS)
+    else:
+        programs = min(slots, _multiprocessors(device) * DENSE_PROGRAMS_PER_SM[max(64, block_r)])
+    workspace = empty((programs * (DENSE_SQUARE_SLOTS * block_r + 2 * block_p) * block_r,), work, device)
+    options = dict(SQUARE_SLOTS=DENSE_SQUARE_SLOTS, BR=block_r, BP=block_p, TILE=DENSE_TILE, ACC=_tl_dtype(work),
+                   DOT_PRECISION=_dot_precision(work), num_warps=WARPS["dense"], num_stages=1)
+    return (programs,), workspace, options
+
+
 class ReadoutMatrices(torch.autograd.Function):
     """Visible statistics [B, H, N, D], raw max norms [B, H, N], γ̂ [H] -> R [B, H, N, P, r] (SPEC §2)."""
 
@@ -253,12 +277,12 @@ class ReadoutMatrices(torch.autograd.Function):
         readout = empty((batch, heads, slots, value_dim, rank), work, device)
         chol_inv = empty((batch, heads, slots, rank, rank), work, device)
         aux = empty((batch, heads, slots, 2), work, device)
-        block_r, block_p = _block(rank), _block(value_dim)
-        launch(kernels_for(device).readout_matrix_fwd_kernel, (slots, batch * heads),
-               stats, max_norm, gamma, params, readout, chol_inv, aux, heads, slots, rank, value_dim,
+        grid, workspace, options = _dense_launch(device, batch * heads * slots, _block(rank), _block(value_dim), work)
+        launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
+               stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
+               batch * heads * slots, rank, value_dim,
                POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
-               BR=block_r, BP=block_p, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
-               num_warps=_num_warps("dense_fwd", block_r, block_p))
+               BLOCK=DENSE_BLOCK, **options)
         ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux)
         ctx.options = (rank, value_dim, power, norm)
         return readout
@@ -272,12 +296,10 @@ class ReadoutMatrices(torch.autograd.Function):
         d_stats = empty((batch, heads, slots, width), work, device)
         d_max_norm = empty((batch, heads, slots), work, device)
         d_gamma = empty((batch, heads, slots), work, device)
-        block_r, block_p = _block(rank), _block(value_dim)
-        launch(kernels_for(device).readout_matrix_bwd_kernel, (slots, batch * heads),
+        grid, workspace, options = _dense_launch(device, batch * heads * slots, _block(rank), _block(value_dim), work)
+        launch(kernels_for(device).readout_matrix_bwd_kernel, grid,
                stats, max_norm, gamma, params, chol_inv, aux, d_readout.contiguous(), d_stats, d_max_norm, d_gamma,
-               heads, slots, rank, value_dim,
-               POWER=power, BR=block_r, BP=block_p, ACC=_tl_dtype(work),
-               DOT_PRECISION=_dot_precision(work), num_warps=_num_warps("dense_bwd", block_r, block_p))
+               workspace, heads, slots, batch * heads * slots, rank, value_dim, POWER=power, **options)
         return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), None, None, None, None, None, None
 
 
@@ -343,7 +365,7 @@ def visible_readout_matrices(
     visible: Tensor, max_norm: Tensor, gamma: Tensor, *, rank: int, value_dim: int, power: int, eps: float,
     norm: str, power_iters: int,
 ) -> Tensor:
-    """R [B, H, N, P, r] from visible statistics rows [B, H, N, D]: Triton for r <= 64 and P <= 128, else torch."""
+    """R [B, H, N, P, r] from visible statistics rows [B, H, N, D]: Triton for r, P <= 128, else torch."""
     if rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
         return ReadoutMatrices.apply(visible, max_norm, gamma, rank, value_dim, power, eps, norm, power_iters)
     _warn_dense_fallback(rank, value_dim)

@@ -4,9 +4,10 @@
 Triton interpreter (`InterpretedFunction`, under TRITON_INTERPRET=1); that is why the interpreter is
 normally switched on before triton is imported. Instead of asking users to do that, this module:
 
-* loads `kernels.py` as a private module per mode (`kernels_for`): compiled for CUDA tensors, and for
-  CPU tensors a second copy of the same source decorated with TRITON_INTERPRET set only for the
-  duration of that import (`triton.knobs.runtime.scope()`);
+* loads the kernel sources (`kernels.py`, then `dense.py`, executed in one namespace so that the dense
+  kernels use the token kernels' helpers) as a private module per mode (`kernels_for`): compiled for
+  CUDA tensors, and for CPU tensors a second copy of the same sources decorated with TRITON_INTERPRET
+  set only for the duration of that import (`triton.knobs.runtime.scope()`);
 * runs interpreted launches (`launch`) with triton.language's own @jit helpers (`tl.sum`, `tl.max`,
   `tl.zeros`, …) temporarily exposed as interpreted functions — those were decorated when triton was
   imported, compiled unless TRITON_INTERPRET=1 was already set (then there is nothing to swap).
@@ -18,7 +19,6 @@ computes bf16 `tl.dot` wrongly: use fp16/fp32/fp64 on CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,18 +33,19 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-_SOURCE = Path(__file__).with_name("kernels.py")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.py", "dense.py"))
 
 
 @lru_cache(maxsize=None)
 def _load(interpret: bool) -> ModuleType:
     name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, _SOURCE)
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(name)
+    module.__file__ = str(_SOURCES[0])
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        for source in _SOURCES:  # compiled with their own file names: Triton reads each kernel's source back
+            exec(compile(source.read_text(), str(source), "exec"), module.__dict__)
     return module
 
 
@@ -95,26 +96,30 @@ class Launch:
     kwargs: dict
 
 
-_recorders: list[list[Launch]] = []
+_recorders: list[tuple[list[Launch], bool]] = []
 
 
 @contextmanager
-def recording() -> Iterator[list[Launch]]:
-    """Collect every launch made inside the block (they still run), e.g. to compile them ahead of time."""
+def recording(run: bool = True) -> Iterator[list[Launch]]:
+    """Collect every launch made inside the block, e.g. to compile them ahead of time. With run=False the
+    kernels do not run (their outputs keep whatever the allocation held): enough to learn which
+    specialisations a call launches, at no interpreter cost."""
     launches: list[Launch] = []
-    _recorders.append(launches)
+    _recorders.append((launches, run))
     try:
         yield launches
     finally:
-        _recorders.remove(launches)
+        _recorders.remove((launches, run))
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), skipped for an empty grid; interpreted kernels see an interpretable tl."""
     if not all(g > 0 for g in grid):
         return
-    for launches in _recorders:
+    for launches, _ in _recorders:
         launches.append(Launch(kernel.__name__, grid, args, kwargs))
+    if not all(run for _, run in _recorders):
+        return
     if isinstance(kernel, InterpretedFunction):
         with _interpreted_language():
             kernel[grid](*args, **kwargs)

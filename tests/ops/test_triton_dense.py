@@ -1,0 +1,165 @@
+"""The dense building blocks of `ops/triton/dense.py`, each alone against torch (Triton interpreter).
+
+Each test launches a small probe kernel that calls one building block on awkward sizes (logical sizes
+that are not multiples of the tiles, padding, transposed operands) and compares with torch in fp64 (to
+round-off) and fp32 (products with tf32x3: fp32-level accuracy). The kernels that chain them are compared
+with the torch path in `test_triton.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from echo_megatron.ops.triton import runtime
+
+CPU = torch.device("cpu")
+dense = runtime.kernels_for(CPU)  # the interpreted kernels' namespace (kernels.py + dense.py)
+
+
+def _run(probe, *args, **constexprs) -> None:
+    runtime.launch(InterpretedFunction(probe), (1,), *args, **constexprs)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float64 else "tf32x3"
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-12 if dtype == torch.float64 else 2e-6
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _probe_product(A, sa_r, sa_c, B, sb_r, sb_c, D, OUT, n_rows, n_cols, n_inner, alpha,
+                   HAS_D: tl.constexpr, LOWER_HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, TILE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    dense._product(A, sa_r, sa_c, B, sb_r, sb_c, OUT, n_cols, 1, D, n_cols, 1, n_rows, n_cols, n_inner, alpha,
+                   HAS_D, LOWER_HALF, BM, BN, BK, TILE, ACC, DOT_PRECISION)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("transpose_a,transpose_b,has_d,lower_half", [
+    (False, False, False, False), (True, False, True, False), (False, True, False, True), (True, True, True, True)])
+def test_product_matches_torch(dtype, transpose_a, transpose_b, has_d, lower_half):
+    gen = torch.Generator().manual_seed(0)
+    n_rows, n_cols, n_inner = 20, 37, 5
+    a = torch.randn(n_inner, n_rows, generator=gen, dtype=dtype) if transpose_a else torch.randn(
+        n_rows, n_inner, generator=gen, dtype=dtype)
+    b = torch.randn(n_cols, n_inner, generator=gen, dtype=dtype) if transpose_b else torch.randn(
+        n_inner, n_cols, generator=gen, dtype=dtype)
+    d = torch.randn(n_rows, n_cols, generator=gen, dtype=dtype)
+    out = torch.full((n_rows, n_cols), float("nan"), dtype=dtype)
+    sa = (1, n_rows) if transpose_a else (n_inner, 1)
+    sb = (1, n_inner) if transpose_b else (n_cols, 1)
+    _run(_probe_product, a, *sa, b, *sb, d, out, n_rows, n_cols, n_inner, 0.75, HAS_D=has_d, LOWER_HALF=lower_half,
+         BM=32, BN=64, BK=16, TILE=16, ACC=_acc(dtype), DOT_PRECISION=_precision(dtype))
+    expected = 0.75 * (a.mT if transpose_a else a) @ (b.mT if transpose_b else b) + (d if has_d else 0)
+    if lower_half:  # strict lower triangle and half the diagonal
+        half_diagonal = torch.zeros_like(expected)
+        half_diagonal.diagonal().copy_(0.5 * expected.diagonal())
+        expected = expected.tril(-1) + half_diagonal
+    assert _rel(out, expected) <= _tol(dtype)
+
+
+def _probe_cholesky_block(A, L, X, BAD, n, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    a = tl.load(A + rows[:, None] * BLOCK + rows[None, :])
+    lower, inverse, bad = dense._cholesky_block(a, n, BLOCK)
+    tl.store(L + rows[:, None] * BLOCK + rows[None, :], lower)
+    tl.store(X + rows[:, None] * BLOCK + rows[None, :], inverse)
+    tl.store(BAD, bad)
+
+
+def _spd(n: int, dtype: torch.dtype, seed: int, tokens: int | None = None) -> torch.Tensor:
+    z = torch.randn(tokens or 3 * n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (z.mT @ z + 1e-3 * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cholesky_block_matches_torch_and_pads_with_the_identity(dtype):
+    n = 11
+    a = torch.full((16, 16), float("nan"), dtype=dtype)  # entries at or past n must not be read
+    a[:n, :n] = _spd(n, dtype, seed=1)
+    lower, inverse, bad = torch.empty_like(a), torch.empty_like(a), torch.zeros((), dtype=torch.int32)
+    _run(_probe_cholesky_block, a, lower, inverse, bad, n, BLOCK=16)
+    expected = torch.linalg.cholesky(a[:n, :n].double())
+    assert bad.item() == 0
+    assert _rel(lower[:n, :n].double(), expected) <= _tol(dtype)
+    assert _rel(inverse[:n, :n].double(), torch.linalg.inv(expected)) <= 50 * _tol(dtype)
+    assert torch.equal(lower[n:, n:], torch.eye(16 - n, dtype=dtype)) and not lower[n:, :n].any()
+
+    a[:n, :n] = -a[:n, :n]  # not positive definite: every pivot fails
+    _run(_probe_cholesky_block, a, lower, inverse, bad, n, BLOCK=16)
+    assert bad.item() > 0
+
+
+def _probe_blocked(G, shift, LOWER, X, DIAG_INV, BAD, n, BR: tl.constexpr, BLOCK: tl.constexpr,
+                   ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    bad = dense._cholesky_inverse_blocked(G, shift, LOWER, X, DIAG_INV, n, BR, BLOCK, ACC, DOT_PRECISION)
+    tl.store(BAD, bad)
+
+
+@pytest.mark.parametrize("n,block_r", [(5, 16), (37, 64), (70, 128)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocked_cholesky_inverse_matches_torch(n, block_r, dtype):
+    """X = L⁻¹ of sym(G) + shift·I (G not symmetric to the last bit, as a sum of products is not), L in the
+    workspace; over several 16-wide block columns and with a partial last block."""
+    gram = _spd(n, dtype, seed=n)
+    gram = gram + 1e-3 * torch.randn(n, n, generator=torch.Generator().manual_seed(9), dtype=dtype).tril(-1)
+    shift = 0.25
+    lower = torch.full((block_r, block_r), float("nan"), dtype=dtype)
+    x = torch.full((n, n), float("nan"), dtype=dtype)
+    diag_inv = torch.full((block_r, 16), float("nan"), dtype=dtype)
+    bad = torch.full((), -1, dtype=torch.int32)
+    _run(_probe_blocked, gram, shift, lower, x, diag_inv, bad, n, BR=block_r, BLOCK=16, ACC=_acc(dtype),
+         DOT_PRECISION=_precision(dtype))
+    g_tilde = 0.5 * (gram + gram.mT).double() + shift * torch.eye(n, dtype=torch.float64)
+    expected = torch.linalg.cholesky(g_tilde)
+    assert bad.item() == 0
+    assert _rel(lower[:n, :n].double(), expected) <= 10 * _tol(dtype)
+    assert _rel(x.double(), torch.linalg.inv(expected)) <= 100 * _tol(dtype)
+
+    gram[n // 2, n // 2] = -1e3  # one failing pivot is counted
+    _run(_probe_blocked, gram, shift, lower, x, diag_inv, bad, n, BR=block_r, BLOCK=16, ACC=_acc(dtype),
+         DOT_PRECISION=_precision(dtype))
+    assert bad.item() > 0
+
+
+def _probe_small_blocks(A, VEC, U, OUT, FILLED, SCALARS, n, BR: tl.constexpr, TILE: tl.constexpr,
+                        ACC: tl.constexpr):
+    tl.store(SCALARS + 2, dense._power_step(A, 1, n, VEC, U, n, BR, TILE, ACC))  # Aᵀ x / ‖Aᵀ x‖
+    dense._transpose_add(A, n, OUT, n, n, 2.0, -0.5, BR, TILE)
+    dense._fill(FILLED, n, n - 1, n, 7.0, BR, BR, TILE)
+    tl.store(SCALARS, dense._inner(A, n, OUT, n, n, BR, TILE, ACC))
+    tl.store(SCALARS + 1, dense._trace(A, n, n, BR, ACC))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_power_step_transpose_add_inner_trace_fill_match_torch(dtype):
+    n, block_r = 37, 64
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(n, n, generator=gen, dtype=dtype)
+    vec = torch.zeros(block_r, dtype=dtype)
+    vec[:n] = torch.randn(n, generator=gen, dtype=dtype)
+    u = torch.full((block_r,), float("nan"), dtype=dtype)
+    out = torch.full((n, n), float("nan"), dtype=dtype)
+    filled = torch.zeros(n, n, dtype=dtype)
+    scalars = torch.zeros(3, dtype=dtype)
+    _run(_probe_small_blocks, a, vec, u, out, filled, scalars, n, BR=block_r, TILE=32, ACC=_acc(dtype))
+    expected_u = a.mT @ vec[:n]
+    assert _rel(u[:n], expected_u / expected_u.norm()) <= _tol(dtype) and not u[n:].any()
+    assert _rel(scalars[2], expected_u.norm()) <= _tol(dtype)
+    expected_out = 2.0 * a - 0.5 * a.mT
+    assert _rel(out, expected_out) <= _tol(dtype)
+    assert (filled[:n - 1] == 7.0).all() and not filled[n - 1].any()
+    assert _rel(scalars[0], (a * expected_out).sum()) <= _tol(dtype)
+    assert _rel(scalars[1], a.trace()) <= _tol(dtype)
