@@ -68,3 +68,17 @@ def test_warm_forward_backward_is_few_launches_and_aten_calls(monkeypatch):
     by_op = collections.Counter(aten.calls).most_common()
     assert len(launches) <= MAX_LAUNCHES, launches
     assert len(aten.calls) <= MAX_ATEN_CALLS, f"{len(aten.calls)} aten calls: {by_op}"
+
+
+def test_cached_tensors_made_under_inference_mode_serve_training():
+    """The chunk table and the device constants are cached on the first call; when that call runs under
+    `torch.inference_mode` (generation before training), a training call still saves them for the backward."""
+    tfn._cached_chunk_table.cache_clear()
+    tfn.device_constants.cache_clear()
+    inputs = make_inputs(1, 20, 1, 5, 3, dtype=torch.float32, requires_grad=True)
+    options = dict(eta=inputs["eta"], gamma=inputs["gamma"], backend="triton", chunk_size=8, mode="prefix")
+    with torch.inference_mode():
+        served = ska(inputs["q"], inputs["k"], inputs["v"], **options)
+    y = ska(inputs["q"], inputs["k"], inputs["v"], **options)
+    assert torch.equal(y.detach(), served)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(y.sum(), list(inputs.values())))

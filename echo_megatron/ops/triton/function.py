@@ -51,8 +51,10 @@ def device_constants(values: tuple[float, ...], dtype: torch.dtype, device: torc
     """A small read-only tensor of Python values on `device`, copied from the host once per
     (values, dtype, device) and reused: after a warm-up call no `ska()` call copies from the host, so the
     forward can be captured in a CUDA graph. The one copy is non-blocking (`torch.tensor(..., device=cuda)`
-    would synchronise)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    would synchronise). A normal tensor even when first made under `torch.inference_mode`, so that a later
+    training call can save it for the backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _block(n: int) -> int:
@@ -117,8 +119,8 @@ class ChunkTable:
 @functools.lru_cache(maxsize=64)
 def _cached_chunk_table(seq_len: int, chunk_size: int, bounds: tuple[int, ...] | None,
                         device: torch.device) -> ChunkTable:
-    """Built on the host from `ChunkLayout`, copied to `device` without blocking (as `device_constants`);
-    normal tensors even when first built under `torch.inference_mode` (a later training call saves them)."""
+    """Built on the host from `ChunkLayout`, copied to `device` without blocking; normal tensors even under
+    `torch.inference_mode` (as `device_constants`)."""
     host = torch.device("cpu")
     with torch.inference_mode(False):
         layout = ChunkLayout.build(seq_len, chunk_size, None if bounds is None else torch.tensor(bounds), host)
