@@ -10,7 +10,7 @@ Pipeline (SPEC §3), every stage a Triton kernel forward and backward:
 
 Torch only allocates the kernel outputs and sums the partials of dη and dγ̂ over batch and chunks (and,
 in prefix mode's backward, adds the per-chunk dR of each sequence, `index_add_`); the chunk table is
-built once per shape (`ChunkTable.build`), so a warm call reads nothing on the host. For r > 64 or
+built once per shape (`ChunkTable.build`), so a warm call spends no torch op on it. For r > 64 or
 P > 128 the dense algebra runs in PyTorch (`chunked.readout_matrices`, autograd) with a warning.
 """
 
