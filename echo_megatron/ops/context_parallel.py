@@ -195,7 +195,7 @@ def _triton_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bo
                  power_iters: int) -> Tensor:
     """The Triton stages (as `ska_triton`), with the join pairs added to each segment's chunk-0 row before the
     scan and the prefixes added to its output; y in the work dtype."""
-    from .triton.function import NORM_KEYS, ChunkStatistics, ChunkTable, Readout, SegmentMax, SegmentScan
+    from .triton.function import NORM_KEYS, ChunkStatistics, ChunkTable, Readout, SegmentScan
     from .triton.function import visible_readout_matrices
 
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # the interpreter's bf16 tl.dot is wrong
@@ -204,15 +204,14 @@ def _triton_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bo
     rank, value_dim = k.shape[-1], v.shape[-1]
     table = ChunkTable.build(q.shape[1], chunk_size, bounds, q.device)
     stats, chunk_max = ChunkStatistics.apply(k, v, None, table, NORM_KEYS[norm])
-    totals = SegmentScan.apply(stats, table, True)
-    initial = _exchange(_segment_payload(totals, SegmentMax.apply(chunk_max, table, True), k.to(work), bounds),
-                        cp_group, rank, value_dim)
+    totals, sequence_max = SegmentScan.apply(stats, chunk_max, table, True, True)
+    initial = _exchange(_segment_payload(totals, sequence_max, k.to(work), bounds), cp_group, rank, value_dim)
     first_chunks = table.seg_chunks[:-1].long()
     join_rows = F.pad(initial.join_lag.flatten(-2), (rank * rank, value_dim * rank))
-    visible = SegmentScan.apply(stats.index_add(2, first_chunks, join_rows), table, False)
+    visible, running_max = SegmentScan.apply(stats.index_add(2, first_chunks, join_rows), chunk_max, table, False,
+                                             False)
     visible = visible + _flat_rows(initial.totals).index_select(2, table.segment)
-    max_norm = torch.maximum(SegmentMax.apply(chunk_max, table, False),
-                             initial.totals.max_norm.index_select(2, table.segment))
+    max_norm = torch.maximum(running_max, initial.totals.max_norm.index_select(2, table.segment))
     readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
                                        power=power, eps=eps, norm=norm, power_iters=power_iters)
     return Readout.apply(q, readout, eta.to(work), table, False)

@@ -89,6 +89,8 @@ def check_devices(q: Tensor, **tensors: Tensor | None) -> None:
 
 def promote(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v cast to their common dtype (an fp64 k with fp32 q computes in fp64; nothing is downcast)."""
+    if q.dtype == k.dtype == v.dtype:  # the common case, without the two (dispatched) promote_types calls
+        return q, k, v
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 

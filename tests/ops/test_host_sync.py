@@ -6,9 +6,9 @@ read a tensor's value instead — Python entry points (`item`, `tolist`, `bool(t
 value in C++ or that synchronise on CUDA (`_local_scalar_dense` behind every `.item()`, `nonzero`,
 `masked_select`, `_linalg_check_errors` behind `torch.linalg.cholesky`, `repeat_interleave` without
 `output_size`, `unique`) — and run forward and backward with `validate=False`. The torch path takes its
-accelerator branch (`chunked.HOST_READ_FREE = ()`), the one CUDA tensors take. The Triton path cannot
-be checked this way (its interpreter copies every tensor to NumPy); the GPU check covers it with
-`torch.cuda.set_sync_debug_mode`.
+accelerator branch (`chunked.HOST_READ_FREE = ()`), the one CUDA tensors take. The Triton path's kernels
+cannot be checked this way (the interpreter copies every tensor to NumPy): its host code is, with the
+launches skipped; the GPU check covers the kernels with `torch.cuda.set_sync_debug_mode`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from echo_megatron.ops import chunked, ska
+from echo_megatron.ops.triton import function as triton_function
 
 from .common import make_inputs
 
@@ -95,3 +96,30 @@ def test_the_trap_catches_host_reads(case, monkeypatch):
             inputs["q"].sum().item()
         ska(inputs["q"], inputs["k"], inputs["v"], eta=inputs["eta"], gamma=inputs["gamma"], backend="torch",
             chunk_size=8, **options)
+
+
+@pytest.mark.filterwarnings("ignore:norm=\"sequence_max\"")
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(norm="none", power=0),
+    dict(mode="prefix", norm="sequence_max"),
+    dict(norm="sequence_max"),
+    dict(mask="random"),
+    dict(cu_seqlens=[0, 15, 37]),
+], ids=["default", "none-K0", "prefix-sequence_max", "sequence_max", "mask", "cu_seqlens"])
+def test_triton_host_code_reads_nothing_on_the_host(options, monkeypatch):
+    """The Triton path's host code between the (skipped) kernel launches, forward and backward, from a cold
+    chunk table: no host read, except the documented one for packed sequences (their chunk offsets)."""
+    inputs = make_inputs(1, 37, 2, 5, 4, dtype=torch.float32, requires_grad=True)
+    if options.get("mask") == "random":
+        options = dict(options, mask=torch.rand(1, 37, generator=torch.Generator().manual_seed(1)) > 0.3)
+    if "cu_seqlens" in options:
+        options = dict(options, cu_seqlens=torch.tensor(options["cu_seqlens"]))
+    monkeypatch.setattr(triton_function, "launch", lambda *args, **kwargs: None)
+    triton_function._cached_chunk_table.cache_clear()
+    with host_reads_trapped(monkeypatch), contextlib.ExitStack() as expect:
+        if "cu_seqlens" in options:
+            expect.enter_context(pytest.raises(HostRead))
+        y = ska(inputs["q"], inputs["k"], inputs["v"], eta=inputs["eta"], gamma=inputs["gamma"], backend="triton",
+                chunk_size=8, **options)
+        torch.autograd.grad(y.sum(), list(inputs.values()))

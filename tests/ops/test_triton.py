@@ -122,16 +122,21 @@ def _torch_scan(x: torch.Tensor, layout: ChunkLayout, total: bool, use_max: bool
 
 
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 3, 3, 40, 75, 100]], ids=["one_sequence", "packed"])
-@pytest.mark.parametrize("total", [False, True], ids=["exclusive", "totals"])
-def test_segment_scans_match_torch(cu_seqlens, total):
+@pytest.mark.parametrize("total, sequence_max", [(False, False), (True, False), (False, True)],
+                         ids=["exclusive", "totals", "exclusive_sums_sequence_max"])
+def test_segment_scans_match_torch(cu_seqlens, total, sequence_max):
     table, layout = _table_and_layout(100, 8, cu_seqlens)
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(2, 3, table.num_chunks, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     maxima = torch.rand(2, 3, table.num_chunks, generator=gen, dtype=torch.float64)
     maxima[0, 0, 5] = maxima[0, 0, 9] = 2.0  # ties: cummax takes the later chunk, amax splits
+    maxima[1, 2, 6] = maxima[1, 2, 7] = 3.0  # adjacent ties
     maxima.requires_grad_()
-    got = [tfn.SegmentScan.apply(rows, table, total), tfn.SegmentMax.apply(maxima, table, total)]
-    expected = [_torch_scan(rows, layout, total, use_max=False), _torch_scan(maxima, layout, total, use_max=True)]
+    got = list(tfn.SegmentScan.apply(rows, maxima, table, total, sequence_max))
+    expected_max = _torch_scan(maxima, layout, total or sequence_max, use_max=True)
+    if sequence_max and not total:  # the sequence's max repeated for each of its chunks
+        expected_max = expected_max.index_select(2, layout.chunk_segment)
+    expected = [_torch_scan(rows, layout, total, use_max=False), expected_max]
     _assert_close(got, expected, ["sum", "max"], 1e-14)
     _assert_close(_grads(got, [rows, maxima]), _grads(expected, [rows, maxima]), ["d_sum", "d_max"], 1e-14)
 

@@ -3,15 +3,15 @@
 Pipeline (SPEC §3), every stage a Triton kernel forward and backward:
 
     k, v ──ChunkStatistics──▶ (G_j, M_j, C_j) [B, H, NC, D], max ‖z‖ per chunk [B, H, NC]
-         ──SegmentScan / SegmentMax──▶ visible statistics per slot (slot = chunk for chunk_causal,
-                                       sequence for prefix)
+         ──SegmentScan──▶ visible statistics and their max key norm per slot (slot = chunk for
+                          chunk_causal, sequence for prefix)
          ──ReadoutMatrices──▶ R [B, H, NSLOT, P, r]
     q ───Readout──▶ y = η R_slot(c) q [B, T, H, P]
 
-Torch only glues the stages: the chunk table, casting η and γ̂, `index_select`/`index_add_` between
-chunks and sequences in prefix mode, scattering the max-norm gradient to the recorded argmax chunk,
-and summing the per-slot partials of dη and dγ̂ over batch and chunks. For r > 128 or P > 128 the dense
-algebra runs in PyTorch (`chunked.readout_matrices`, autograd) with a warning.
+Torch only allocates the kernel outputs and sums the partials of dη and dγ̂ over batch and chunks (and,
+in prefix mode's backward, adds the per-chunk dR of each sequence, `index_add_`); the chunk table is
+built once per shape (`ChunkTable.build`), so a warm call spends no torch op on it. For r > 128 or
+P > 128 the dense algebra runs in PyTorch (`chunked.readout_matrices`, autograd) with a warning.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def device_constants(values: tuple[float, ...], dtype: torch.dtype, device: torc
     """A small read-only tensor of Python values on `device`, copied from the host once per
     (values, dtype, device) and reused: after a warm-up call no `ska()` call copies from the host, so the
     forward can be captured in a CUDA graph. The one copy is non-blocking (`torch.tensor(..., device=cuda)`
-    would synchronise)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    would synchronise). A normal tensor even when first made under `torch.inference_mode`, so that a later
+    training call can save it for the backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _block(n: int) -> int:
@@ -87,44 +89,57 @@ def _num_warps(kernel: str, *blocks: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkTable:
-    """Token range of every chunk and chunk range of every sequence (shared by all batch rows).
+    """Token range of every chunk and chunk range of every sequence (shared by all batch rows), int32.
 
-    Built from `chunked.ChunkLayout`, so both paths lay chunks out identically.
+    Built from `chunked.ChunkLayout`, so both paths lay chunks out identically. Read-only: `build` hands
+    out one cached table per shape.
     """
 
     chunk_size: int
     num_chunks: int
     num_segments: int
-    start: Tensor  # [NC] int32 first token of each chunk
-    end: Tensor  # [NC] int32 one past its last token
-    seg_begin: Tensor  # [NC] int32 first token of its sequence
-    seg_end: Tensor  # [NC] int32 one past the last token of its sequence
-    segment: Tensor  # [NC] int64 sequence index of each chunk
-    seg_chunks: Tensor  # [N+1] int32 chunk offsets of the sequences
-    chunk_ids: Tensor  # [NC] int32 0 … NC-1 (slot of each chunk in chunk_causal mode)
+    start: Tensor  # [NC] first token of each chunk
+    end: Tensor  # [NC] one past its last token
+    seg_begin: Tensor  # [NC] first token of its sequence
+    seg_end: Tensor  # [NC] one past the last token of its sequence
+    segment: Tensor  # [NC] sequence index of each chunk
+    seg_chunks: Tensor  # [N+1] chunk offsets of the sequences
+    chunk_ids: Tensor  # [NC] 0 … NC-1 (slot of each chunk in chunk_causal mode)
 
     @staticmethod
     def build(seq_len: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device) -> "ChunkTable":
-        layout = ChunkLayout.build(seq_len, chunk_size, cu_seqlens, device)
-        if cu_seqlens is None:  # computed on the device: no host copy
-            bounds = torch.arange(2, dtype=torch.long, device=device) * seq_len
-            offsets = torch.arange(2, dtype=torch.long, device=device) * layout.num_chunks
-        else:  # the layout has read the chunk offsets on the host already (ChunkLayout)
-            bounds = cu_seqlens.to(device=device, dtype=torch.long)
-            offsets = torch.tensor([c0 for c0, _ in layout.segments] + [layout.num_chunks], dtype=torch.long
-                                   ).to(device, non_blocking=True)
-        segment = layout.chunk_segment
-        chunk_ids = torch.arange(layout.num_chunks, device=device)
-        start = bounds[segment] + (chunk_ids - offsets[segment]) * chunk_size
-        seg_end = bounds[segment + 1]
-        as_int = dict(dtype=torch.int32)
-        return ChunkTable(chunk_size, layout.num_chunks, len(layout.segments), start.to(**as_int),
-                          torch.minimum(start + chunk_size, seg_end).to(**as_int), bounds[segment].to(**as_int),
-                          seg_end.to(**as_int), segment, offsets.to(**as_int), chunk_ids.to(**as_int))
+        """The table of one sequence per batch row (cu_seqlens None) or of packed sequences, built once per
+        (seq_len, chunk_size, device) — and per packing: packed sequences are keyed by `cu_seqlens` read on
+        the host, as `ChunkLayout` reads their chunk offsets anyway — so that a warm call runs no torch op."""
+        bounds = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+        return _cached_chunk_table(seq_len, chunk_size, bounds, torch.device(device))
 
     def slots(self, total: bool) -> Tensor:
         """Slot read by each chunk: its sequence (prefix mode) or itself (chunk_causal)."""
-        return self.segment.to(torch.int32) if total else self.chunk_ids
+        return self.segment if total else self.chunk_ids
+
+    def num_slots(self, total: bool) -> int:
+        return self.num_segments if total else self.num_chunks
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_chunk_table(seq_len: int, chunk_size: int, bounds: tuple[int, ...] | None,
+                        device: torch.device) -> ChunkTable:
+    """Built on the host from `ChunkLayout`, copied to `device` without blocking; normal tensors even under
+    `torch.inference_mode` (as `device_constants`)."""
+    host = torch.device("cpu")
+    with torch.inference_mode(False):
+        layout = ChunkLayout.build(seq_len, chunk_size, None if bounds is None else torch.tensor(bounds), host)
+        token_bounds = torch.tensor((0, seq_len) if bounds is None else bounds, dtype=torch.long)
+        offsets = torch.tensor([c0 for c0, _ in layout.segments] + [layout.num_chunks], dtype=torch.long)
+        segment = layout.chunk_segment
+        chunk_ids = torch.arange(layout.num_chunks)
+        start = token_bounds[segment] + (chunk_ids - offsets[segment]) * chunk_size
+        seg_end = token_bounds[segment + 1]
+        columns = (start, torch.minimum(start + chunk_size, seg_end), token_bounds[segment], seg_end, segment, offsets,
+                   chunk_ids)
+        on_device = [x.to(torch.int32).to(device, non_blocking=True) for x in columns]
+    return ChunkTable(chunk_size, layout.num_chunks, len(layout.segments), *on_device)
 
     def num_slots(self, total: bool) -> int:
         return self.num_segments if total else self.num_chunks
@@ -158,20 +173,16 @@ class ChunkStatistics(torch.autograd.Function):
                HAS_MASK=weights is not None, NORM_KEYS=norm_keys, BS=_token_block("stats_fwd", table.chunk_size),
                BR=block_r, BP=block_p, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
                num_warps=_num_warps("stats_fwd", block_r, block_p))
-        if norm_keys == 0:
-            max_norm.zero_()
         ctx.save_for_backward(k, v, weights)
         ctx.table, ctx.norm_keys = table, norm_keys
         return stats, max_norm
 
     @staticmethod
-    def backward(ctx, d_stats: Tensor, d_max_norm: Tensor | None):
+    def backward(ctx, d_stats: Tensor, d_max_norm: Tensor):
         k, v, weights = ctx.saved_tensors
         table = ctx.table
         batch, _, heads, rank = k.shape
         value_dim = v.shape[-1]
-        if d_max_norm is None:
-            d_max_norm = torch.zeros(batch, heads, table.num_chunks, dtype=d_stats.dtype, device=k.device)
         d_stats, d_max_norm = d_stats.contiguous(), d_max_norm.contiguous()
         dk = empty(k.shape, k.dtype, k.device)
         dv = empty(v.shape, v.dtype, v.device)
@@ -190,60 +201,45 @@ class ChunkStatistics(torch.autograd.Function):
         return dk, dv, None, None, None
 
 
-def _scan(x: Tensor, table: ChunkTable, *, use_max: bool, total: bool, reverse: bool) -> tuple[Tensor, Tensor]:
-    """segment_scan_kernel over x [B, H, NC, D] -> (out [B, H, N, D], argmax [B, H, NC] int32: exclusive max only)."""
-    batch, heads, _, width = x.shape
-    rows = table.num_slots(total)
-    out = empty((batch, heads, rows, width), x.dtype, x.device)
-    arg = empty((batch, heads, rows) if use_max and not total else (0,), torch.int32, x.device)
+def _scan(rows: Tensor, chunk_max: Tensor, table: ChunkTable, *, total: bool, sequence_max: bool,
+          d_slot_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One segment_scan_kernel launch. Forward: rows [B, H, NC, D], chunk_max [B, H, NC] -> (sums
+    [B, H, NSLOT, D], slot maxima [B, H, NSLOT]). Reverse, given d_slot_max (rows = the sums' gradient;
+    chunk_max as in the forward): -> (d_rows [B, H, NC, D], d_chunk_max [B, H, NC])."""
+    reverse = d_slot_max is not None
+    batch, heads, _, width = rows.shape
+    out_rows = table.num_chunks if reverse else table.num_slots(total)
+    out = empty((batch, heads, out_rows, width), rows.dtype, rows.device)
+    max_out = empty((batch, heads, out_rows), chunk_max.dtype, rows.device)
     block = min(1024, _block(width))
-    launch(kernels_for(x.device).segment_scan_kernel, (batch * heads, triton.cdiv(width, block)),
-           x.contiguous(), out, arg, table.seg_chunks, table.num_segments, table.num_chunks, rows, width,
-           USE_MAX=use_max, TOTAL=total, REVERSE=reverse, BLOCK=block, ACC=_tl_dtype(x.dtype), num_warps=4)
-    return out, arg
+    launch(kernels_for(rows.device).segment_scan_kernel, (batch * heads, triton.cdiv(width, block)),
+           rows.contiguous(), out, chunk_max, d_slot_max.contiguous() if reverse else chunk_max, max_out,
+           table.seg_chunks, table.num_segments, table.num_chunks, table.num_slots(total), width,
+           TOTAL=total, MAX_TOTAL=sequence_max, REVERSE=reverse, BLOCK=block, ACC=_tl_dtype(rows.dtype), num_warps=4)
+    return out, max_out
 
 
 class SegmentScan(torch.autograd.Function):
-    """Sums of chunk rows [B, H, NC, D]: exclusive prefix per sequence [B, H, NC, D] or totals [B, H, N, D]."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, table: ChunkTable, total: bool):
-        ctx.table, ctx.total = table, total
-        return _scan(x, table, use_max=False, total=total, reverse=False)[0]
-
-    @staticmethod
-    def backward(ctx, d_out: Tensor):
-        if ctx.total:
-            return d_out.index_select(2, ctx.table.segment), None, None
-        return _scan(d_out, ctx.table, use_max=False, total=False, reverse=True)[0], None, None
-
-
-class SegmentMax(torch.autograd.Function):
-    """Max of chunk values [B, H, NC]: exclusive running max per sequence [B, H, NC] (torch.cummax) or
-    per-sequence max [B, H, N] (amax). Gradients follow torch: to the chunk cummax picks (the later one
-    on ties), or split evenly over the tied chunks for the per-sequence max.
+    """Chunk statistics rows [B, H, NC, D] and chunk max key norms [B, H, NC] -> per slot, in one launch:
+    the rows' exclusive prefix sum per sequence (slot = chunk) or, with `total`, the sequence's sum (slot =
+    sequence) [B, H, NSLOT, D]; and the exclusive running max of the norms (torch.cummax's) or, with
+    `total` or `sequence_max`, the sequence's max, per slot [B, H, NSLOT]. Max gradients follow torch: to the
+    chunk cummax picks (the later one on ties), or split evenly over the chunks attaining the sequence max.
+    The backward recomputes the maxima (saving an output would cost autograd two `detach` calls).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, table: ChunkTable, total: bool):
-        out, arg = _scan(x[..., None], table, use_max=True, total=total, reverse=False)
-        out = out[..., 0]
-        ctx.save_for_backward(x, out if total else arg)
-        ctx.table, ctx.total = table, total
-        return out
+    def forward(ctx, rows: Tensor, maxima: Tensor, table: ChunkTable, total: bool, sequence_max: bool):
+        maxima = maxima.contiguous()
+        ctx.save_for_backward(maxima)
+        ctx.table, ctx.options = table, dict(total=total, sequence_max=sequence_max)
+        return _scan(rows, maxima, table, total=total, sequence_max=sequence_max)
 
     @staticmethod
-    def backward(ctx, d_out: Tensor):
-        x, saved = ctx.saved_tensors
-        if ctx.total:
-            segment = ctx.table.segment
-            hit = (x == saved.index_select(2, segment)).to(d_out.dtype)
-            ties = torch.zeros_like(d_out).index_add_(2, segment, hit)
-            return hit * (d_out / ties.clamp_min(1.0)).index_select(2, segment), None, None
-        found = saved >= 0
-        d_x = torch.zeros_like(x)
-        d_x.scatter_add_(2, torch.where(found, saved, 0).long(), torch.where(found, d_out, 0.0))
-        return d_x, None, None
+    def backward(ctx, d_sums: Tensor, d_slot_max: Tensor):
+        (maxima,) = ctx.saved_tensors
+        d_rows, d_maxima = _scan(d_sums, maxima, ctx.table, d_slot_max=d_slot_max, **ctx.options)
+        return d_rows, d_maxima, None, None, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,7 +300,8 @@ class ReadoutMatrices(torch.autograd.Function):
 
 
 class Readout(torch.autograd.Function):
-    """q [B, T, H, r], R [B, H, NSLOT, P, r], η [H] -> y [B, T, H, P] = η R_slot(c) q (dtype of q)."""
+    """q [B, T, H, r], R [B, H, NSLOT, P, r], η [H] (any float dtype, cast in the kernel) -> y [B, T, H, P] =
+    η R_slot(c) q (dtype of q)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, readout: Tensor, eta: Tensor, table: ChunkTable, total: bool):
@@ -345,7 +342,7 @@ class Readout(torch.autograd.Function):
             d_readout = d_chunk.new_zeros(readout.shape).index_add_(2, table.segment, d_chunk)
         else:
             d_readout = d_chunk
-        return dq, d_readout, d_eta.sum(dim=(0, 2, 3)), None, None
+        return dq, d_readout, d_eta.sum(dim=(0, 2, 3)).to(eta.dtype), None, None
 
 
 def _warn_dense_fallback(rank: int, value_dim: int) -> None:
@@ -398,15 +395,10 @@ def ska_triton(
     work = work_dtype(q.dtype)
     table = ChunkTable.build(seq_len, chunk_size, cu_seqlens, q.device)
     total = mode == "prefix"
-    weights = None if mask is None else mask.to(device=q.device, dtype=work).contiguous()
+    weights = None if mask is None else mask.to(q.device)  # read through its strides, cast in the kernel
     stats, chunk_max = ChunkStatistics.apply(k, v, weights, table, NORM_KEYS[norm])
-    visible = SegmentScan.apply(stats, table, total)
-    if norm == "sequence_max":
-        max_norm = SegmentMax.apply(chunk_max, table, True)
-        if not total:
-            max_norm = max_norm.index_select(2, table.segment)
-    else:  # the visible keys' max norm: the ridge's scale with causal_max, the jitter's in every norm
-        max_norm = SegmentMax.apply(chunk_max, table, total)
+    # the visible keys' max norm (the ridge's scale with causal_max, the jitter's in every norm), or the sequence's
+    visible, max_norm = SegmentScan.apply(stats, chunk_max, table, total, norm == "sequence_max")
     readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
                                        power=power, eps=eps, norm=norm, power_iters=power_iters)
-    return Readout.apply(q, readout, eta.to(work), table, total)
+    return Readout.apply(q, readout, eta, table, total)

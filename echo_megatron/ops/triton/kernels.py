@@ -182,8 +182,7 @@ def chunk_stats_fwd_kernel(
     _store_matrix(row, gram, R, R, BR, BR)
     _store_matrix(row + R * R, lag, R, R, BR, BR)
     _store_matrix(row + 2 * R * R, cross, P, R, BP, BR)
-    if NORM_KEYS != 0:
-        tl.store(MNORM + bh * NC + c, tl.max(max_norm, axis=0))
+    tl.store(MNORM + bh * NC + c, tl.max(max_norm, axis=0))  # 0 with NORM_KEYS=0
 
 
 @triton.jit
@@ -299,50 +298,115 @@ def chunk_stats_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# (a') segmented scan over chunks: exclusive prefix (chunk_causal) or per-sequence total (prefix)
+# (a') segmented scan over chunks: statistics rows and key-norm maxima in one launch
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def segment_scan_kernel(
-    X, OUT, ARG, SEG_CHUNKS, NSEG, NC, NOUT, D,
-    USE_MAX: tl.constexpr, TOTAL: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    """Scan the rows X[bh, c, :D] over the chunks [SEG_CHUNKS[s], SEG_CHUNKS[s+1]) of each sequence s.
+def _segment_max_fwd(CMAX, SMAX, s, c0, c1, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr, ACC: tl.constexpr):
+    """The maxima of one sequence (chunks c0 ≤ c < c1) in the rows CMAX, SMAX of one B·H (segment_scan_kernel)."""
+    top = tl.zeros([], dtype=ACC)
+    for c in range(c0, c1):
+        if not MAX_TOTAL:
+            tl.store(SMAX + c, top)
+        x = tl.load(CMAX + c).to(ACC)
+        top = tl.where(x >= top, x, top)  # a chunk that ties the max takes it over (cummax: the later one)
+    if TOTAL:
+        tl.store(SMAX + s, top)
+    elif MAX_TOTAL:
+        for c in range(c0, c1):
+            tl.store(SMAX + c, top)
 
-    TOTAL=False: OUT[bh, c] = ⊕ of the rows before c in its sequence (after c if REVERSE), ⊕ = + (max
-    with USE_MAX), 0 when there are none; with USE_MAX (D = 1) ARG[bh, c] is the chunk attaining that
-    max (the later one on ties, like torch.cummax; -1 if none). TOTAL=True: OUT[bh, s] = ⊕ of sequence
-    s (0 if empty). Grid (B·H, ⌈D / BLOCK⌉).
+
+@triton.jit
+def _segment_max_bwd(CMAX, DSMAX, DCMAX, s, c0, c1, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr, ACC: tl.constexpr):
+    """DCMAX of one sequence (chunks c0 ≤ c < c1) from DSMAX, rows of one B·H, the maxima recomputed from
+    CMAX exactly as `_segment_max_fwd` takes them (segment_scan_kernel)."""
+    top = tl.zeros([], dtype=ACC)
+    if MAX_TOTAL:
+        d_top = tl.zeros([], dtype=ACC)
+        for c in range(c0, c1):
+            x = tl.load(CMAX + c).to(ACC)
+            top = tl.where(x >= top, x, top)
+            if not TOTAL:  # repeated for every chunk of the sequence: their gradients add up
+                d_top += tl.load(DSMAX + c).to(ACC)
+        if TOTAL:
+            d_top += tl.load(DSMAX + s).to(ACC)
+        ties = tl.zeros([], dtype=ACC)
+        for c in range(c0, c1):
+            ties += tl.where(tl.load(CMAX + c).to(ACC) == top, 1.0, 0.0)
+        share = d_top / tl.maximum(ties, 1.0)
+        for c in range(c0, c1):
+            tl.store(DCMAX + c, tl.where(tl.load(CMAX + c).to(ACC) == top, share, 0.0))
+    else:
+        # the chunk `last` that set the running max receives the gradients of the chunks after it, up to and
+        # including the next chunk that sets it; every address is written once (0 for the other chunks)
+        last = c0 - 1
+        since = tl.zeros([], dtype=ACC)
+        for c in range(c0, c1):
+            x = tl.load(CMAX + c).to(ACC)
+            since += tl.load(DSMAX + c).to(ACC)
+            record = x >= top
+            tl.store(DCMAX + tl.where(record, last, c), tl.where(record, since, 0.0), mask=(last >= c0) | ~record)
+            since = tl.where(record, 0.0, since)
+            last = tl.where(record, c, last)
+            top = tl.where(record, x, top)
+        tl.store(DCMAX + last, since, mask=last >= c0)
+
+
+@triton.jit
+def segment_scan_kernel(
+    X, OUT, CMAX, DSMAX, MOUT, SEG_CHUNKS, NSEG, NC, NOUT, D,
+    TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Sums of the statistics rows and maxima of the chunk key norms over the chunks [SEG_CHUNKS[s],
+    SEG_CHUNKS[s+1]) of each sequence s, per slot (NOUT per B·H: the chunk, or with TOTAL the sequence).
+
+    Forward (REVERSE=False): X [B·H, NC, D] -> OUT [B·H, NOUT, D]: the sum of the rows before c in its
+    sequence (0 for its first chunk), or with TOTAL the sequence's sum (0 if empty). CMAX [B·H, NC] ->
+    MOUT = SMAX [B·H, NOUT]: the running max max(0, CMAX of the chunks before c), or with MAX_TOTAL (implied by
+    TOTAL) the sequence's max(0, CMAX of its chunks), repeated for each of its chunks without TOTAL.
+    Backward (REVERSE=True, CMAX as in the forward): X = dOUT [B·H, NOUT, D] -> OUT = dX [B·H, NC, D];
+    DSMAX = dSMAX [B·H, NOUT] -> MOUT = dCMAX [B·H, NC]: a running max's gradient goes to the chunk
+    attaining it (the later one on ties, torch.cummax's rule), a sequence max's is split evenly over the
+    chunks attaining it (torch.amax's). The program of the first column tile also scans the maxima.
+    Grid (B·H, ⌈D / BLOCK⌉).
     """
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < D
-    x_base = X + bh * NC * D
-    out_base = OUT + bh * NOUT * D
+    if REVERSE:
+        x_base = X + bh * NOUT * D
+        out_base = OUT + bh * NC * D
+    else:
+        x_base = X + bh * NC * D
+        out_base = OUT + bh * NOUT * D
     for s in range(NSEG):
         c0 = tl.load(SEG_CHUNKS + s).to(tl.int64)
         c1 = tl.load(SEG_CHUNKS + s + 1).to(tl.int64)
-        acc = tl.zeros([BLOCK], dtype=ACC)
-        arg = tl.full([BLOCK], -1, dtype=tl.int32)
-        for i in range(c1 - c0):
-            if REVERSE:
-                c = c1 - 1 - i
-            else:
-                c = c0 + i
-            x = tl.load(x_base + c * D + cols, mask=col_ok, other=0.0)
-            if not TOTAL:
-                tl.store(out_base + c * D + cols, acc, mask=col_ok)
-                if USE_MAX:
-                    tl.store(ARG + bh * NOUT + c + cols, arg, mask=col_ok)
-            if USE_MAX:
-                take = x >= acc
-                arg = tl.where(take, c.to(tl.int32), arg)
-                acc = tl.where(take, x, acc)
-            else:
+        if REVERSE and TOTAL:  # every chunk of the sequence receives the gradient of its sum
+            d_total = tl.load(x_base + s * D + cols, mask=col_ok, other=0.0)
+            for c in range(c0, c1):
+                tl.store(out_base + c * D + cols, d_total, mask=col_ok)
+        else:
+            acc = tl.zeros([BLOCK], dtype=ACC)
+            for i in range(c1 - c0):
+                if REVERSE:
+                    c = c1 - 1 - i
+                else:
+                    c = c0 + i
+                x = tl.load(x_base + c * D + cols, mask=col_ok, other=0.0)
+                if not TOTAL:
+                    tl.store(out_base + c * D + cols, acc, mask=col_ok)
                 acc += x
-        if TOTAL:
-            tl.store(out_base + s * D + cols, acc, mask=col_ok)
+            if TOTAL:
+                tl.store(out_base + s * D + cols, acc, mask=col_ok)
+        if tl.program_id(1) == 0:
+            if REVERSE:
+                _segment_max_bwd(CMAX + bh * NC, DSMAX + bh * NOUT, MOUT + bh * NC, s, c0, c1, TOTAL,
+                                 MAX_TOTAL or TOTAL, ACC)
+            else:
+                _segment_max_fwd(CMAX + bh * NC, MOUT + bh * NOUT, s, c0, c1, TOTAL, MAX_TOTAL or TOTAL, ACC)
 
 
 # (b) the per-slot dense algebra lives in dense.py (loaded into this namespace by runtime.py)
