@@ -9,11 +9,13 @@ Stacks (Megatron's `HybridStack`, pattern symbols `'M'` Mamba-2, `'*'` attention
 | `echo_koopman_stack_spec`           | SKA              | Koopman MLP  | Transformer Engine       |
 | `echo_koopman_stack_spec_local`     | SKA              | Koopman MLP  | local                    |
 | `softmax_hybrid_stack_spec`         | softmax attention| MLP          | Transformer Engine       |
-| `softmax_hybrid_stack_spec_local`   | softmax attention| MLP          | local                    |
+| `softmax_hybrid_stack_spec_local`   | softmax (SDPA)   | MLP          | local                    |
 | `softmax_koopman_stack_spec(_local)`| softmax attention| Koopman MLP  | TE / local               |
 
 The TE specs reuse the Mamba, attention and MLP layer specs of Megatron's own
-`hybrid_stack_spec`. Importing this module never needs Transformer Engine: as in Megatron's
+`hybrid_stack_spec`. The local softmax specs' core attention is `SDPAttention` (PyTorch's
+`scaled_dot_product_attention`: flash/cuDNN kernels, no T×T score matrix), not Megatron's local
+`DotProductAttention`. Importing this module never needs Transformer Engine: as in Megatron's
 `hybrid_layer_specs`, the TE classes are placeholders without TE and only fail when instantiated.
 Local specs map their separate norms onto the TE checkpoint keys (`sharded_state_dict_keys_map`),
 so distributed checkpoints load across the two. Megatron's `HybridStack` builds its final norm with
@@ -37,7 +39,6 @@ from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -51,6 +52,7 @@ from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
 from .norm import TorchNorm
 from .parallel import missing_parallel_state
+from .sdpa_attention import SDPAttention
 from .ska_layer import SKASubmodules, SpectralKoopmanAttention
 
 SPEC_KINDS = ("local", "te")
@@ -121,7 +123,7 @@ softmax_attention_layer_spec_local = _layer(
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
-            core_attention=DotProductAttention,
+            core_attention=SDPAttention,
             linear_proj=RowParallelLinear,
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,
