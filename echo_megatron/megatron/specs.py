@@ -19,7 +19,8 @@ The TE specs reuse the Mamba, attention and MLP layer specs of Megatron's own
 `hybrid_layer_specs`, the TE classes are placeholders without TE and only fail when instantiated.
 Local specs map their separate norms onto the TE checkpoint keys (`sharded_state_dict_keys_map`),
 so distributed checkpoints load across the two. Megatron's `HybridStack` builds its final norm with
-`TENorm` whatever the spec: on GPUs install Transformer Engine; on CPUs `enable_cpu_mode()` swaps it.
+`TENorm` whatever the spec: `build_hybrid_model` with a local spec on a GPU without Transformer Engine,
+the launcher without it, and `enable_cpu_mode()` swap it for `TorchNorm` (`norm.use_torch_final_norm`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from echo_megatron.ops.context_parallel import check_context_parallel_layout
 
 from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
-from .norm import TorchNorm
+from .norm import TorchNorm, use_torch_final_norm
 from .parallel import missing_parallel_state
 from .sdpa_attention import SDPAttention
 from .ska_layer import SKASubmodules, SpectralKoopmanAttention
@@ -268,6 +269,8 @@ def build_hybrid_model(
                                "models on the CPU")
         if spec == "te":
             raise RuntimeError("spec='te' needs Transformer Engine and CUDA; use spec='local' on the CPU")
+    elif spec == "local":
+        use_torch_final_norm()  # a GPU without Transformer Engine
     return HybridModel(
         config=config,
         hybrid_stack_spec=stack,
