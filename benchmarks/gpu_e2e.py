@@ -97,9 +97,12 @@ class Profile:
 
 
 GPU = Profile("gpu", "echo-50m", 2048, 8, 30, 15, 5, ("--bf16",), (17, 130, 700), 32, 512,
-              dict(e=25, a_echo=110, a_softmax=65, a_mamba=65, b=45, c=60, d=70))
+              dict(e=20, a_echo=150, a_softmax=55, a_mamba=55, b=40, c=55, d=55))
+"""The Echo run goes first and pays for compiling every Triton kernel (SKA's, mamba-ssm's autotuned SSD scan) into
+Triton's on-disk cache, which the later runs reuse; its checkpoint at `save_at` is on disk halfway through."""
 DRY = Profile("dry run (CPU, gloo, echo-tiny)", "echo-tiny", 128, 2, 6, 3, 2, ("--cpu",), (3, 61, 100), 4, 100,
-              dict(e=60, a_echo=150, a_softmax=150, a_mamba=150, b=150, c=150, d=150))
+              dict(e=240, a_echo=240, a_softmax=240, a_mamba=240, b=240, c=240, d=240))
+"""The dry run's limits only stop a hung child on a CPU shared with other work (gpu_e2e.sh allows 30 minutes)."""
 WARM_UP_S = 30
 """Wheel install and interpreter start-up before the first section (scripts/gpu_e2e.sh)."""
 assert sum(GPU.limits.values()) + WARM_UP_S <= 480, "the GPU run must fit in 8 minutes by construction"
