@@ -10,7 +10,7 @@
 #                                   # (hard limit 1800 s: a CPU shared with other work)
 #
 # Extra arguments go to benchmarks/gpu_e2e.py (e.g. --sections ea). PYTHON picks the interpreter; the commit in the
-# result names is `git rev-parse --short HEAD`, else $ECHO_COMMIT (the device copy of the tree may have no .git).
+# result names is $ECHO_COMMIT, else `git rev-parse --short HEAD` (the device copy of the tree may have no .git: pass it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -33,7 +33,7 @@ if [ "$dry_run" = 0 ]; then
     echo "gpu_e2e.sh: no .whl-e2e/ folder (make it with scripts/gpu_e2e_wheels.sh and carry it); running without wheels"
   fi
 fi
-ECHO_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "${ECHO_COMMIT:-unknown}")
+ECHO_COMMIT=${ECHO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OUT ECHO_COMMIT
 echo "gpu_e2e.sh: $("$PY" -V 2>&1), commit $ECHO_COMMIT, PYTHONPATH=$PYTHONPATH, limit ${LIMIT}s, out $OUT"
 timeout -k 10 "$LIMIT" "$PY" benchmarks/gpu_e2e.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_e2e.log"
