@@ -62,7 +62,7 @@ activations carry 8 significant bits, 4e-3 per rounding, accumulated over the la
 RESUME_TOLERANCE = {False: 1e-2, True: 1e-5}
 """Section b: |resumed - uninterrupted| / uninterrupted per iteration, bf16 on the GPU (2^-8 = 4e-3 per rounding;
 kernels with atomics are not bitwise reproducible), fp32 in the dry run."""
-STUB_SOURCE = '''"""Stand-in for mamba-ssm's `selective_scan_cuda` extension (not built on this machine; see benchmarks/gpu_e2e.py).
+STUB_SOURCE = '''"""Stand-in for mamba-ssm's `selective_scan_cuda` extension (not built here; see benchmarks/gpu_e2e.py).
 
 `import mamba_ssm` imports it at the top; Megatron's Mamba-2 layer never calls it (it uses mamba-ssm's Triton kernels).
 """
@@ -253,8 +253,10 @@ def resumed_pairs(reference: dict[int, float], resumed: dict[int, float], start:
         expected = reference.get(iteration)
         if expected is not None and iteration == start + 2 and start + 1 in reference:
             expected = (reference[start + 1] + expected) / 2
-        rows.append(dict(iteration=iteration, uninterrupted=expected, resumed=resumed[iteration],
-                         **({} if expected is None else dict(rel_diff=abs(resumed[iteration] - expected) / abs(expected)))))
+        row = dict(iteration=iteration, uninterrupted=expected, resumed=resumed[iteration])
+        if expected is not None:
+            row["rel_diff"] = abs(resumed[iteration] - expected) / abs(expected)
+        rows.append(row)
     return rows
 
 
@@ -459,7 +461,8 @@ def worker_export(args, emit: Callable[[dict], None]) -> None:
         hf.generation_config.eos_token_id = None
         hf_logits = hf(ids).logits.float()
         start = time.perf_counter()
-        hf_greedy = hf.generate(prompt, max_new_tokens=profile.new_tokens, do_sample=False)[0, prompt.shape[1]:].tolist()
+        generated = hf.generate(prompt, max_new_tokens=profile.new_tokens, do_sample=False)
+        hf_greedy = generated[0, prompt.shape[1]:].tolist()
         emit(dict(item="HF generate() (bf16, batch 1)", generated=len(hf_greedy),
                   **{"tokens/s": len(hf_greedy) / (time.perf_counter() - start)}))
         del hf

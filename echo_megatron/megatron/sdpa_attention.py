@@ -14,7 +14,8 @@ Masks (`attn_mask_type` of the call, else of the module; `attention_mask` in Meg
 True = masked out):
 - `causal` without a mask tensor: causal over sq = sk; sq = 1 is a decode step over cached keys (no mask,
   as `DotProductAttention`); other sq != sk raise (use `causal_bottom_right`).
-- `causal_bottom_right`: causal aligned to the last key (any sq <= sk; sq < sk through a boolean mask). `no_mask`: full attention.
+- `causal_bottom_right`: causal aligned to the last key (any sq <= sk; sq < sk through a boolean mask).
+- `no_mask`: full attention.
 - `padding` / `arbitrary` / `causal` with a boolean mask tensor broadcastable to [b, np, sq, sk]: that mask
   (as `DotProductAttention`, a given mask replaces the causal one). A row with every key masked out gives
   NaN or 0 here (SDPA) and a uniform average in `DotProductAttention` (its -10000 fill).

@@ -69,9 +69,11 @@ def test_given_scale_and_query_key_layer_scaling_equal_dot_product_attention():
     cfg = config(apply_query_key_layer_scaling=True, fp16=False)
     kwargs = dict(config=cfg, layer_number=3, attn_mask_type=AttnMaskType.causal, attention_type="self")
     tensors = qkv(9, 9)
-    assert_same(output_and_grads(DotProductAttention(**kwargs), tensors), output_and_grads(SDPAttention(**kwargs), tensors))
+    assert_same(output_and_grads(DotProductAttention(**kwargs), tensors),
+                output_and_grads(SDPAttention(**kwargs), tensors))
     kwargs["softmax_scale"] = 0.05
-    assert_same(output_and_grads(DotProductAttention(**kwargs), tensors), output_and_grads(SDPAttention(**kwargs), tensors))
+    assert_same(output_and_grads(DotProductAttention(**kwargs), tensors),
+                output_and_grads(SDPAttention(**kwargs), tensors))
 
 
 def test_decode_step_over_cached_keys_equals_dot_product_attention():
@@ -159,7 +161,8 @@ def test_unsupported_masks_raise_naming_the_option(case, message):
 def test_unsupported_packed_layouts_and_configs_raise():
     _, sdpa = pair()
     q, k, v = (t.detach()[:, 0] for t in qkv(8, 8))
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3, 8]), cu_seqlens_kv=torch.tensor([0, 4, 8]))
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 3, 8]),
+                             cu_seqlens_kv=torch.tensor([0, 4, 8]))
     with pytest.raises(ValueError, match="must be self-attention"):
         sdpa(q, k, v, None, packed_seq_params=params)
     with pytest.raises(ValueError, match="window_size"):
