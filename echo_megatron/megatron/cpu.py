@@ -39,6 +39,8 @@ from torch import Tensor
 
 from megatron.core.tensor_parallel import random as tensor_parallel_random
 
+from .norm import use_torch_final_norm
+
 CUDA_EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
 CPU_SCAN_CHUNK = 32  # chunk of the pure-PyTorch SSD scan: Megatron's 128 makes dense intra-chunk terms 4x larger
 
@@ -65,7 +67,7 @@ def enable_cpu_mode() -> bool:
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = _nothing_to_synchronize
     _patch_mamba_mixer()
-    _patch_hybrid_final_norm()
+    use_torch_final_norm(only_without_te=False)
     _patch_causal_masks()
     install_cpu_rng_tracker()
     _enabled = True
@@ -310,14 +312,6 @@ def _patch_mamba_mixer() -> None:
 # ---------------------------------------------------------------------------------------------
 # Norms, masks, RNG
 # ---------------------------------------------------------------------------------------------
-
-
-def _patch_hybrid_final_norm() -> None:
-    from megatron.core.models.hybrid import hybrid_block
-
-    from .norm import TorchNorm
-
-    hybrid_block.TENorm = TorchNorm
 
 
 def _default_causal_mask(sq: int) -> Tensor:

@@ -34,3 +34,19 @@ class TorchNorm:
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
+
+
+def use_torch_final_norm(only_without_te: bool = True) -> bool:
+    """Megatron's `HybridStack` builds its final norm with `TENorm` whatever the layer spec, and `TENorm`
+    raises ImportError without Transformer Engine: make it `TorchNorm` (same math, same parameter name).
+
+    With `only_without_te` (GPUs) only when Transformer Engine is not installed; CPU mode swaps it always.
+    Returns whether the final norm is `TorchNorm` now.
+    """
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+    from megatron.core.models.hybrid import hybrid_block
+
+    if only_without_te and HAVE_TE:
+        return hybrid_block.TENorm is TorchNorm
+    hybrid_block.TENorm = TorchNorm
+    return True

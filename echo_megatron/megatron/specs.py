@@ -9,15 +9,18 @@ Stacks (Megatron's `HybridStack`, pattern symbols `'M'` Mamba-2, `'*'` attention
 | `echo_koopman_stack_spec`           | SKA              | Koopman MLP  | Transformer Engine       |
 | `echo_koopman_stack_spec_local`     | SKA              | Koopman MLP  | local                    |
 | `softmax_hybrid_stack_spec`         | softmax attention| MLP          | Transformer Engine       |
-| `softmax_hybrid_stack_spec_local`   | softmax attention| MLP          | local                    |
+| `softmax_hybrid_stack_spec_local`   | softmax (SDPA)   | MLP          | local                    |
 | `softmax_koopman_stack_spec(_local)`| softmax attention| Koopman MLP  | TE / local               |
 
 The TE specs reuse the Mamba, attention and MLP layer specs of Megatron's own
-`hybrid_stack_spec`. Importing this module never needs Transformer Engine: as in Megatron's
+`hybrid_stack_spec`. The local softmax specs' core attention is `SDPAttention` (PyTorch's
+`scaled_dot_product_attention`: flash/cuDNN kernels, no T×T score matrix), not Megatron's local
+`DotProductAttention`. Importing this module never needs Transformer Engine: as in Megatron's
 `hybrid_layer_specs`, the TE classes are placeholders without TE and only fail when instantiated.
 Local specs map their separate norms onto the TE checkpoint keys (`sharded_state_dict_keys_map`),
 so distributed checkpoints load across the two. Megatron's `HybridStack` builds its final norm with
-`TENorm` whatever the spec: on GPUs install Transformer Engine; on CPUs `enable_cpu_mode()` swaps it.
+`TENorm` whatever the spec: `build_hybrid_model` with a local spec on a GPU without Transformer Engine,
+the launcher without it, and `enable_cpu_mode()` swap it for `TorchNorm` (`norm.use_torch_final_norm`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -49,8 +51,9 @@ from echo_megatron.ops.context_parallel import check_context_parallel_layout
 
 from .config import SKAConfig
 from .koopman_mlp import KoopmanMLP, KoopmanMLPSubmodules
-from .norm import TorchNorm
+from .norm import TorchNorm, use_torch_final_norm
 from .parallel import missing_parallel_state
+from .sdpa_attention import SDPAttention
 from .ska_layer import SKASubmodules, SpectralKoopmanAttention
 
 SPEC_KINDS = ("local", "te")
@@ -121,7 +124,7 @@ softmax_attention_layer_spec_local = _layer(
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
-            core_attention=DotProductAttention,
+            core_attention=SDPAttention,
             linear_proj=RowParallelLinear,
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,
@@ -266,6 +269,8 @@ def build_hybrid_model(
                                "models on the CPU")
         if spec == "te":
             raise RuntimeError("spec='te' needs Transformer Engine and CUDA; use spec='local' on the CPU")
+    elif spec == "local":
+        use_torch_final_norm()  # a GPU without Transformer Engine
     return HybridModel(
         config=config,
         hybrid_stack_spec=stack,

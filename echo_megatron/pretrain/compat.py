@@ -124,8 +124,21 @@ def distributed_optimizer_torch_adam() -> None:
          "view, shared per-parameter Adam step)")
 
 
+def final_norm_without_te() -> None:
+    """`--transformer-impl local` on a GPU without Transformer Engine: Megatron's `HybridStack` builds its final
+    norm with `TENorm` whatever the spec. Fixes `ImportError: Transformer Engine is not installed` at model build
+    (`echo_megatron.megatron.norm.use_torch_final_norm`; CPU mode does the same)."""
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    from echo_megatron.megatron.norm import use_torch_final_norm
+
+    if not HAVE_TE and use_torch_final_norm():
+        _log("no Transformer Engine: the hybrid stack's final norm is TorchNorm")
+
+
 def apply() -> None:
     """Apply every run-time fix the launcher needs (idempotent)."""
     install_typing_override()
+    final_norm_without_te()
     skip_helper_compile()
     distributed_optimizer_torch_adam()

@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 import torch
+from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
 
 from echo_megatron.ops.context_parallel import check_context_parallel_layout
@@ -33,6 +34,9 @@ def check_echo_args(args) -> None:
         fail("CUDA is not available; add --cpu to train on the CPU")
     if args.cpu and args.transformer_impl != "local":
         fail(f"--cpu needs --transformer-impl local (Transformer Engine needs CUDA), got {args.transformer_impl}")
+    if args.transformer_impl == "transformer_engine" and not HAVE_TE:
+        fail("Transformer Engine is not installed: add --transformer-impl local (Megatron's parallel linears, "
+             "torch norms, SDPA softmax attention)")
     if args.hybrid_layer_pattern is None:
         fail("give --echo-preset NAME, or --hybrid-layer-pattern and the model sizes")
     if args.yaml_cfg is not None:

@@ -36,7 +36,6 @@ import torch
 
 from echo_megatron.tasks import trainer
 from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, MQARData, paper_grid, paper_grid_floor
-from echo_megatron.tasks.flash_eval import flash_core_attention
 from echo_megatron.tasks.niah import niah, niah_floor
 
 ARCHS = ("mamba", "mamba_attention", "mamba_ska", "echo")
@@ -571,15 +570,6 @@ def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
     return model, result, result.history[-1]["eval_acc"]
 
 
-def evaluate_cell(preset: MQARPreset, model: torch.nn.Module, data: MQARData) -> float:
-    """Accuracy on ``data``. NIAH evaluates softmax attention with the flash SDPA kernel (the same
-    function as Megatron's CPU kernel, without its T×T buffer: echo_megatron.tasks.flash_eval)."""
-    if preset.task != "niah":
-        return trainer.evaluate(model, data, preset.eval_batch_size)
-    with flash_core_attention(model):
-        return trainer.evaluate(model, data, preset.eval_batch_size)
-
-
 def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool,
                 lrs: tuple[float, ...] | None = None) -> tuple[list[dict], dict]:
     """Train one model per learning rate, keep the one with the best accuracy on held-out data of
@@ -602,7 +592,8 @@ def execute_run(preset: MQARPreset, run: Run, out: Path, progress: bool,
     cells = []
     for gap in run.eval_gaps:
         start = time.perf_counter()
-        accuracy = evaluate_cell(preset, model, eval_data(preset, run.seed, run.kv_pairs, gap, preset.eval_examples))
+        accuracy = trainer.evaluate(model, eval_data(preset, run.seed, run.kv_pairs, gap, preset.eval_examples),
+                                    preset.eval_batch_size)
         cells.append({
             "arch": run.arch, "kv_pairs": run.kv_pairs, "gap": gap, "accuracy": accuracy, "params": params,
             "state_bytes_per_layer": state_bytes_per_layer(run.arch, preset, preset.sequence_length(run.kv_pairs, gap)),

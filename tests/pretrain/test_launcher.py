@@ -231,3 +231,15 @@ def test_context_parallel_losses_equal_the_cp1_run():
     assert sorted(context_parallel) == sorted(reference) == [1, 2, 3, 4]
     for iteration, loss in reference.items():
         assert context_parallel[iteration] == pytest.approx(loss, rel=1e-5), (iteration, reference, context_parallel)
+
+
+def test_transformer_engine_layers_without_transformer_engine_are_rejected(monkeypatch, capsys):
+    """A GPU machine without Transformer Engine: the default --transformer-impl fails with the flag to use instead."""
+    from echo_megatron.pretrain import launcher
+
+    monkeypatch.setattr("sys.argv", ["echo_megatron.pretrain"])
+    monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher, "HAVE_TE", False)
+    with pytest.raises(SystemExit) as raised:
+        launcher.parse_args(["--echo-preset", "echo-tiny", "--mock-data", "--micro-batch-size", "2", "--train-iters", "2"])
+    assert "Transformer Engine is not installed: add --transformer-impl local" in str(raised.value.code)
