@@ -197,19 +197,17 @@ def cpu_smoke() -> None:
 
 
 def compile_report(shape: Shape) -> None:
-    from echo_megatron.ops.triton.aot import compile_launches
-    from echo_megatron.ops.triton.runtime import recording
+    """Every kernel of a bf16 forward+backward compiled for sm_90 at r = P = 32, 64, 128 and the paper's
+    r = 48, P = 64 (`aot.sm90_report`), with the programs that fit on one SM."""
+    from echo_megatron.ops.triton.aot import sm90_report
 
-    inputs = _inputs(1, 2 * shape.chunk, 1, shape.rank, shape.value_dim, torch.float16)
-    with recording() as launches:  # bf16 takes the fp16 code path; the interpreter cannot run bf16 dots
-        _run(inputs, "triton", chunk_size=shape.chunk, power=shape.power)
-    print(f"### sm_90 (H100) compile report, r={shape.rank}, P={shape.value_dim}, S={shape.chunk}, "
-          f"K={shape.power}, bf16\n")
-    print("| kernel | constexprs | warps | registers / thread | spill bytes / thread | shared memory |")
-    print("|---|---|---:|---:|---:|---:|")
-    for res in compile_launches(launches, arch=90, fp16_as="bf16"):
-        print(f"| {res.name} | {res.constexprs} | {res.num_warps} | {res.registers} | {res.spill_bytes} | "
-              f"{res.shared_bytes // 1024} KiB |")
+    print(f"### sm_90 (H100/H200) compile report, S={shape.chunk}, K={shape.power}, bf16\n")
+    print("| r | P | kernel | constexprs | warps | registers / thread | spill bytes / thread | shared memory | "
+          "programs / SM |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    for rank, value_dim, res in sm90_report(chunk=shape.chunk, power=shape.power):
+        print(f"| {rank} | {value_dim} | {res.name} | {res.constexprs} | {res.num_warps} | {res.registers} | "
+              f"{res.spill_bytes} | {res.shared_bytes // 1024} KiB | {res.programs_per_sm} |")
     print()
 
 
@@ -313,9 +311,13 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="the CPU mode even if a GPU is present")
     parser.add_argument("--no-compile", action="store_true", help="CPU mode: skip the sm_90 compile report")
     parser.add_argument("--estimate", action="store_true", help="only print the paper estimate")
+    parser.add_argument("--compile-only", action="store_true", help="only print the sm_90 compile report")
     args = parser.parse_args()
     shape = Shape(heads=args.heads, rank=args.rank, value_dim=args.value_dim, chunk=args.chunk, power=args.power)
     warnings.filterwarnings("ignore", message="overflow encountered")
+    if args.compile_only:
+        compile_report(shape)
+        return
     if not args.estimate:
         if torch.cuda.is_available() and not args.cpu:
             gpu_correctness(shape)

@@ -98,6 +98,33 @@ def ska_operator_flops(
     return (tokens + prefix + factorisation + chain + power_iteration) * (batch_size * num_heads)
 
 
+def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_bytes: int = 2) -> ForwardBackward:
+    """HBM bytes per token and head that the Triton path (`echo_megatron.ops.triton`, chunk_causal, one long
+    sequence) moves, kernel by kernel, as the kernels read and write them; the next byte model to the FLOP
+    model above. Statistics rows are fp32, D = 2r² + P·r floats per chunk; token tensors (q, k, v, y and
+    their gradients) have `element_bytes`; the dense kernels' workspace is assumed to stay in L2 (it is
+    written and read back by the same program, a few hundred KB per SM) and the per-chunk scalars (max
+    norms, σ, dη and dγ̂ partials) are left out (< 1 %). Per chunk of S tokens:
+
+      forward   statistics: read k, v, write D            scan: read D, write D
+                dense: read D, write R (P·r) and L⁻¹ (r²)  readout: read q and R, write y
+      backward  readout: read q, R, dy, write dq, dR      dense: read D, L⁻¹, dR, write dD
+                scan: read dD, write dD                   statistics: read k, v, dD and the next chunk's dM (r²),
+                                                          write dk, dv
+    """
+    r, p, e = rank, value_dim, element_bytes
+    row, square, readout = 4 * (2 * r * r + p * r), 4 * r * r, 4 * p * r
+    key, value = e * r, e * p  # one token's key (or query) and value (or output)
+    per_chunk = ForwardBackward(
+        forward=(row + 2 * row + row + readout + square + readout),
+        backward=(readout + readout + row + square + readout + row + 2 * row + row + square),
+    )
+    per_token = ForwardBackward(forward=(key + value) + (key + value),  # k, v read; q read, y written
+                                backward=(key + value + key) + (key + value + key + value))  # q, dy, dq; k, v, dk, dv
+    return ForwardBackward(per_chunk.forward / chunk_size + per_token.forward,
+                           per_chunk.backward / chunk_size + per_token.backward)
+
+
 def ska_layer_flops(config: TransformerConfig, seq_length: int, batch_size: int = 1) -> FlopCount:
     """An SKA layer (SPEC §5): fused q/k/v projection 2·T·d·H(2r+P), the operator, output 2·T·H·P·d.
 

@@ -3,11 +3,14 @@
 Triton ships `ptxas` and `cuobjdump`, so the exact specialisations a call launches (recorded while it
 runs under the interpreter, `runtime.recording`) can be compiled for sm_90 (H100) here, proving that
 the compiled path builds and reporting what decides its speed: registers per thread, spilled bytes
-(STACK/LOCAL) and shared memory per program.
+(ptxas's own "spill stores", summed over the kernel and the functions it calls), stack frame (spills
+plus the call frames of `noinline` functions) and shared memory per program.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import subprocess
 import tempfile
@@ -38,8 +41,9 @@ class KernelResources:
     constexprs: str  # the compile-time constants that distinguish it
     num_warps: int
     registers: int  # per thread
-    spill_bytes: int  # stack + local memory per thread
+    spill_bytes: int  # bytes per thread ptxas spills (spill stores of the kernel and its callees)
     shared_bytes: int  # dynamic shared memory per program
+    stack_bytes: int = 0  # stack frame per thread: spills and the call frames of noinline functions
 
     @property
     def programs_per_sm(self) -> int:
@@ -65,13 +69,28 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, usage.groups())))
 
 
+def _compile(fn, signature: dict, constexprs: dict, arch: int, options: dict) -> tuple[object, int]:
+    """triton.compile in a fresh cache, so that ptxas runs and its log (-v) can be read: (kernel, spilled
+    bytes per thread)."""
+    log = io.StringIO()
+    with tempfile.TemporaryDirectory() as cache, triton.knobs.cache.scope(), triton.knobs.nvidia.scope(), \
+            contextlib.redirect_stdout(log):
+        triton.knobs.cache.dir = cache
+        triton.knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=options)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
+    if not spills:
+        raise RuntimeError(f"no ptxas report for {fn.__name__}:\n{log.getvalue()}")
+    return compiled, sum(spills)
+
+
 def compile_launches(launches: list[Launch], arch: int = 90, fp16_as: str = "fp16") -> list[KernelResources]:
     """Compile each distinct recorded specialisation for sm_<arch>; returns their resource usage.
 
     fp16_as="bf16" compiles fp16 pointers as bf16: the interpreter cannot run bf16 (`ska_triton` widens it
     to fp32 there), so bf16 launches are recorded with fp16 data, which takes the same code path."""
     kernels = _load(interpret=False)
-    target = GPUTarget("cuda", arch, 32)
     seen: dict[tuple, KernelResources] = {}
     for rec in launches:
         fn = getattr(kernels, rec.name)
@@ -87,12 +106,12 @@ def compile_launches(launches: list[Launch], arch: int = 90, fp16_as: str = "fp1
                tuple(sorted(options.items())))
         if key in seen:
             continue
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
+        compiled, spilled = _compile(fn, signature, constexprs, arch, options)
         usage = _resource_usage(compiled.asm["cubin"])
         hidden = ("ACC", "DOT_PRECISION", *_LAUNCH_OPTIONS)
         shown = ", ".join(f"{k}={v}" for k, v in rec.kwargs.items() if k not in hidden)
-        seen[key] = KernelResources(rec.name, shown, num_warps, usage["REG"], usage["STACK"] + usage["LOCAL"],
-                                    compiled.metadata.shared)
+        seen[key] = KernelResources(rec.name, shown, num_warps, usage["REG"], spilled, compiled.metadata.shared,
+                                    usage["STACK"] + usage["LOCAL"])
     return list(seen.values())
 
 

@@ -40,6 +40,7 @@ DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
 INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
 # Launch tuning, from the sm_90 resource report of `aot.py` (registers, spills, shared memory):
 COLUMN_BLOCK = 32  # output columns per program in the token-level backward kernels
+STATS_COLUMN_BLOCK = 64  # statistics columns per program in the forward (r = 128: two programs per chunk)
 TOKENS_PER_STEP = {"stats_fwd": 32, "stats_bwd": 32, "readout_fwd": 32, "readout_bwd": 32}
 WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense": 4, "readout_fwd": 4, "readout_bwd": 8}
 NORM_KEYS = {"none": 1, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
@@ -83,8 +84,9 @@ def _half(dtype: torch.dtype) -> bool:
 
 
 def _num_warps(kernel: str, *blocks: int) -> int:
-    """WARPS[kernel] for wide tiles (a dimension of 64 or more), 4 otherwise."""
-    return 4 if max(blocks) <= 32 else WARPS[kernel]
+    """WARPS[kernel] for wide tiles (a dimension of 64), 4 for narrow ones (<= 32), 8 at 128."""
+    widest = max(blocks)
+    return 4 if widest <= 32 else 8 if widest >= 128 else WARPS[kernel]
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,10 @@ def _cached_chunk_table(seq_len: int, chunk_size: int, bounds: tuple[int, ...] |
         return self.num_segments if total else self.num_chunks
 
 
-def _token_block(kernel: str, chunk_size: int) -> int:
-    """Tokens per inner step: the chunk (padded to >= 16), at most TOKENS_PER_STEP[kernel]."""
-    return min(_block(chunk_size), TOKENS_PER_STEP[kernel])
+def _token_block(kernel: str, chunk_size: int, width: int) -> int:
+    """Tokens per inner step: the chunk (padded to >= 16), at most TOKENS_PER_STEP[kernel], half that for
+    tiles 128 wide (r or P = 128: the token tiles then fit in registers)."""
+    return min(_block(chunk_size), TOKENS_PER_STEP[kernel] // (2 if width >= 128 else 1))
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
@@ -167,11 +170,14 @@ class ChunkStatistics(torch.autograd.Function):
         w = k if weights is None else weights  # any pointer when there is no mask
         w_strides = (0, 0) if weights is None else _strides(weights)
         block_r, block_p = _block(rank), _block(value_dim)
-        launch(kernels_for(k.device).chunk_stats_fwd_kernel, (table.num_chunks, batch * heads),
+        column_block = min(block_r, STATS_COLUMN_BLOCK)
+        launch(kernels_for(k.device).chunk_stats_fwd_kernel,
+               (table.num_chunks, batch * heads, triton.cdiv(rank, column_block)),
                k, v, w, stats, max_norm, table.start, table.end, table.seg_begin,
                heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
-               HAS_MASK=weights is not None, NORM_KEYS=norm_keys, BS=_token_block("stats_fwd", table.chunk_size),
-               BR=block_r, BP=block_p, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
+               HAS_MASK=weights is not None, NORM_KEYS=norm_keys,
+               BS=_token_block("stats_fwd", table.chunk_size, max(block_r, block_p)), BR=block_r, BP=block_p, BN=column_block,
+               ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
                num_warps=_num_warps("stats_fwd", block_r, block_p))
         ctx.save_for_backward(k, v, weights)
         ctx.table, ctx.norm_keys = table, norm_keys
@@ -194,7 +200,7 @@ class ChunkStatistics(torch.autograd.Function):
                k, v, w, d_stats, d_max_norm, dk, dv, table.start, table.end, table.seg_begin, table.seg_end,
                heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
                *_strides(dk), *_strides(dv),
-               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=_token_block("stats_bwd", table.chunk_size),
+               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=_token_block("stats_bwd", table.chunk_size, max(block_r, block_p)),
                BR=block_r, BP=block_p, BN=COLUMN_BLOCK, ACC=_tl_dtype(d_stats.dtype),
                DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype),
                num_warps=_num_warps("stats_bwd", block_r, block_p))
@@ -313,7 +319,7 @@ class Readout(torch.autograd.Function):
         launch(kernels_for(q.device).readout_fwd_kernel, (table.num_chunks, batch * heads),
                q, readout, eta, y, table.start, table.end, table.slots(total), heads, readout.shape[2], rank,
                value_dim, *_strides(q), *_strides(y),
-               BS=_token_block("readout_fwd", table.chunk_size), BR=block_r, BP=block_p, ACC=_tl_dtype(readout.dtype),
+               BS=_token_block("readout_fwd", table.chunk_size, max(block_r, block_p)), BR=block_r, BP=block_p, ACC=_tl_dtype(readout.dtype),
                DOT_PRECISION=_dot_precision(readout.dtype), HALF_TOKENS=_half(q.dtype),
                num_warps=_num_warps("readout_fwd", block_r, block_p))
         ctx.save_for_backward(q, readout, eta)
@@ -335,7 +341,7 @@ class Readout(torch.autograd.Function):
         launch(kernels_for(q.device).readout_bwd_kernel, (table.num_chunks, batch * heads, column_blocks),
                q, readout, eta, d_y, dq, d_chunk, d_eta, table.start, table.end, table.slots(total),
                heads, table.num_chunks, slots, rank, value_dim, *_strides(q), *_strides(d_y), *_strides(dq),
-               BS=_token_block("readout_bwd", table.chunk_size), BR=block_r, BP=block_p, BN=COLUMN_BLOCK,
+               BS=_token_block("readout_bwd", table.chunk_size, max(block_r, block_p)), BR=block_r, BP=block_p, BN=COLUMN_BLOCK,
                ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work), HALF_TOKENS=_half(q.dtype),
                num_warps=_num_warps("readout_bwd", block_r, block_p))
         if total:

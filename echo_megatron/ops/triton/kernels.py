@@ -142,47 +142,58 @@ def chunk_stats_fwd_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_wb, stride_wt,
     HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr,
-    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """G_j = Σ z̃ z̃ᵀ, M_j = Σ z̃_t z̃_{t-1}ᵀ (the lag pair into the chunk included), C_j = Σ ṽ z̃ᵀ and
-    the chunk's max key norm, with z̃ = w·z, ṽ = w·v.
+    """Columns n of G_j = Σ z̃ z̃ᵀ, M_j = Σ z̃_t z̃_{t-1}ᵀ (the lag pair into the chunk included), C_j = Σ ṽ z̃ᵀ
+    and the chunk's max key norm, with z̃ = w·z, ṽ = w·v.
 
     NORM_KEYS: 0 no norm, 1 max ‖z̃‖ (causal_max), 2 max ‖z‖ over every token (sequence_max).
-    Writes STATS[bh, j, :D] and MNORM[bh, j]. Grid (NC, B·H).
+    Each program owns BN columns (accumulators [BR, BN], [BR, BN], [BP, BN], so r = 128 fits on chip).
+    Writes STATS[bh, j, :D] and MNORM[bh, j]. Grid (NC, B·H, ⌈r / BN⌉).
     """
     c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
     seg_begin = tl.load(SEG_BEGIN + c)
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     w_base = WMASK + b * stride_wb
-    gram = tl.zeros([BR, BR], dtype=ACC)
-    lag = tl.zeros([BR, BR], dtype=ACC)
-    cross = tl.zeros([BP, BR], dtype=ACC)
+    gram = tl.zeros([BR, BN], dtype=ACC)
+    lag = tl.zeros([BR, BN], dtype=ACC)
+    cross = tl.zeros([BP, BN], dtype=ACC)
     max_norm = tl.zeros([BS], dtype=ACC)
     for t0 in range(start, end, BS):
         t = t0 + tl.arange(0, BS)
         ok = t < end
         prev_ok = ok & (t - 1 >= seg_begin)
         z = _load_tokens(k_base, t, ok, stride_kt, R, stride_kd, BR)
-        z_prev = _load_tokens(k_base, t - 1, prev_ok, stride_kt, R, stride_kd, BR)
+        z_cols = tl.load(k_base + t[:, None] * stride_kt + cols[None, :] * stride_kd,
+                         mask=ok[:, None] & (cols[None, :] < R), other=0.0)
+        z_prev = tl.load(k_base + (t - 1)[:, None] * stride_kt + cols[None, :] * stride_kd,
+                         mask=prev_ok[:, None] & (cols[None, :] < R), other=0.0)
         val = _load_tokens(v_base, t, ok, stride_vt, P, stride_vd, BP)
         w = _load_weights(w_base, t, ok, stride_wt, HAS_MASK, ACC)
         if HAS_MASK:
             z_vis = (z * w[:, None]).to(z.dtype)
+            z_cols = (z_cols * w[:, None]).to(z.dtype)
             w_prev = _load_weights(w_base, t - 1, prev_ok, stride_wt, HAS_MASK, ACC)
             z_prev = (z_prev * w_prev[:, None]).to(z.dtype)
         else:
             z_vis = z
-        gram += _mm(tl.trans(z_vis), z_vis, ACC, DOT_PRECISION)
+        gram += _mm(tl.trans(z_vis), z_cols, ACC, DOT_PRECISION)
         lag += _mm(tl.trans(z_vis), z_prev, ACC, DOT_PRECISION)
-        cross += _mm(tl.trans(val), z_vis, ACC, DOT_PRECISION)
+        cross += _mm(tl.trans(val), z_cols, ACC, DOT_PRECISION)
         if NORM_KEYS != 0:
             max_norm = tl.maximum(max_norm, _row_norms(z.to(ACC), w, HAS_MASK and NORM_KEYS == 1))
     row = STATS + (bh * NC + c) * (2 * R * R + P * R)
-    _store_matrix(row, gram, R, R, BR, BR)
-    _store_matrix(row + R * R, lag, R, R, BR, BR)
-    _store_matrix(row + 2 * R * R, cross, P, R, BP, BR)
-    tl.store(MNORM + bh * NC + c, tl.max(max_norm, axis=0))  # 0 with NORM_KEYS=0
+    rr = tl.arange(0, BR)
+    pp = tl.arange(0, BP)
+    col_ok = cols[None, :] < R
+    tl.store(row + rr[:, None] * R + cols[None, :], gram, mask=(rr[:, None] < R) & col_ok)
+    tl.store(row + R * R + rr[:, None] * R + cols[None, :], lag, mask=(rr[:, None] < R) & col_ok)
+    tl.store(row + 2 * R * R + pp[:, None] * R + cols[None, :], cross, mask=(pp[:, None] < P) & col_ok)
+    if tl.program_id(2) == 0:
+        tl.store(MNORM + bh * NC + c, tl.max(max_norm, axis=0))  # 0 with NORM_KEYS=0
 
 
 @triton.jit
