@@ -27,10 +27,10 @@ def write_passkey_tokenizer(directory: Path) -> Path:
 
 
 def train_passkey_llama(tokenizer, out_dir: Path, *, length: int, steps: int, digits: int = 5, batch: int = 16,
-                        seed: int = 0) -> Path:
+                        lr: float = 1e-2, seed: int = 0) -> Path:
     """A 2-layer Llama (d = 64) trained on passkey prompts of `length` tokens (random depth and key) followed by
-    the answer, next-token loss on every token (the needle's repeated key teaches copying early); saved with the
-    tokenizer to out_dir."""
+    the answer: next-token loss on every token (the needle's repeated key teaches copying early), AdamW at `lr`
+    decayed linearly to 0; saved with the tokenizer to out_dir."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -38,7 +38,8 @@ def train_passkey_llama(tokenizer, out_dir: Path, *, length: int, steps: int, di
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4 * length,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)  # linear decay to 0
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         rows = []
@@ -53,7 +54,8 @@ def train_passkey_llama(tokenizer, out_dir: Path, *, length: int, steps: int, di
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0:
+        schedule.step()
+        if step % 100 == 0:
             print(step, loss.item(), flush=True)
     model.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
