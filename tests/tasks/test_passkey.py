@@ -10,7 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from echo_megatron.cli import main
-from echo_megatron.tasks.passkey import PasskeySettings, answer_is_right, passkey_prompt, run_passkey, write_report
+from echo_megatron.tasks.passkey import (INSTRUCTION, NEEDLE, QUESTION, PasskeySettings, answer_is_right, passkey_prompt,
+                                         run_passkey, write_report)
 from tests.tasks.passkey_common import train_passkey_llama, write_passkey_tokenizer
 
 
@@ -48,10 +49,16 @@ def test_prompt_has_the_length_and_the_needle_at_its_depth(tokenizer):
             assert len(ids) == length
             assert re.sub(r"\s", "", text).count("Thepasskeyis40213.") == 1
             assert text.startswith("There is an important info") and text.endswith("What is the pass key ? The pass key is")
-    head = passkey_prompt(tokenizer, 200, 0.0, "40213")
-    tail = passkey_prompt(tokenizer, 200, 1.0, "40213")
-    needle_at = [tokenizer.convert_ids_to_tokens(ids).index("Remember") for ids in (head, tail)]
-    assert needle_at[0] < 50 < 150 < needle_at[1]
+    instruction = tokenizer(INSTRUCTION).input_ids
+    needle = tokenizer(" " + NEEDLE.format(key="40213"), add_special_tokens=False).input_ids
+    question = tokenizer(" " + QUESTION, add_special_tokens=False).input_ids
+    head = passkey_prompt(tokenizer, 200, 0.0, "40213")  # the needle right after the instruction
+    assert head[len(instruction):len(instruction) + len(needle)] == needle
+    tail = passkey_prompt(tokenizer, 200, 1.0, "40213")  # right before the question
+    assert tail[-len(question) - len(needle):-len(question)] == needle
+    middle = passkey_prompt(tokenizer, 200, 0.5, "40213")
+    filler = 200 - len(instruction) - len(needle) - len(question)
+    assert middle[len(instruction) + round(filler / 2):][:len(needle)] == needle
 
 
 def test_scoring():
@@ -73,6 +80,31 @@ def test_scripted_models_give_their_known_tables(tokenizer, tmp_path):
     assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@torch.no_grad()
+def test_runs_on_an_echo_hybrid_model_as_its_own_greedy_decoding(tokenizer, tmp_path):
+    """On one of ours (Mamba-2 + SKA, constant-size cache in generate()): every recorded answer is the model's
+    greedy continuation recomputed without a cache."""
+    from echo_megatron.hf import EchoHybridConfig, EchoHybridForCausalLM
+    from echo_megatron.tasks.passkey import ANSWER_SLACK, load_causal_lm
+
+    torch.manual_seed(0)
+    config = EchoHybridConfig(
+        layers_block_type=["linear_attention", "ska", "mlp"], vocab_size=len(tokenizer), hidden_size=64,
+        intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8, ska_num_heads=4,
+        ska_rank=12, ska_value_dim=16, ska_chunk_size=8, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        eos_token_id=None)
+    EchoHybridForCausalLM(config).save_pretrained(tmp_path / "echo")
+    tokenizer.save_pretrained(tmp_path / "echo")
+    model, loaded_tokenizer = load_causal_lm(tmp_path / "echo")
+    result = run_passkey(model, loaded_tokenizer, PasskeySettings(lengths=(70,), depths=(0.3,), trials=2),
+                         progress=False)
+    for length, depth, key, text in result.answers:
+        ids = torch.tensor([passkey_prompt(tokenizer, length, depth, key)])
+        for _ in range(5 + ANSWER_SLACK):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        assert tokenizer.decode(ids[0, length:], skip_special_tokens=True) == text
+
+
 def test_bad_input_names_the_parameter(tokenizer, tmp_path, capsys):
     with pytest.raises(ValueError, match="depths must be"):
         PasskeySettings(depths=(0.5, 1.5))
@@ -85,10 +117,11 @@ def test_bad_input_names_the_parameter(tokenizer, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_llama_trained_on_passkeys_retrieves_them(tokenizer, tmp_path, capsys):
-    """A 2-layer Llama trained 300 steps on 96-token prompts: the CLI's table at its trained length."""
-    model_dir = train_passkey_llama(tokenizer, tmp_path / "llama", length=96, steps=300)
-    assert main(["passkey", "--hf", str(model_dir), "--lengths", "96", "--depths", "0,0.5,1", "--trials", "8",
-                 "--output-dir", str(tmp_path / "out")]) == 0
+    """A 2-layer Llama trained 1,200 steps on 64-token prompts: through the CLI, its accuracy at the trained length
+    (twice that length is reported, not asserted: the model never saw a longer prompt)."""
+    model_dir = train_passkey_llama(tokenizer, tmp_path / "llama", length=64, steps=1200)
+    assert main(["passkey", "--hf", str(model_dir), "--lengths", "64,128", "--depths", "0,0.25,0.5,0.75,1",
+                 "--trials", "8", "--output-dir", str(tmp_path / "out")]) == 0
     accuracy = json.loads((tmp_path / "out" / "passkey.json").read_text())["accuracy"]
     print(capsys.readouterr().out)
     assert min(accuracy[0]) >= 0.75, accuracy
