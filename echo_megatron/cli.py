@@ -9,6 +9,7 @@
     echo-megatron preprocess --input corpus.jsonl --tokenizer TOKENIZER_DIR --output-prefix data/corpus
     echo-megatron patch-megatron [--check|--revert]   # our megatron-core 0.19.2 fixes (patches/)
     echo-megatron generate --load CKPT_DIR --prompt TEXT  # Megatron's dynamic inference engine (echo_megatron.serve)
+    echo-megatron passkey --hf HF_DIR       # passkey retrieval of a pretrained model: length x depth table, heat-map
 """
 
 from __future__ import annotations
@@ -253,8 +254,48 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--revert", action="store_true", help="restore megatron-core's original files")
     patch.set_defaults(func=_patch_megatron, parser=patch)
     _add_hf_parsers(commands)
+    _add_passkey_parser(commands)
     add_generate_parser(commands)
     return parser
+
+
+def _passkey(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`passkey` (echo_megatron.tasks.passkey)."""
+    from echo_megatron.tasks.passkey import FILLER, PasskeySettings, load_causal_lm, run_passkey, write_report
+
+    try:
+        filler = Path(args.filler).read_text() if args.filler else FILLER
+        settings = PasskeySettings(lengths=args.lengths, depths=args.depths, trials=args.trials, digits=args.digits,
+                                   filler=filler, seed=args.seed)
+        model, tokenizer = load_causal_lm(args.hf, device=args.device, dtype=args.dtype)
+        result = run_passkey(model, tokenizer, settings)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    paths = write_report(result, args.output_dir)
+    print(result.table())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _add_passkey_parser(commands) -> None:
+    passkey = commands.add_parser(
+        "passkey", help="passkey retrieval of a pretrained causal LM: accuracy by context length x needle depth",
+        description="A number hidden at a chosen depth in filler text, asked for at the end, greedy decoding, on any "
+                    "directory transformers loads (echo_hybrid exports and stock models). Writes passkey.md (table), "
+                    "passkey.json and passkey.png (heat-map) to --output-dir.",
+    )
+    passkey.add_argument("--hf", required=True, help="Hugging Face model directory (with its tokenizer)")
+    passkey.add_argument("--lengths", type=_int_list, default=(256, 512, 1024), help="prompt lengths in tokens")
+    passkey.add_argument("--depths", type=_float_list, default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                         help="needle depths, fractions of the filler in [0, 1]")
+    passkey.add_argument("--trials", type=int, default=5, help="prompts per (length, depth) cell")
+    passkey.add_argument("--digits", type=int, default=5, help="digits of the pass key")
+    passkey.add_argument("--filler", help="text file whose words fill the context (default: the classic sentences)")
+    passkey.add_argument("--seed", type=int, default=0)
+    passkey.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    passkey.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    passkey.add_argument("--output-dir", default="passkey_results", help="where the table and heat-map go")
+    passkey.set_defaults(func=_passkey, parser=passkey)
 
 
 def _convert_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -28,5 +28,9 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
   "${pip[@]}" --no-build-isolation --no-deps mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
 "${pip[@]}" --no-deps -e .
+# The `eval` extra of pyproject.toml (lm-evaluation-harness, for tests/hf/test_lm_eval.py), with torch and
+# transformers held at the pins above (the extra alone would let pip move them).
+mapfile -t eval_extra < <("$VENV/bin/python" -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["eval"], sep="\n")')
+"${pip[@]}" "${eval_extra[@]}" torch==2.13.0 triton==3.7.1 "transformers==5.23.0" "tokenizers==0.23.3"
 echo "$want" > "$STAMP"
 echo "install.sh: .venv ready ($("$VENV/bin/python" -c 'import torch, triton, megatron.core as m; print("torch", torch.__version__, "triton", triton.__version__, "megatron-core", m.__version__)'))"

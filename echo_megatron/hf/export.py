@@ -7,9 +7,9 @@
 
 Outputs are atomic: written into a temporary sibling and renamed; an existing non-empty output is an error
 unless `force`; on any failure nothing is left behind. HF directories hold safetensors shards (with an index
-when sharded), `config.json` (with `auto_map` and the remote-code shims for `echo_hybrid`), a generation
-config and, when given, the tokenizer. The vocabulary keeps Megatron's padding (`vocab_size` = embedding
-rows); `megatron_vocab_size` in an `echo_hybrid` config records the tokenizer's size when known.
+when sharded), `config.json` (with `auto_map` for `echo_hybrid`, whose self-contained remote code
+`remote_code` generates), a generation config and, when given, the tokenizer. The vocabulary keeps
+Megatron's padding (`vocab_size` = embedding rows); `megatron_vocab_size` in an `echo_hybrid` config records the tokenizer's size when known.
 """
 
 from __future__ import annotations
@@ -31,12 +31,9 @@ from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHForCausa
 from .configuration import EchoHybridConfig
 from .convert import ArchitectureFields, ConversionError, embeddings_tied, hf_config, hf_to_megatron, megatron_to_hf
 from .modeling import EchoHybridForCausalLM
+from .remote_code import remote_code_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REMOTE_CODE = {
-    "configuration_echo_hybrid.py": "from echo_megatron.hf.configuration import EchoHybridConfig  # noqa: F401\n",
-    "modeling_echo_hybrid.py": "from echo_megatron.hf.modeling import EchoHybridForCausalLM  # noqa: F401\n",
-}
 CONFIG_CLASSES = {"nemotron_h": NemotronHConfig, "echo_hybrid": EchoHybridConfig}
 
 
@@ -99,7 +96,7 @@ def _export(fields: ArchitectureFields, tensors, out_dir, *, dtype, tokenizer, f
     with atomic_directory(out_dir, force=force) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if config.model_type == "echo_hybrid":
-            for name, source in REMOTE_CODE.items():
+            for name, source in remote_code_files().items():
                 (tmp / name).write_text(source)
         if loaded_tokenizer is not None:
             loaded_tokenizer.save_pretrained(tmp)

@@ -33,6 +33,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     NemotronHRMSNorm,
 )
 
+from echo_megatron.ops import ska
 
 from .cache import SKACacheLayer, ska_left_padded
 from .configuration import EchoHybridConfig
@@ -65,6 +66,11 @@ class EchoSKAMixer(nn.Module):
     def gamma(self) -> Tensor:
         """γ̂ = 1 + 0.5·sigmoid(ρ) per head [H], in at least fp32."""
         return 1.0 + 0.5 * torch.sigmoid(self.rho.to(torch.promote_types(self.rho.dtype, torch.float32)))
+
+    def extra_repr(self) -> str:
+        """Head shapes and which SKA runs: `echo_megatron.ops.ska` or the exported file's own PyTorch path."""
+        return (f"heads={self.num_heads}, rank={self.rank}, value_dim={self.value_dim}, backend={self.backend}, "
+                f"ska={ska.__module__}.{ska.__name__}")
 
     def forward(self, hidden_states: Tensor, cache_layer: SKACacheLayer | None = None,
                 padding_mask: Tensor | None = None) -> Tensor:
@@ -169,10 +175,12 @@ class EchoHybridBlock(GradientCheckpointingLayer):
         return residual + hidden_states
 
     def _ska_cache(self, past_key_values) -> SKACacheLayer | None:
+        """This layer's SKA cache. Checked by `_layer_type`, not class: transformers builds the cache from the
+        last class registered for "ska", which is an exported file's copy when one is loaded in this process."""
         if past_key_values is None:
             return None
         layer = past_key_values.layers[self.layer_idx] if self.layer_idx < len(past_key_values.layers) else None
-        if not isinstance(layer, SKACacheLayer):
+        if getattr(layer, "_layer_type", None) != SKACacheLayer._layer_type:
             raise TypeError(f"layer {self.layer_idx} is an SKA layer but the cache holds {type(layer).__name__} there: "
                             "create the cache with DynamicCache(config=model.config)")
         return layer

@@ -605,7 +605,7 @@ class _CausalBlocks(torch.autograd.Function):
         return d_q, d_k, d_v, d_visible_max, d_gamma, d_eta, None, None, None, None
 
 
-def _causal_in_blocks(
+def causal_in_blocks(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, mask: Tensor | None,
     seq_max: Tensor | None, keep_statistics: bool, power: int, eps: float, norm: str, power_iters: int,
 ) -> tuple[Tensor, Statistics | None]:
@@ -642,13 +642,13 @@ def forward_with_statistics(
 
     Stages: `chunk_statistics` (per chunk) → `exclusive_prefix` (chunk_causal) or per-sequence totals
     (prefix) → `readout_matrices` → Y_c = η R_c Q_c. chunk_causal mode without packed sequences runs these
-    stages block by block (`_causal_in_blocks`).
+    stages block by block (`causal_in_blocks`).
     """
     layout = ChunkLayout.build(q.shape[1], chunk_size, cu_seqlens, q.device)
     readout_options = dict(power=power, eps=eps, norm=norm, power_iters=power_iters)
     if mode == "chunk_causal" and cu_seqlens is None and q.shape[1] > 0:
         seq_max = _sequence_max_norm(k, layout)[:, :, 0] if norm == "sequence_max" else None
-        return _causal_in_blocks(q, k, v, eta, gamma, chunk_size=chunk_size, mask=mask, seq_max=seq_max,
+        return causal_in_blocks(q, k, v, eta, gamma, chunk_size=chunk_size, mask=mask, seq_max=seq_max,
                                  keep_statistics=keep_statistics, **readout_options)
     per_chunk = chunk_statistics(k, v, layout, mask)
     if mode == "chunk_causal":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from .chunked import Statistics, forward_with_statistics, readout_matrices, work_dtype
+from .chunked import Statistics, causal_in_blocks, readout_matrices, work_dtype
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def prefill(
         y = v.new_zeros(batch, 0, heads, value_dim)
         completed, partial, last_key = zeros, zeros, k.new_zeros(batch, heads, rank)
     else:
-        y, per_chunk = forward_with_statistics(q, k, v, eta, gamma, mode="chunk_causal", mask=None, cu_seqlens=None, **options)
+        y, per_chunk = causal_in_blocks(q, k, v, eta, gamma, mask=None, seq_max=None, keep_statistics=True, **options)
         completed = Statistics(*(x[:, :, :full_chunks].sum(dim=2) for x in per_chunk[:3]),
                                per_chunk.max_norm[:, :, :full_chunks].amax(dim=2) if full_chunks else zeros.max_norm)
         partial = Statistics(*(x[:, :, full_chunks] for x in per_chunk)) if position else zeros
