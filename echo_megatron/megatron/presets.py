@@ -12,9 +12,10 @@ biases and tied embeddings this gives 50.1M (echo-50m) and 184.9M (echo-180m) pa
 `echo-8b` is Megatron-LM's 8B hybrid (`examples/mamba`: 56 layers `MEGATRON_8B_PATTERN`, d = 4096,
 32 heads, 8 query groups for the softmax baseline, plain 4d MLPs, Mamba-2 defaults, 256k vocabulary)
 with SKA (32 heads, r = 64, P = 128) in its four '*' slots: 7.64B tied, 8.69B with untied embeddings
-(as Megatron's example trains it). r = 64 rather than 128: the Triton kernels run out of shared memory
-at r = 128 on an H200 (measured, benchmarks/ska_activation_memory.py), and the per-chunk r×r algebra
-costs r³.
+(as Megatron's example trains it). r = 64 rather than 128: the old Triton kernels ran out of shared
+memory at r = 128 on an H200 (measured, benchmarks/ska_activation_memory.py); the dense kernels now
+compile at r = 128 within sm_90's limits (docs/performance.md), but their speed there is unmeasured and
+the per-chunk r×r algebra costs r³ (8× that of r = 64), so the preset keeps r = 64 until a GPU says.
 """
 
 from __future__ import annotations

@@ -34,7 +34,11 @@ MAX_DENSE_RANK = 128  # r handled by the dense kernels (dense.py)
 MAX_DENSE_VALUE = 128  # P handled by the dense kernels
 DENSE_SQUARE_SLOTS = 14  # [r, r] workspace matrices per dense program (dense.py: `_workspace`)
 DENSE_BLOCK = 16  # diagonal block of the blocked Cholesky
-DENSE_TILE = 16  # tile of the dense products (r, P are padded to powers of two >= 16)
+# tile of the dense products, 16 except where the sm_90 report says otherwise: at r = 32 the backward
+# spills 76 bytes with 16-tiles (through the noinline calls' frames) and none with 32-tiles, while the
+# forward spills with 32-tiles
+DENSE_TILE = {("bwd", 32): 32}
+DENSE_TILE_DEFAULT = 16
 # Persistent dense programs per SM: a program's workspace is (14 r² + 2 P r) floats, so fewer at r = 128.
 DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
 INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
@@ -253,15 +257,16 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _dense_launch(device: torch.device, slots: int, block_r: int, block_p: int, work: torch.dtype
+def _dense_launch(direction: str, device: torch.device, slots: int, block_r: int, block_p: int, work: torch.dtype
                   ) -> tuple[tuple[int], Tensor, dict]:
-    """Grid, workspace and shared launch options of the persistent dense kernels."""
+    """Grid, workspace and launch options of the persistent dense kernel of `direction` ("fwd" or "bwd")."""
     if interpreted(device):
         programs = min(slots, INTERPRETED_DENSE_PROGRAMS)
     else:
         programs = min(slots, _multiprocessors(device) * DENSE_PROGRAMS_PER_SM[max(64, block_r)])
     workspace = empty((programs * (DENSE_SQUARE_SLOTS * block_r + 2 * block_p) * block_r,), work, device)
-    options = dict(SQUARE_SLOTS=DENSE_SQUARE_SLOTS, BR=block_r, BP=block_p, TILE=DENSE_TILE, ACC=_tl_dtype(work),
+    options = dict(SQUARE_SLOTS=DENSE_SQUARE_SLOTS, BR=block_r, BP=block_p,
+                   TILE=DENSE_TILE.get((direction, block_r), DENSE_TILE_DEFAULT), ACC=_tl_dtype(work),
                    DOT_PRECISION=_dot_precision(work), num_warps=WARPS["dense"], num_stages=1)
     return (programs,), workspace, options
 
@@ -279,7 +284,8 @@ class ReadoutMatrices(torch.autograd.Function):
         readout = empty((batch, heads, slots, value_dim, rank), work, device)
         chol_inv = empty((batch, heads, slots, rank, rank), work, device)
         aux = empty((batch, heads, slots, 2), work, device)
-        grid, workspace, options = _dense_launch(device, batch * heads * slots, _block(rank), _block(value_dim), work)
+        grid, workspace, options = _dense_launch("fwd", device, batch * heads * slots, _block(rank), _block(value_dim),
+                                                work)
         launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
                stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
                batch * heads * slots, rank, value_dim,
@@ -298,7 +304,8 @@ class ReadoutMatrices(torch.autograd.Function):
         d_stats = empty((batch, heads, slots, width), work, device)
         d_max_norm = empty((batch, heads, slots), work, device)
         d_gamma = empty((batch, heads, slots), work, device)
-        grid, workspace, options = _dense_launch(device, batch * heads * slots, _block(rank), _block(value_dim), work)
+        grid, workspace, options = _dense_launch("bwd", device, batch * heads * slots, _block(rank), _block(value_dim),
+                                                work)
         launch(kernels_for(device).readout_matrix_bwd_kernel, grid,
                stats, max_norm, gamma, params, chol_inv, aux, d_readout.contiguous(), d_stats, d_max_norm, d_gamma,
                workspace, heads, slots, batch * heads * slots, rank, value_dim, POWER=power, **options)
