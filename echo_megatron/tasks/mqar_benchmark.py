@@ -3,6 +3,8 @@
 Architectures, at matched width and depth (one layer pattern; ``'*'`` is the mixing slot):
 
 - ``mamba``: every ``'*'`` becomes a Mamba-2 layer (all Mamba-2);
+- ``mamba_matched``: the same, with the Mamba-2 state dimension raised until a layer's recurrent state
+  equals SKA's (within 10 %: :func:`matched_mamba_state_dim`) — the state-matched baseline;
 - ``mamba_attention``: Megatron softmax attention in ``'*'``;
 - ``mamba_ska``: Spectral Koopman Attention in ``'*'``;
 - ``echo``: SKA in ``'*'`` and Spectral Koopman MLPs in the ``'-'`` slots.
@@ -39,7 +41,8 @@ from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, MQARData, paper_grid, pap
 from echo_megatron.tasks.flash_eval import flash_core_attention
 from echo_megatron.tasks.niah import niah, niah_floor
 
-ARCHS = ("mamba", "mamba_attention", "mamba_ska", "echo")
+ARCHS = ("mamba", "mamba_matched", "mamba_attention", "mamba_ska", "echo")
+MAMBA_ONLY = ("mamba", "mamba_matched")  # every '*' becomes a Mamba-2 layer
 TASKS = ("mqar", "niah")  # niah: one needle, queried last; "gap" means the sequence length T
 RESULTS_JSON, RUNS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "runs.json", "results.md", "results.png"
 HISTORY_DIR = "history"
@@ -262,7 +265,15 @@ def planned_runs(preset: MQARPreset) -> list[Run]:
 
 
 def arch_pattern(arch: str, pattern: str) -> str:
-    return pattern.replace("*", "M") if arch == "mamba" else pattern
+    return pattern.replace("*", "M") if arch in MAMBA_ONLY else pattern
+
+
+def arch_preset(arch: str, preset: MQARPreset) -> MQARPreset:
+    """The preset an architecture's model is built from: ``mamba_matched`` gets the state-matched
+    Mamba-2 state dimension (:func:`matched_mamba_state_dim`), every other architecture ``preset``."""
+    if arch != "mamba_matched":
+        return preset
+    return dataclasses.replace(preset, mamba_state_dim=matched_mamba_state_dim(preset))
 
 
 def model_config(preset: MQARPreset):
@@ -302,7 +313,7 @@ def build_model(arch: str, preset: MQARPreset, max_seq_len: int) -> torch.nn.Mod
 
     spec = "te" if torch.cuda.is_available() and _have_transformer_engine() else "local"
     model = build_hybrid_model(
-        model_config(preset), arch_pattern(arch, preset.pattern), vocab_size=PAPER_VOCAB_SIZE, seq_length=max_seq_len,
+        model_config(arch_preset(arch, preset)), arch_pattern(arch, preset.pattern), vocab_size=PAPER_VOCAB_SIZE, seq_length=max_seq_len,
         spec=spec, ffn="koopman" if arch == "echo" else "mlp",
         attention="softmax" if arch == "mamba_attention" else "ska", share_embeddings_and_output_weights=True,
     )
@@ -327,28 +338,61 @@ def count_parameters(model: torch.nn.Module) -> int:
     return int(total.item())
 
 
-def state_bytes_per_layer(arch: str, preset: MQARPreset, tokens: int) -> int:
-    """Largest per-layer decode state (fp32 bytes, batch 1) after ``tokens`` tokens.
+MATCH_TOLERANCE = 0.10  # state-matched Mamba-2: |bytes - SKA's bytes| <= 10 % of SKA's
+MATCH_STATE_DIM_STEP = 8  # candidate Mamba-2 state dimensions: multiples of 8 (kernel-friendly)
 
-    Mamba-2: Megatron's conv state [d_inner + 2·groups·d_state, d_conv = 4] + SSM state
-    [d_inner, d_state] (constant); SKA: the ``echo_megatron.ops`` decode state (constant); softmax
-    attention: the KV cache, 2·T·heads·head_dim (grows with T).
-    """
-    p = preset
-    d_inner = 2 * p.hidden_size
-    conv_dim = d_inner + 2 * p.mamba_num_groups * p.mamba_state_dim
-    mamba = 4 * (conv_dim * 4 + d_inner * p.mamba_state_dim)
-    if arch == "mamba":
-        return mamba
-    if arch == "mamba_attention":
-        return max(mamba, 4 * 2 * tokens * p.hidden_size)
+
+def mamba_state_bytes(preset: MQARPreset) -> int:
+    """A Mamba-2 layer's decode state (fp32 bytes, batch 1; constant in T): Megatron's conv state
+    [d_inner + 2·groups·d_state, d_conv = 4] + SSM state [heads, head_dim, d_state] = [d_inner, d_state],
+    with d_inner = 2·hidden_size."""
+    d_inner = 2 * preset.hidden_size
+    conv_dim = d_inner + 2 * preset.mamba_num_groups * preset.mamba_state_dim
+    return 4 * (conv_dim * 4 + d_inner * preset.mamba_state_dim)
+
+
+def ska_state_bytes(preset: MQARPreset) -> int:
+    """An SKA layer's decode state (fp32 bytes, batch 1; constant in T): the ``echo_megatron.ops`` state."""
     from echo_megatron.ops import ska_prefill
 
+    p = preset
     empty = torch.zeros(1, 0, p.num_heads, p.ska_rank)
     _, state = ska_prefill(empty, empty, torch.zeros(1, 0, p.num_heads, p.ska_value_dim),
                            eta=torch.ones(p.num_heads), gamma=torch.ones(p.num_heads),
                            chunk_size=p.ska_chunk_size, power=p.ska_power)
-    return max(mamba, state.nbytes)
+    return state.nbytes
+
+
+def matched_mamba_state_dim(preset: MQARPreset) -> int:
+    """The Mamba-2 state dimension (a multiple of 8; width, head dim and groups unchanged) whose layer
+    state (:func:`mamba_state_bytes`) is closest to an SKA layer's (:func:`ska_state_bytes`); a
+    ValueError when none lies within ``MATCH_TOLERANCE`` of it."""
+    target = ska_state_bytes(preset)
+
+    def bytes_at(d_state: int) -> int:
+        return mamba_state_bytes(dataclasses.replace(preset, mamba_state_dim=d_state))
+
+    above = MATCH_STATE_DIM_STEP  # the bytes grow with d_state: the closest is the first at or above, or the one before
+    while bytes_at(above) < target:
+        above += MATCH_STATE_DIM_STEP
+    best = min((d for d in (above - MATCH_STATE_DIM_STEP, above) if d >= MATCH_STATE_DIM_STEP),
+               key=lambda d: abs(bytes_at(d) - target))
+    if abs(bytes_at(best) - target) > MATCH_TOLERANCE * target:
+        raise ValueError(f"no Mamba-2 state dimension (multiple of {MATCH_STATE_DIM_STEP}) matches SKA's state of "
+                         f"{target} bytes within {MATCH_TOLERANCE:.0%}: the closest, {best}, holds {bytes_at(best)} bytes")
+    return best
+
+
+def state_bytes_per_layer(arch: str, preset: MQARPreset, tokens: int) -> int:
+    """Largest per-layer decode state (fp32 bytes, batch 1) after ``tokens`` tokens: the larger of
+    the Mamba-2 layer's (:func:`mamba_state_bytes`) and the ``'*'`` layer's — SKA's
+    (:func:`ska_state_bytes`, constant) or softmax attention's KV cache, 2·T·heads·head_dim (grows with T)."""
+    mamba = mamba_state_bytes(arch_preset(arch, preset))
+    if arch in MAMBA_ONLY:
+        return mamba
+    if arch == "mamba_attention":
+        return max(mamba, 4 * 2 * tokens * preset.hidden_size)
+    return max(mamba, ska_state_bytes(preset))
 
 
 # -------------------------------------------------------------------------------------- results
@@ -445,12 +489,28 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_results(out: Path, results: Results) -> None:
     """results.json, runs.json, results.md and results.png, each replaced atomically."""
     cells = sorted(results.cells, key=lambda c: (c["kv_pairs"], ARCHS.index(c["arch"]), c["gap"]))
-    document = {"preset": results.preset.name, "config": results.preset.to_json(), "cells": cells}
+    document = {"preset": results.preset.name, "commit": source_commit(), "config": results.preset.to_json(), "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     runs = sorted(results.runs, key=lambda r: (r["seed"], r["kv_pairs"], ARCHS.index(r["arch"]), r["train_gaps"]))
     _write_atomic(out / RUNS_JSON, json.dumps(runs, indent=1) + "\n")
     _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(runs))
     plot(cells, out / RESULTS_PNG, results.preset)
+
+
+def source_commit() -> str | None:
+    """The git commit of the code that wrote a result (``+dirty`` with uncommitted changes), or None
+    outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def runs_table(runs: list[dict]) -> str:
@@ -503,14 +563,15 @@ def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
 
 
 def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
-    """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture, one panel per
-    M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
+    """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture (its state
+    bytes per layer at the longest gap in the legend), one panel per M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = accuracy_summary(cells)
+    state = {c["arch"]: c["state_bytes_per_layer"] for c in sorted(cells, key=lambda c: c["gap"])}  # at the longest gap
     ms = sorted({c["kv_pairs"] for c in cells})
     fig, axes = plt.subplots(1, max(len(ms), 1), figsize=(4.2 * max(len(ms), 1), 3.4), squeeze=False)
     for ax, m in zip(axes[0], ms):
@@ -519,7 +580,7 @@ def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
             if pts:
                 gs, mean, low, high = (list(x) for x in zip(*pts))
                 ax.errorbar(gs, mean, yerr=[[mu - lo for mu, lo in zip(mean, low)], [hi - mu for mu, hi in zip(mean, high)]],
-                            marker="o", capsize=3, label=arch)
+                            marker="o", capsize=3, label=f"{arch} ({state[arch] / 1000:,.1f} KB state/layer)")
         gaps = sorted({c["gap"] for c in cells if c["kv_pairs"] == m})
         ax.plot(gaps, [preset.floor(m, g) for g in gaps], color="black", linestyle=":", linewidth=1,
                 label="no-binding floor")
