@@ -84,6 +84,9 @@ class MQARPreset:
     eval_batch_size: int
     seeds: tuple[int, ...]  # one model per seed and cell; tables report mean and min–max
     early_stop: float  # stop a run once its held-out training-gap accuracy reaches this (0: never)
+    # Per-architecture step caps, "arch=steps" (e.g. "mamba=3000"), replacing ``steps`` (the cap and the
+    # length of the cosine schedule) for that architecture; the others train ``steps``.
+    arch_steps: tuple[str, ...] = ()
     mamba_num_groups: int = 1
     tensor_parallel_size: int = 1
     task: str = "mqar"
@@ -139,6 +142,7 @@ class MQARPreset:
                              f"min_lr={self.min_lr}")
         if not self.seeds or min(self.seeds) < 0:
             raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {list(self.seeds)}")
+        self.steps_by_arch()  # validates arch_steps
         if not 0 <= self.early_stop <= 1:
             raise ValueError(f"early_stop must lie in [0, 1], got {self.early_stop}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.clip_grad < 0:
@@ -153,9 +157,21 @@ class MQARPreset:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
 
-    def train_config(self, lr: float, description: str, progress: bool) -> trainer.TrainConfig:
+    def steps_by_arch(self) -> dict[str, int]:
+        """The step cap of every architecture: ``steps``, or its entry in ``arch_steps``."""
+        caps = dict.fromkeys(ARCHS, self.steps)
+        for entry in self.arch_steps:
+            arch, sep, steps = entry.partition("=")
+            if not sep or arch not in ARCHS or not steps.isdigit() or int(steps) < 1:
+                raise ValueError(f"arch_steps entries must read ARCH=STEPS with ARCH one of {', '.join(ARCHS)} and "
+                                 f"STEPS an integer >= 1, got {entry!r}")
+            caps[arch] = int(steps)
+        return caps
+
+    def train_config(self, lr: float, description: str, progress: bool, arch: str | None = None) -> trainer.TrainConfig:
+        """The trainer's settings at peak ``lr``; ``arch``'s own step cap (``arch_steps``) when given."""
         return trainer.TrainConfig(
-            steps=self.steps, batch_size=self.batch_size, lr=lr, min_lr=self.min_lr,
+            steps=self.steps_by_arch()[arch] if arch else self.steps, batch_size=self.batch_size, lr=lr, min_lr=self.min_lr,
             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
             eval_every=self.eval_every, progress=progress, description=description, stop_at=self.early_stop or None,
         )
@@ -493,7 +509,7 @@ def write_results(out: Path, results: Results) -> None:
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     runs = sorted(results.runs, key=lambda r: (r["seed"], r["kv_pairs"], ARCHS.index(r["arch"]), r["train_gaps"]))
     _write_atomic(out / RUNS_JSON, json.dumps(runs, indent=1) + "\n")
-    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(runs))
+    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset, runs) + "\n" + runs_table(runs))
     plot(cells, out / RESULTS_PNG, results.preset)
 
 
@@ -536,15 +552,18 @@ def _fmt(mean: float, low: float, high: float, n: int) -> str:
     return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ({low:.3f}–{high:.3f})"
 
 
-def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
-    """One row per (M, arch): parameters, state bytes at the longest gap, accuracy per gap as the
-    mean over seeds with the min–max range; then, per M, the no-binding floor and chance."""
+def markdown_table(cells: list[dict], preset: MQARPreset, runs: list[dict] = ()) -> str:
+    """One row per (M, arch): parameters, state bytes at the longest gap, the training steps of its
+    runs (min–max, and the architecture's cap) and their mean training time (from ``runs``), accuracy
+    per gap as the mean over seeds with the min–max range; then, per M, the no-binding floor and chance."""
     gaps = sorted({c["gap"] for c in cells})
     summary = accuracy_summary(cells)
+    caps = preset.steps_by_arch()
     g_ = preset.length_label
     header = ["M", "arch", "seeds", "params", f"state bytes/layer ({g_}={gaps[-1]})" if gaps else "state bytes/layer",
-              *(f"{g_}={g}" for g in gaps)]
+              "steps (cap)", "train s/run", *(f"{g_}={g}" for g in gaps)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    blank = "| " * 6
     for m in sorted({c["kv_pairs"] for c in cells}):
         for arch in ARCHS:
             row = {c["gap"]: c for c in cells if c["kv_pairs"] == m and c["arch"] == arch}
@@ -552,13 +571,19 @@ def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
                 continue
             last = row[max(row)]
             seeds = len({c["seed"] for c in cells if c["kv_pairs"] == m and c["arch"] == arch})
+            steps = sorted({c["train_steps"] for c in cells if c["kv_pairs"] == m and c["arch"] == arch})
+            times = [r["train_s"] for r in runs if r["kv_pairs"] == m and r["arch"] == arch]
+            span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+            train_s = f"{sum(times) / len(times):.0f}" if times else "—"
             accs = [_fmt(*summary[m, arch, g]) if (m, arch, g) in summary else "" for g in gaps]
             lines.append(f"| {m} | {arch} | {seeds} | {last['params']:,} | {last['state_bytes_per_layer']:,} | "
-                         + " | ".join(accs) + " |")
-        lines.append(f"| {m} | *no-binding floor* | | | | " + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
-        lines.append(f"| {m} | *chance* | | | | " + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
+                         f"{span} ({caps[arch]}) | {train_s} | " + " | ".join(accs) + " |")
+        lines.append(f"| {m} | *no-binding floor* {blank}" + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
+        lines.append(f"| {m} | *chance* {blank}" + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
     note = ("\nAccuracy: mean over seeds (min–max). *No-binding floor*: the best accuracy without binding keys "
-            "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess.\n")
+            "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess. Steps: taken by the "
+            "runs (min–max; early stop at the training-length target), the cap in brackets; train s/run: mean "
+            "training time of a run, every learning rate of a sweep included.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -628,7 +653,8 @@ def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
         return sum(trainer.evaluate(model, d, preset.eval_batch_size) for d in monitor) / len(monitor)
 
     description = f"{run.name} lr={lr:g}"
-    result = trainer.train(model, train_batch_fn(preset, run), preset.train_config(lr, description, progress), monitor_fn)
+    result = trainer.train(model, train_batch_fn(preset, run), preset.train_config(lr, description, progress, run.arch),
+                           monitor_fn)
     return model, result, result.history[-1]["eval_acc"]
 
 

@@ -138,7 +138,7 @@ def calibrate(name: str, preset: mqar_benchmark.MQARPreset, seed: int, lr: float
     result = trainer.train(model, mqar_benchmark.train_batch_fn(preset, run), config, monitor_fn)
     accuracy = {g: trainer.evaluate(model, mqar_benchmark.eval_data(preset, seed, m, g, preset.eval_examples),
                                     preset.eval_batch_size) for g in preset.eval_gaps}
-    return {"model": name, "seed": seed, "lr": lr, "params": sum(p.numel() for p in model.parameters()),
+    return {"model": name, "commit": mqar_benchmark.source_commit(), "task": preset.task, "seed": seed, "lr": lr, "params": sum(p.numel() for p in model.parameters()),
             "steps": result.steps, "train_s": round(result.wall_s, 1), "accuracy": accuracy,
             "floor": {g: preset.floor(m, g) for g in preset.eval_gaps}, "chance": 4 / PAPER_VOCAB_SIZE,
             "curve": [{k: r[k] for k in ("step", "loss", "eval_acc")} for r in result.history if "eval_acc" in r]}
