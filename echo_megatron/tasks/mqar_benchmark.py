@@ -24,6 +24,7 @@ one-process benchmark trains ``workers`` runs side by side in spawned worker pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -513,9 +514,10 @@ def write_results(out: Path, results: Results) -> None:
     plot(cells, out / RESULTS_PNG, results.preset)
 
 
+@functools.cache
 def source_commit() -> str | None:
-    """The git commit of the code that wrote a result (``+dirty`` with uncommitted changes), or None
-    outside a git checkout."""
+    """The git commit of this process's code (``+dirty`` with uncommitted changes), or None outside a
+    git checkout. Read once: ``run_benchmark`` reads it when it starts, before any run trains."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -707,6 +709,7 @@ def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume:
     """Run (or resume) the benchmark; returns all cells. Collective under torchrun."""
     trainer.initialize_distributed(preset.tensor_parallel_size, preset.seeds[0])
     rank0 = trainer.is_rank_zero()
+    source_commit()  # the code that trains, not the checkout at the time a result is written
     prepared: Results | str = Results(preset, [], [])
     if rank0:
         try:
