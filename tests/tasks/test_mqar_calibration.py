@@ -1,6 +1,7 @@
 """Our Megatron Mamba-2 (CPU mode's PyTorch SSD scan) against transformers' independent Mamba2ForCausalLM."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,7 +43,9 @@ print(json.dumps(result))
 def test_megatron_mamba2_equals_transformers_mamba2_on_the_same_weights():
     """Logits (eval and train paths) and every parameter's gradient of our 2-layer Mamba-2 HybridModel
     equal transformers' Mamba2ForCausalLM holding the same weights, to fp32 rounding."""
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    # Its own one-rank process group, not the rendezvous this test process may have set up.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # embedding, final norm, 2 × (norm, in_proj, conv weight and bias, dt_bias, A_log, D, gated norm, out_proj)
