@@ -96,7 +96,10 @@ def test_every_architecture_end_to_end_then_resume_and_force(tmp_path, capsys):
     out = tmp_path / "out"
 
     # Schema, grid and values.
-    assert results["preset"] == "cpu" and results["config"]["archs"] == list(ARCHS)
+    assert results["preset"] == "cpu" and sorted(results["config"]["archs"]) == sorted(ARCHS)  # stored first, then the rest
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0:  # the code's commit (+dirty with uncommitted changes); None outside a checkout
+        assert results["commit"].removesuffix("+dirty") == head.stdout.strip()
     cells = results["cells"]
     assert all(set(c) == CELL_KEYS for c in cells)
     assert sorted((c["arch"], c["gap"]) for c in cells) == sorted((a, g) for a in ARCHS for g in (4, 12))

@@ -3,6 +3,8 @@
 Architectures, at matched width and depth (one layer pattern; ``'*'`` is the mixing slot):
 
 - ``mamba``: every ``'*'`` becomes a Mamba-2 layer (all Mamba-2);
+- ``mamba_matched``: the same, with the Mamba-2 state dimension raised until a layer's recurrent state
+  equals SKA's (within 10 %: :func:`matched_mamba_state_dim`) — the state-matched baseline;
 - ``mamba_attention``: Megatron softmax attention in ``'*'``;
 - ``mamba_ska``: Spectral Koopman Attention in ``'*'``;
 - ``echo``: SKA in ``'*'`` and Spectral Koopman MLPs in the ``'-'`` slots.
@@ -22,6 +24,7 @@ one-process benchmark trains ``workers`` runs side by side in spawned worker pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -38,7 +41,8 @@ from echo_megatron.tasks import trainer
 from echo_megatron.tasks.mqar import PAPER_VOCAB_SIZE, MQARData, paper_grid, paper_grid_floor
 from echo_megatron.tasks.niah import niah, niah_floor
 
-ARCHS = ("mamba", "mamba_attention", "mamba_ska", "echo")
+ARCHS = ("mamba", "mamba_matched", "mamba_attention", "mamba_ska", "echo")
+MAMBA_ONLY = ("mamba", "mamba_matched")  # every '*' becomes a Mamba-2 layer
 TASKS = ("mqar", "niah")  # niah: one needle, queried last; "gap" means the sequence length T
 RESULTS_JSON, RUNS_JSON, RESULTS_MD, RESULTS_PNG = "results.json", "runs.json", "results.md", "results.png"
 HISTORY_DIR = "history"
@@ -80,6 +84,9 @@ class MQARPreset:
     eval_batch_size: int
     seeds: tuple[int, ...]  # one model per seed and cell; tables report mean and min–max
     early_stop: float  # stop a run once its held-out training-gap accuracy reaches this (0: never)
+    # Per-architecture step caps, "arch=steps" (e.g. "mamba=3000"), replacing ``steps`` (the cap and the
+    # length of the cosine schedule) for that architecture; the others train ``steps``.
+    arch_steps: tuple[str, ...] = ()
     mamba_num_groups: int = 1
     tensor_parallel_size: int = 1
     task: str = "mqar"
@@ -135,6 +142,7 @@ class MQARPreset:
                              f"min_lr={self.min_lr}")
         if not self.seeds or min(self.seeds) < 0:
             raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {list(self.seeds)}")
+        self.steps_by_arch()  # validates arch_steps
         if not 0 <= self.early_stop <= 1:
             raise ValueError(f"early_stop must lie in [0, 1], got {self.early_stop}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.weight_decay < 0 or self.clip_grad < 0:
@@ -149,9 +157,21 @@ class MQARPreset:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
 
-    def train_config(self, lr: float, description: str, progress: bool) -> trainer.TrainConfig:
+    def steps_by_arch(self) -> dict[str, int]:
+        """The step cap of every architecture: ``steps``, or its entry in ``arch_steps``."""
+        caps = dict.fromkeys(ARCHS, self.steps)
+        for entry in self.arch_steps:
+            arch, sep, steps = entry.partition("=")
+            if not sep or arch not in ARCHS or not steps.isdigit() or int(steps) < 1:
+                raise ValueError(f"arch_steps entries must read ARCH=STEPS with ARCH one of {', '.join(ARCHS)} and "
+                                 f"STEPS an integer >= 1, got {entry!r}")
+            caps[arch] = int(steps)
+        return caps
+
+    def train_config(self, lr: float, description: str, progress: bool, arch: str | None = None) -> trainer.TrainConfig:
+        """The trainer's settings at peak ``lr``; ``arch``'s own step cap (``arch_steps``) when given."""
         return trainer.TrainConfig(
-            steps=self.steps, batch_size=self.batch_size, lr=lr, min_lr=self.min_lr,
+            steps=self.steps_by_arch()[arch] if arch else self.steps, batch_size=self.batch_size, lr=lr, min_lr=self.min_lr,
             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
             eval_every=self.eval_every, progress=progress, description=description, stop_at=self.early_stop or None,
         )
@@ -261,7 +281,15 @@ def planned_runs(preset: MQARPreset) -> list[Run]:
 
 
 def arch_pattern(arch: str, pattern: str) -> str:
-    return pattern.replace("*", "M") if arch == "mamba" else pattern
+    return pattern.replace("*", "M") if arch in MAMBA_ONLY else pattern
+
+
+def arch_preset(arch: str, preset: MQARPreset) -> MQARPreset:
+    """The preset an architecture's model is built from: ``mamba_matched`` gets the state-matched
+    Mamba-2 state dimension (:func:`matched_mamba_state_dim`), every other architecture ``preset``."""
+    if arch != "mamba_matched":
+        return preset
+    return dataclasses.replace(preset, mamba_state_dim=matched_mamba_state_dim(preset))
 
 
 def model_config(preset: MQARPreset):
@@ -301,7 +329,7 @@ def build_model(arch: str, preset: MQARPreset, max_seq_len: int) -> torch.nn.Mod
 
     spec = "te" if torch.cuda.is_available() and _have_transformer_engine() else "local"
     model = build_hybrid_model(
-        model_config(preset), arch_pattern(arch, preset.pattern), vocab_size=PAPER_VOCAB_SIZE, seq_length=max_seq_len,
+        model_config(arch_preset(arch, preset)), arch_pattern(arch, preset.pattern), vocab_size=PAPER_VOCAB_SIZE, seq_length=max_seq_len,
         spec=spec, ffn="koopman" if arch == "echo" else "mlp",
         attention="softmax" if arch == "mamba_attention" else "ska", share_embeddings_and_output_weights=True,
     )
@@ -326,28 +354,61 @@ def count_parameters(model: torch.nn.Module) -> int:
     return int(total.item())
 
 
-def state_bytes_per_layer(arch: str, preset: MQARPreset, tokens: int) -> int:
-    """Largest per-layer decode state (fp32 bytes, batch 1) after ``tokens`` tokens.
+MATCH_TOLERANCE = 0.10  # state-matched Mamba-2: |bytes - SKA's bytes| <= 10 % of SKA's
+MATCH_STATE_DIM_STEP = 8  # candidate Mamba-2 state dimensions: multiples of 8 (kernel-friendly)
 
-    Mamba-2: Megatron's conv state [d_inner + 2·groups·d_state, d_conv = 4] + SSM state
-    [d_inner, d_state] (constant); SKA: the ``echo_megatron.ops`` decode state (constant); softmax
-    attention: the KV cache, 2·T·heads·head_dim (grows with T).
-    """
-    p = preset
-    d_inner = 2 * p.hidden_size
-    conv_dim = d_inner + 2 * p.mamba_num_groups * p.mamba_state_dim
-    mamba = 4 * (conv_dim * 4 + d_inner * p.mamba_state_dim)
-    if arch == "mamba":
-        return mamba
-    if arch == "mamba_attention":
-        return max(mamba, 4 * 2 * tokens * p.hidden_size)
+
+def mamba_state_bytes(preset: MQARPreset) -> int:
+    """A Mamba-2 layer's decode state (fp32 bytes, batch 1; constant in T): Megatron's conv state
+    [d_inner + 2·groups·d_state, d_conv = 4] + SSM state [heads, head_dim, d_state] = [d_inner, d_state],
+    with d_inner = 2·hidden_size."""
+    d_inner = 2 * preset.hidden_size
+    conv_dim = d_inner + 2 * preset.mamba_num_groups * preset.mamba_state_dim
+    return 4 * (conv_dim * 4 + d_inner * preset.mamba_state_dim)
+
+
+def ska_state_bytes(preset: MQARPreset) -> int:
+    """An SKA layer's decode state (fp32 bytes, batch 1; constant in T): the ``echo_megatron.ops`` state."""
     from echo_megatron.ops import ska_prefill
 
+    p = preset
     empty = torch.zeros(1, 0, p.num_heads, p.ska_rank)
     _, state = ska_prefill(empty, empty, torch.zeros(1, 0, p.num_heads, p.ska_value_dim),
                            eta=torch.ones(p.num_heads), gamma=torch.ones(p.num_heads),
                            chunk_size=p.ska_chunk_size, power=p.ska_power)
-    return max(mamba, state.nbytes)
+    return state.nbytes
+
+
+def matched_mamba_state_dim(preset: MQARPreset) -> int:
+    """The Mamba-2 state dimension (a multiple of 8; width, head dim and groups unchanged) whose layer
+    state (:func:`mamba_state_bytes`) is closest to an SKA layer's (:func:`ska_state_bytes`); a
+    ValueError when none lies within ``MATCH_TOLERANCE`` of it."""
+    target = ska_state_bytes(preset)
+
+    def bytes_at(d_state: int) -> int:
+        return mamba_state_bytes(dataclasses.replace(preset, mamba_state_dim=d_state))
+
+    above = MATCH_STATE_DIM_STEP  # the bytes grow with d_state: the closest is the first at or above, or the one before
+    while bytes_at(above) < target:
+        above += MATCH_STATE_DIM_STEP
+    best = min((d for d in (above - MATCH_STATE_DIM_STEP, above) if d >= MATCH_STATE_DIM_STEP),
+               key=lambda d: abs(bytes_at(d) - target))
+    if abs(bytes_at(best) - target) > MATCH_TOLERANCE * target:
+        raise ValueError(f"no Mamba-2 state dimension (multiple of {MATCH_STATE_DIM_STEP}) matches SKA's state of "
+                         f"{target} bytes within {MATCH_TOLERANCE:.0%}: the closest, {best}, holds {bytes_at(best)} bytes")
+    return best
+
+
+def state_bytes_per_layer(arch: str, preset: MQARPreset, tokens: int) -> int:
+    """Largest per-layer decode state (fp32 bytes, batch 1) after ``tokens`` tokens: the larger of
+    the Mamba-2 layer's (:func:`mamba_state_bytes`) and the ``'*'`` layer's — SKA's
+    (:func:`ska_state_bytes`, constant) or softmax attention's KV cache, 2·T·heads·head_dim (grows with T)."""
+    mamba = mamba_state_bytes(arch_preset(arch, preset))
+    if arch in MAMBA_ONLY:
+        return mamba
+    if arch == "mamba_attention":
+        return max(mamba, 4 * 2 * tokens * preset.hidden_size)
+    return max(mamba, ska_state_bytes(preset))
 
 
 # -------------------------------------------------------------------------------------- results
@@ -444,12 +505,29 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_results(out: Path, results: Results) -> None:
     """results.json, runs.json, results.md and results.png, each replaced atomically."""
     cells = sorted(results.cells, key=lambda c: (c["kv_pairs"], ARCHS.index(c["arch"]), c["gap"]))
-    document = {"preset": results.preset.name, "config": results.preset.to_json(), "cells": cells}
+    document = {"preset": results.preset.name, "commit": source_commit(), "config": results.preset.to_json(), "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     runs = sorted(results.runs, key=lambda r: (r["seed"], r["kv_pairs"], ARCHS.index(r["arch"]), r["train_gaps"]))
     _write_atomic(out / RUNS_JSON, json.dumps(runs, indent=1) + "\n")
-    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset) + "\n" + runs_table(runs))
+    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset, runs) + "\n" + runs_table(runs))
     plot(cells, out / RESULTS_PNG, results.preset)
+
+
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of this process's code (``+dirty`` with uncommitted changes), or None outside a
+    git checkout. Read once: ``run_benchmark`` reads it when it starts, before any run trains."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def runs_table(runs: list[dict]) -> str:
@@ -475,15 +553,18 @@ def _fmt(mean: float, low: float, high: float, n: int) -> str:
     return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ({low:.3f}–{high:.3f})"
 
 
-def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
-    """One row per (M, arch): parameters, state bytes at the longest gap, accuracy per gap as the
-    mean over seeds with the min–max range; then, per M, the no-binding floor and chance."""
+def markdown_table(cells: list[dict], preset: MQARPreset, runs: list[dict] = ()) -> str:
+    """One row per (M, arch): parameters, state bytes at the longest gap, the training steps of its
+    runs (min–max, and the architecture's cap) and their mean training time (from ``runs``), accuracy
+    per gap as the mean over seeds with the min–max range; then, per M, the no-binding floor and chance."""
     gaps = sorted({c["gap"] for c in cells})
     summary = accuracy_summary(cells)
+    caps = preset.steps_by_arch()
     g_ = preset.length_label
     header = ["M", "arch", "seeds", "params", f"state bytes/layer ({g_}={gaps[-1]})" if gaps else "state bytes/layer",
-              *(f"{g_}={g}" for g in gaps)]
+              "steps (cap)", "train s/run", *(f"{g_}={g}" for g in gaps)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    blank = "| " * 6
     for m in sorted({c["kv_pairs"] for c in cells}):
         for arch in ARCHS:
             row = {c["gap"]: c for c in cells if c["kv_pairs"] == m and c["arch"] == arch}
@@ -491,25 +572,32 @@ def markdown_table(cells: list[dict], preset: MQARPreset) -> str:
                 continue
             last = row[max(row)]
             seeds = len({c["seed"] for c in cells if c["kv_pairs"] == m and c["arch"] == arch})
+            steps = sorted({c["train_steps"] for c in cells if c["kv_pairs"] == m and c["arch"] == arch})
+            times = [r["train_s"] for r in runs if r["kv_pairs"] == m and r["arch"] == arch]
+            span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+            train_s = f"{sum(times) / len(times):.0f}" if times else "—"
             accs = [_fmt(*summary[m, arch, g]) if (m, arch, g) in summary else "" for g in gaps]
             lines.append(f"| {m} | {arch} | {seeds} | {last['params']:,} | {last['state_bytes_per_layer']:,} | "
-                         + " | ".join(accs) + " |")
-        lines.append(f"| {m} | *no-binding floor* | | | | " + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
-        lines.append(f"| {m} | *chance* | | | | " + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
+                         f"{span} ({caps[arch]}) | {train_s} | " + " | ".join(accs) + " |")
+        lines.append(f"| {m} | *no-binding floor* {blank}" + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
+        lines.append(f"| {m} | *chance* {blank}" + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
     note = ("\nAccuracy: mean over seeds (min–max). *No-binding floor*: the best accuracy without binding keys "
-            "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess.\n")
+            "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess. Steps: taken by the "
+            "runs (min–max; early stop at the training-length target), the cap in brackets; train s/run: mean "
+            "training time of a run, every learning rate of a sweep included.\n")
     return "\n".join(lines) + "\n" + note
 
 
 def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
-    """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture, one panel per
-    M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
+    """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture (its state
+    bytes per layer at the longest gap in the legend), one panel per M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = accuracy_summary(cells)
+    state = {c["arch"]: c["state_bytes_per_layer"] for c in sorted(cells, key=lambda c: c["gap"])}  # at the longest gap
     ms = sorted({c["kv_pairs"] for c in cells})
     fig, axes = plt.subplots(1, max(len(ms), 1), figsize=(4.2 * max(len(ms), 1), 3.4), squeeze=False)
     for ax, m in zip(axes[0], ms):
@@ -518,7 +606,7 @@ def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
             if pts:
                 gs, mean, low, high = (list(x) for x in zip(*pts))
                 ax.errorbar(gs, mean, yerr=[[mu - lo for mu, lo in zip(mean, low)], [hi - mu for mu, hi in zip(mean, high)]],
-                            marker="o", capsize=3, label=arch)
+                            marker="o", capsize=3, label=f"{arch} ({state[arch] / 1000:,.1f} KB state/layer)")
         gaps = sorted({c["gap"] for c in cells if c["kv_pairs"] == m})
         ax.plot(gaps, [preset.floor(m, g) for g in gaps], color="black", linestyle=":", linewidth=1,
                 label="no-binding floor")
@@ -566,7 +654,8 @@ def _train_one(preset: MQARPreset, run: Run, lr: float, progress: bool):
         return sum(trainer.evaluate(model, d, preset.eval_batch_size) for d in monitor) / len(monitor)
 
     description = f"{run.name} lr={lr:g}"
-    result = trainer.train(model, train_batch_fn(preset, run), preset.train_config(lr, description, progress), monitor_fn)
+    result = trainer.train(model, train_batch_fn(preset, run), preset.train_config(lr, description, progress, run.arch),
+                           monitor_fn)
     return model, result, result.history[-1]["eval_acc"]
 
 
@@ -611,6 +700,7 @@ def run_benchmark(preset: MQARPreset, out: Path, *, force: bool = False, resume:
     """Run (or resume) the benchmark; returns all cells. Collective under torchrun."""
     trainer.initialize_distributed(preset.tensor_parallel_size, preset.seeds[0])
     rank0 = trainer.is_rank_zero()
+    source_commit()  # the code that trains, not the checkout at the time a result is written
     prepared: Results | str = Results(preset, [], [])
     if rank0:
         try:
