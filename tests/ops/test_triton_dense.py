@@ -108,8 +108,9 @@ def _probe_blocked(G, shift, LOWER, X, DIAG_INV, BAD, n, BR: tl.constexpr, BLOCK
     tl.store(BAD, bad)
 
 
-@pytest.mark.parametrize("n,block_r", [(5, 16), (37, 64), (70, 128)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,block_r,dtype", [
+    (5, 16, torch.float64), (5, 16, torch.float32), (37, 64, torch.float64), (37, 64, torch.float32),
+    (70, 128, torch.float64), pytest.param(70, 128, torch.float32, marks=pytest.mark.slow)])
 def test_blocked_cholesky_inverse_matches_torch(n, block_r, dtype):
     """X = L⁻¹ of sym(G) + shift·I (G not symmetric to the last bit, as a sum of products is not), L in the
     workspace; over several 16-wide block columns and with a partial last block."""
