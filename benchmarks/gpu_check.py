@@ -15,8 +15,10 @@ catching its own exceptions (recorded with a traceback summary) so one failure n
      sizes, packed sequences), decode (prefill + steps) vs the parallel forward.
   c  The Megatron SKA layer (local spec, TP = 1, one-rank nccl/gloo group): forward/backward, Triton vs torch.
   b  Timings (CUDA events, warm-up, median; B = 1) of SKA Triton fwd and fwd+bwd at T = 2K … 128K, bf16,
-     H = 16, r = P = 64, next to SDPA (flash and cuDNN backends, forced) and fla's `chunk_gated_delta_rule`;
-     decode step vs context; peak memory.
+     H = 16, r = P = 64, next to SKA at r = P = 128 (issue 18: it did not launch before), SDPA (flash and
+     cuDNN backends, forced) and fla's `chunk_gated_delta_rule`; decode step vs context; peak memory.
+  k  Per-kernel profile (`torch.profiler`, CUDA time by kernel) of one SKA forward+backward at 8K and 32K
+     (issue 18: where the time goes after the dense rewrite).
   d  Host synchronisations of `ska()`'s default path (`torch.cuda.set_sync_debug_mode`); CUDA-graph capture
      of the layer's forward (last: a failed capture can leave the CUDA context unusable).
 
@@ -93,6 +95,7 @@ class Profile:
     bench_chunk: int  # SKA chunk size S of the timings
     min_reps: int  # timed repetitions at least (after 2 warm-ups)
     decode_contexts: tuple[int, ...]
+    profile_lengths: tuple[int, ...]  # T of section k's per-kernel profiles
     limits: dict[str, float]  # seconds per section
     prewarm_jobs: int  # parallel compile workers (the dry run prewarms only its first item: no cache on CPU)
 
@@ -120,7 +123,8 @@ GPU = Profile(
     bench_chunk=64,
     min_reps=3,
     decode_contexts=(2048, 16384, 131072),
-    limits=dict(p=80.0, a=80.0, c=50.0, b=140.0, d=40.0),  # 390 s + ~20 s start-up < the 450 s hard limit
+    profile_lengths=(8192, 32768),
+    limits=dict(p=80.0, a=70.0, c=40.0, b=140.0, k=20.0, d=40.0),  # 390 s + ~20 s start-up < the 450 s limit
     prewarm_jobs=12,
 )
 
@@ -139,7 +143,8 @@ DRY = Profile(
     bench_chunk=4,
     min_reps=1,
     decode_contexts=(8, 16),
-    limits=dict(p=120.0, a=240.0, c=120.0, b=120.0, d=60.0),
+    profile_lengths=(8,),
+    limits=dict(p=120.0, a=240.0, c=120.0, b=120.0, k=60.0, d=60.0),
     prewarm_jobs=1,
 )
 
@@ -670,7 +675,7 @@ def section_timings(report: Report, section: Section, profile: Profile, device: 
             report.add(section, dict(table=table, T=seq_len, error="not run: section time limit"))
             continue
         row = dict(table=table, T=seq_len)
-        for name, make in [("SKA triton", _ska_bench), *peers]:
+        for name, make in [("SKA triton", _ska_bench), ("SKA triton r=P=2w", _ska_wide_bench), *peers]:
             for phase in ("fwd", "fwd+bwd"):
                 row[f"{name} {phase}"] = _bench_cell(make, seq_len, profile, device, phase, section)
         report.add(section, row)
@@ -678,6 +683,33 @@ def section_timings(report: Report, section: Section, profile: Profile, device: 
     for context in profile.decode_contexts:
         guarded(report, section, table, dict(T0=context),
                 lambda context=context: _decode_bench(context, profile, device), min_left_s=5)
+
+
+def section_kernel_profile(report: Report, section: Section, profile: Profile, device: torch.device) -> None:
+    """Device time per kernel (the 12 largest) of one warm SKA forward+backward, bench shape, at each length."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cuda = device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+
+    def one(seq_len: int) -> dict:
+        forward, _ = _ska_bench(seq_len, profile, device)
+        upstream = torch.randn_like(forward())
+        forward().backward(upstream)  # warm: compiled, cached tables
+        synchronize(device)
+        with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            forward().backward(upstream)
+            synchronize(device)
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total_us = sum(getattr(e, key) for e in events)
+        for e in events[:12]:
+            report.add(section, dict(table=f"Per-kernel time, one fwd+bwd at T = {seq_len}", kernel=e.key[:60],
+                                     calls=e.count, ms=getattr(e, key) / 1e3,
+                                     share=f"{100 * getattr(e, key) / max(total_us, 1e-9):.0f} %"))
+        return dict(total_ms=total_us / 1e3, kernels=len(events))
+
+    for seq_len in profile.profile_lengths:
+        guarded(report, section, "Per-kernel time: totals", dict(T=seq_len), lambda t=seq_len: one(t), min_left_s=3)
 
 
 def _peers(device: torch.device, section: Section) -> list:
@@ -734,8 +766,14 @@ def _bench_cell(make, seq_len: int, profile: Profile, device: torch.device, phas
     return f"{timing['ms']:.3g} ({peak}{first})"
 
 
-def _ska_bench(seq_len: int, profile: Profile, device: torch.device):
-    heads, width, dtype = profile.bench_heads, profile.bench_width, profile.bench_dtype
+def _ska_wide_bench(seq_len: int, profile: Profile, device: torch.device):
+    """SKA at twice the bench width (r = P = 128 on the GPU profile)."""
+    return _ska_bench(seq_len, profile, device, width=2 * profile.bench_width)
+
+
+def _ska_bench(seq_len: int, profile: Profile, device: torch.device, width: int | None = None):
+    heads, dtype = profile.bench_heads, profile.bench_dtype
+    width = width or profile.bench_width
     q, k, v = (torch.randn(1, seq_len, heads, width, device=device, dtype=dtype).requires_grad_() for _ in range(3))
     eta = torch.full((heads,), 1.5, device=device)
     gamma = torch.full((heads,), 1.01, device=device)
@@ -803,7 +841,7 @@ def prewarm_tasks(profile: Profile) -> list[str]:
     """Names of the items whose Triton launches are compiled ahead (see `run_prewarm_task`)."""
     tasks = [f"case:{d}:{i}" for d in range(len(profile.dtypes)) for i in range(len(profile.cases))]
     tasks += [f"extra:{i}" for i in range(len(profile.extra_fp32_cases))]
-    tasks += [f"decode:{d}" for d in range(len(profile.dtypes))] + ["bench:ska", "layer"]
+    tasks += [f"decode:{d}" for d in range(len(profile.dtypes))] + ["bench:ska", "bench:ska_wide", "layer"]
     return tasks + (["bench:fla"] if profile is GPU else [])
 
 
@@ -831,8 +869,9 @@ def run_prewarm_task(task: str, profile: Profile, device: torch.device) -> None:
         seq, batch = profile.layer_tokens
         hidden = torch.randn(seq, batch, config.hidden_size, device=device, dtype=layer_dtype(device))
         layer_output(layer, hidden.requires_grad_()).float().sum().backward()
-    elif task == "bench:ska" or task == "bench:fla":
-        forward, _ = (_ska_bench if task == "bench:ska" else _fla_bench)(profile.bench_lengths[0], profile, device)
+    elif task in ("bench:ska", "bench:ska_wide", "bench:fla"):
+        make = dict(ska=_ska_bench, ska_wide=_ska_wide_bench, fla=_fla_bench)[task.split(":")[1]]
+        forward, _ = make(profile.bench_lengths[0], profile, device)
         forward().float().sum().backward()
     else:
         raise ValueError(f"unknown prewarm task {task!r}")
@@ -845,7 +884,7 @@ def section_prewarm(report: Report, section: Section, profile: Profile, device: 
 
     tasks = prewarm_tasks(profile)
     if profile is not GPU:  # CPU: nothing to cache; one worker runs one item of each kind, to keep them working
-        tasks = [",".join(t for t in tasks if t in ("case:0:0", "decode:0", "bench:ska", "layer"))]
+        tasks = [",".join(t for t in tasks if t in ("case:0:0", "decode:0", "bench:ska", "bench:ska_wide", "layer"))]
     section.notes.append(f"{len(tasks)} worker processes, {profile.prewarm_jobs} at a time; cache "
                          f"{os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')}")
 
@@ -909,13 +948,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter")
-    parser.add_argument("--sections", default="pacbd", help="which sections to run, in this order (default pacbd)")
+    parser.add_argument("--sections", default="pacbkd", help="which sections to run, in this order (default pacbkd)")
     parser.add_argument("--prewarm-task", help=argparse.SUPPRESS)  # internal: one worker of section p
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry-run on CPU")
-    if set(args.sections) - set("pabcd"):
-        parser.error(f"--sections takes letters from 'pabcd', got {args.sections!r}")
+    if set(args.sections) - set("pabcdk"):
+        parser.error(f"--sections takes letters from 'pabcdk', got {args.sections!r}")
     profile = DRY if args.dry_run else GPU
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
     if args.prewarm_task:
@@ -930,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         "c": ("Megatron SKA layer (local spec, TP = 1) forward/backward", section_layer),
         "d": ("CUDA graphs and host synchronisations", section_graphs_and_syncs),
         "b": ("Timings: SKA vs SDPA vs fla; decode; peak memory", section_timings),
+        "k": ("Per-kernel profile of SKA fwd+bwd", section_kernel_profile),
     }
     for key in args.sections:
         title, body = bodies[key]

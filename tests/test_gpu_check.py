@@ -31,7 +31,7 @@ def test_dry_run_completes_every_section_and_every_check_passes(dry_run):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["meta"]["mode"].startswith("dry run")
     sections = report["sections"]
-    assert list(sections) == ["p", "a", "c", "b", "d"]
+    assert list(sections) == ["p", "a", "c", "b", "k", "d"]
     for key, section in sections.items():
         assert section["status"] == "ok", (key, section["status"], section["error"])
         for item in section["items"]:
@@ -50,8 +50,11 @@ def test_dry_run_completes_every_section_and_every_check_passes(dry_run):
     assert [row["T"] for row in timings] == list(gpu_check.DRY.bench_lengths)
     for row in timings:
         cells = {k: v for k, v in row.items() if k not in ("table", "T")}
-        assert set(cells) == {"SKA triton fwd", "SKA triton fwd+bwd", "SDPA flash fwd", "SDPA flash fwd+bwd"}
+        assert set(cells) == {"SKA triton fwd", "SKA triton fwd+bwd", "SKA triton r=P=2w fwd", "SKA triton r=P=2w fwd+bwd",
+                              "SDPA flash fwd", "SDPA flash fwd+bwd"}
         assert not any(v.startswith(("error", "not run")) for v in cells.values()), row
+    totals = [i for i in sections["k"]["items"] if i["table"] == "Per-kernel time: totals"]
+    assert [row["T"] for row in totals] == list(gpu_check.DRY.profile_lengths) and totals[0]["total_ms"] > 0
     notes = " ".join(sections["b"]["notes"])
     assert "SDPA cuDNN: not run" in notes and "chunk_gated_delta_rule: not run" in notes
     markdown = (out / "gpu_check.md").read_text()
