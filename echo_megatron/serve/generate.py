@@ -35,6 +35,7 @@ class Completion:
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)  # generated token ids
     text: str = ""
+    log_probs: list[float] = field(default_factory=list)  # log-probability of each generated token (fp32)
 
 
 @dataclass
@@ -121,6 +122,7 @@ def _sequence_limit(args, max_sequence_length: Optional[int]) -> int:
 def _update(completion: Completion, request, tokenizer, on_text: Optional[Callable[[int, str], None]]) -> None:
     """Copy a request's tokens so far into its completion; hand the new text to `on_text`."""
     completion.ids = [int(i) for i in request.generated_tokens]
+    completion.log_probs = [float(p) for p in request.generated_log_probs or []]
     text = tokenizer.detokenize(completion.ids)
     if on_text is not None and len(text) > len(completion.text):
         on_text(request.request_id, text[len(completion.text):])
@@ -162,7 +164,8 @@ def generate(
         greedy = temperature == 0
         sampling = SamplingParams(temperature=1.0 if greedy else temperature, top_k=1 if greedy else top_k,
                                   num_tokens_to_generate=max_new_tokens,
-                                  termination_id=-1 if ignore_eos else tokenizer.eod)
+                                  termination_id=-1 if ignore_eos else tokenizer.eod, return_log_probs=True,
+                                  skip_prompt_log_probs=True)
         try:
             model = load_megatron_checkpoint(ckpt_dir)
         except ConversionError as error:
