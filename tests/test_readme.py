@@ -21,6 +21,8 @@ def python_blocks(markdown: str) -> list[tuple[int, str]]:
 
 
 BLOCKS = python_blocks((REPO / "README.md").read_text())
+# what a newcomer must not meet: transformers' interactive trust prompt, its model-type mismatch warning
+UX_TRAPS = ("Do you wish to run the custom code?", "to instantiate a model of type")
 
 
 def test_readme_has_python_blocks():
@@ -52,5 +54,8 @@ def test_readme_python_block_runs(line, code, tmp_path):
     if '"OUT_DIR"' in code:
         export_tiny_model(tmp_path / "OUT_DIR")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, stdin=subprocess.DEVNULL)  # a prompt for input would read EOF
     assert result.returncode == 0, f"README.md block at line {line} failed:\n{result.stderr[-4000:]}"
+    output = result.stdout + result.stderr
+    for trap in UX_TRAPS:
+        assert trap not in output, f"README.md block at line {line} printed {trap!r}:\n{output[-4000:]}"
