@@ -305,7 +305,13 @@ def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespac
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from echo_megatron.megatron.checkpoint_files import CheckpointFilesError, check_torch_dist_files
+
     path, iteration = iteration_dir(ckpt_dir, iteration)
+    try:
+        check_torch_dist_files(path)
+    except CheckpointFilesError as error:
+        raise ConversionError(f"cannot read the Megatron checkpoint: {error}") from error
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
         tensors = _load_model_tensors(str(path))

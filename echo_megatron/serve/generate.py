@@ -59,11 +59,13 @@ def _checkpoint_args(ckpt_dir):
 
     from echo_megatron.hf.convert import ConversionError
     from echo_megatron.hf.megatron_io import iteration_dir
+    from echo_megatron.megatron.checkpoint_files import CheckpointFilesError, check_torch_dist_files
 
     try:
         path, _ = iteration_dir(ckpt_dir)
+        check_torch_dist_files(path)
         args = dist_checkpointing.load_common_state_dict(str(path)).get("args")
-    except ConversionError as error:
+    except (ConversionError, CheckpointFilesError) as error:
         raise GenerateError(f"--load: {error}") from error
     if args is None:
         raise GenerateError(f"--load: {str(path)!r} holds no Megatron args (not a launcher checkpoint)")
