@@ -107,6 +107,13 @@ def parse_args(argv: Sequence[str] | None = None):
                 restore_checkpoint_model_args(args, loaded[1])
     check_echo_args(args)
     check_load_checkpoint(args)
+    if not args.mock_data:
+        from .data import check_data_files
+
+        try:
+            check_data_files(args)
+        except ValueError as error:
+            raise SystemExit(f"echo_megatron.pretrain: --data-path: {error}") from error
     arguments.validate_args(args)
     set_global_variables(args)
     return args

@@ -1,7 +1,8 @@
-"""Faults in checkpoints the launcher, export-hf, import-hf and generate read: a truncated data file or an
-overwritten .metadata fails with an error naming the file (no silent fresh start, no traceback from deep in
-torch.distributed.checkpoint); --load of a checkpoint that holds another model fails before training, naming
-the flags."""
+"""Faults before training or serving. A truncated checkpoint data file or an overwritten .metadata fails with an
+error naming the file (no silent fresh start, no traceback from deep in torch.distributed.checkpoint) in the
+launcher's --load, export-hf, generate, and a truncated safetensors file in import-hf; --load of a checkpoint
+that holds another model fails before training, naming the flags; a missing dataset file or an .idx that does
+not index its .bin fails before training, naming the file."""
 
 import pytest
 
@@ -78,3 +79,37 @@ def test_import_hf_of_a_truncated_export_names_the_file(tmp_path, capsys):
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) != 0
     assert f"{weights}: unreadable safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
+
+
+def _indexed_dataset(prefix, documents: int) -> None:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for document in range(documents):
+        builder.add_item(torch.arange(document, document + 50, dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("missing", "{prefix}.bin: no such file"),
+    ("other idx", "{prefix}.bin: 2000 bytes, but {prefix}.idx indexes 1000 (5 sequences of int32): the .idx was not "
+                  "written with this .bin"),
+    ("truncated bin", "{prefix}.bin: 1000 bytes, but {prefix}.idx indexes 2000"),
+])
+def test_bad_data_paths_are_an_error_before_training(fault, message, tmp_path, monkeypatch):
+    prefix, other = tmp_path / "corpus_text_document", tmp_path / "small_text_document"
+    _indexed_dataset(prefix, 10)
+    if fault == "missing":
+        (tmp_path / "corpus_text_document.bin").unlink()
+    elif fault == "other idx":
+        _indexed_dataset(other, 5)
+        (tmp_path / "small_text_document.idx").replace(tmp_path / "corpus_text_document.idx")
+    else:
+        data = (tmp_path / "corpus_text_document.bin").read_bytes()
+        (tmp_path / "corpus_text_document.bin").write_bytes(data[:1000])
+    flags = [f for f in RUN if f != "--mock-data"] + ["--echo-preset", "echo-tiny", "--split", "100,0,0",
+                                                     "--data-path", "0.5", str(prefix), "0.5", str(prefix)]
+    assert message.format(prefix=prefix) in _launcher_error(flags, monkeypatch)
