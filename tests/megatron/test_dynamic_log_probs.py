@@ -61,9 +61,10 @@ def assert_log_probs_match_full_forward(model, records, unchecked: tuple[int, ..
             f"by up to {error.max():.2e} at token {int(error.argmax()) + 1}")
 
 
-def _run(engine, requests: dict[int, tuple[list[int], int]], joins: dict[int, list[int]] = {}) -> list:
+def _run(engine, requests: dict[int, tuple[list[int], int]], joins: dict[int, list[int]] | None = None) -> list:
     """Add `requests` {id: (prompt, new tokens)}, those in `joins[n]` only before step n; run until every request
     (also those added before) has finished; return the finished records."""
+    joins = joins or {}
     late = {request_id for ids in joins.values() for request_id in ids}
     for request_id in requests.keys() - late:
         engine.add_request(request_id, requests[request_id][0], _sampling(requests[request_id][1]))

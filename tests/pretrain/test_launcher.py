@@ -5,7 +5,10 @@ Each torchrun run is a few tens of seconds on 2 shared cores; runs are shared th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -181,6 +184,33 @@ def test_tp1_checkpoint_resumes_at_tp2(dp2_adam):
                       "--tensor-model-parallel-size", "2", "--sequence-parallel"])
     # Same model, data and optimizer state on another TP layout: equal up to reduction order.
     assert losses(resumed.stdout)[4] == pytest.approx(losses(log)[4], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(dp2_adam, tmp_path):
+    """Rank 0 killed by SIGKILL in the middle of writing iteration 6's checkpoint (kill_during_save.py; torchrun
+    then stops rank 1): the tracker still names iteration 3, and the rerun with --load resumes from iteration 3
+    and reproduces the uninterrupted losses."""
+    _, log = dp2_adam
+    save = tmp_path / "save"
+    flags = [*SHORT, "--train-iters", "6", "--save", str(save), "--save-interval", "3"]
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    output = tmp_path / "killed.log"
+    with output.open("w") as log_file:  # a file, not a pipe: the killed rank leaves orphans holding its stdout
+        killed = subprocess.Popen([*runner, "-m", "tests.pretrain.kill_during_save", "6", *flags], cwd=REPO,
+                                  env=launcher_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed.wait(timeout=600)
+        finally:  # Megatron's multiprocessing Manager of the killed rank outlives it: end the session's leftovers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(killed.pid, signal.SIGKILL)
+    text = output.read_text()
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert any((save / "iter_0000006").iterdir())  # the half-written checkpoint is there
+    resumed = launch([*flags, "--load", str(save)]).stdout
+    assert "successfully loaded checkpoint from" in resumed and "at iteration 3" in resumed, resumed[-3000:]
+    assert_resumed_exactly(losses(log), losses(resumed), start=3)
 
 
 @pytest.mark.slow
