@@ -1,7 +1,6 @@
 """torchrun ... -m tests.pretrain.kill_during_save ITERATION <launcher flags>: the Echo launcher whose rank 0 is
-killed with SIGKILL (kill -9) right after the first tensor of iteration ITERATION's checkpoint is written (the
-trainer process, and the writer process Megatron forks for the files), so that checkpoint is half written and
-the tracker file still names the previous one."""
+killed with SIGKILL (kill -9 of its process group) right after the first tensor of iteration ITERATION's
+checkpoint is written, so that checkpoint is half written and the tracker file still names the previous one."""
 
 import functools
 import os
@@ -24,8 +23,9 @@ def kill_mid_write(iteration: int) -> None:
         stream = next(arg for arg in args if hasattr(arg, "flush"))
         if directory in str(getattr(stream, "name", "")) and os.environ.get("RANK", "0") == "0":
             stream.flush()
-            os.kill(trainer, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)  # the forked writer, when the files are written there
+            # rank 0's whole process group (torchrun starts each rank in its own session): the trainer, the
+            # writer Megatron forks for the files, its multiprocessing Manager; torchrun then stops rank 1
+            os.killpg(os.getpgid(trainer), signal.SIGKILL)
         return result
 
     filesystem_async._write_item = write_then_die

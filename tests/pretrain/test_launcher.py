@@ -5,10 +5,7 @@ Each torchrun run is a few tens of seconds on 2 shared cores; runs are shared th
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import typing
@@ -196,14 +193,9 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(dp2_a
     flags = [*SHORT, "--train-iters", "6", "--save", str(save), "--save-interval", "3"]
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     output = tmp_path / "killed.log"
-    with output.open("w") as log_file:  # a file, not a pipe: the killed rank leaves orphans holding its stdout
-        killed = subprocess.Popen([*runner, "-m", "tests.pretrain.kill_during_save", "6", *flags], cwd=REPO,
-                                  env=launcher_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            killed.wait(timeout=600)
-        finally:  # Megatron's multiprocessing Manager of the killed rank outlives it: end the session's leftovers
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(killed.pid, signal.SIGKILL)
+    with output.open("w") as log_file:  # a file, not a pipe: nothing left behind can hold the test up
+        killed = subprocess.run([*runner, "-m", "tests.pretrain.kill_during_save", "6", *flags], cwd=REPO,
+                                env=launcher_env(), stdout=log_file, stderr=subprocess.STDOUT, timeout=600)
     text = output.read_text()
     assert killed.returncode != 0 and "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
