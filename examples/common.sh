@@ -10,6 +10,8 @@
 #   CHECKPOINT_DIR, TENSORBOARD_DIR, DATA_CACHE_DIR  (under ./runs/<preset> by default)
 # Extra arguments to a script are appended to the launcher's flags and override them.
 
+source "$(dirname "${BASH_SOURCE[0]}")/environment.sh"
+
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -4,6 +4,7 @@
 #   bash examples/pretrain_echo_tiny_cpu.sh            # writes runs/echo-tiny-cpu/checkpoints
 # Extra arguments override, e.g. --tensor-model-parallel-size 1 (then the 2 processes are data parallel).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/environment.sh"
 RUN_DIR=${RUN_DIR:-runs/echo-tiny-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec torchrun --nproc-per-node 2 -m echo_megatron.pretrain --cpu --echo-preset echo-tiny --mock-data \

@@ -21,6 +21,8 @@ def python_blocks(markdown: str) -> list[tuple[int, str]]:
 
 
 BLOCKS = python_blocks((REPO / "README.md").read_text())
+# what a newcomer must not meet: transformers' interactive trust prompt, its model-type mismatch warning
+UX_TRAPS = ("Do you wish to run the custom code?", "to instantiate a model of type")
 
 
 def test_readme_has_python_blocks():
@@ -52,5 +54,27 @@ def test_readme_python_block_runs(line, code, tmp_path):
     if '"OUT_DIR"' in code:
         export_tiny_model(tmp_path / "OUT_DIR")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, stdin=subprocess.DEVNULL)  # a prompt for input would read EOF
     assert result.returncode == 0, f"README.md block at line {line} failed:\n{result.stderr[-4000:]}"
+    output = result.stdout + result.stderr
+    for trap in UX_TRAPS:
+        assert trap not in output, f"README.md block at line {line} printed {trap!r}:\n{output[-4000:]}"
+
+
+BASH_BLOCK = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+ACTIVATE = "source .venv/bin/activate"
+
+
+def test_readme_commands_run_after_one_activation_step():
+    """After the install line nothing is active: the README says once to `source .venv/bin/activate` before
+    its first bare `torchrun` / `echo-megatron` command, and in a clean shell (no venv on PATH) that step
+    gives both commands from this project's .venv."""
+    readme = (REPO / "README.md").read_text()
+    assert readme.count(ACTIVATE) == 1
+    bare = [match.start() + line.start() for match in BASH_BLOCK.finditer(readme)
+            for line in re.finditer(r"^\s*(?:\w+=\S+\s+)*(torchrun|echo-megatron)\b", match.group(1), re.MULTILINE)]
+    assert bare and readme.index(ACTIVATE) < min(bare)
+    shell = subprocess.run(["bash", "-c", f"{ACTIVATE} && command -v torchrun echo-megatron"], cwd=REPO,
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(REPO)})
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.split() == [str(REPO / ".venv" / "bin" / name) for name in ("torchrun", "echo-megatron")]

@@ -31,6 +31,16 @@ MAMBA_CONV = ("x", "B", "C")
 SKA_IN_PROJ = ("query", "key", "value")
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 ACTIVATIONS = ("silu", "gelu", "relu2", "relu")
+# SKAConfig's ska_* fields: those the HF config carries (same names in EchoHybridConfig), and why each other one
+# is not carried. Every SKAConfig field is in exactly one of the two (tests/hf/test_parity_off_defaults.py).
+EXPORTED_SKA_FIELDS = ("ska_num_heads", "ska_rank", "ska_value_dim", "ska_chunk_size", "ska_power", "ska_eps",
+                       "ska_norm", "ska_power_iters")
+UNEXPORTED_SKA_FIELDS = {
+    "ska_allow_sequence_max": "the non-causal sequence_max norm is refused (EchoHybridConfig: ska_norm causal only)",
+    "ska_zero_init_output": "initialisation only: the output projection is a tensor",
+    "ska_eta_init": "initialisation only: η is a tensor per head",
+    "ska_backend": "a runtime choice of kernel, not of the function (EchoHybridConfig.ska_backend is the HF one)",
+}
 ECHO_AUTO_MAP = {"AutoConfig": "configuration_echo_hybrid.EchoHybridConfig",
                  "AutoModelForCausalLM": "modeling_echo_hybrid.EchoHybridForCausalLM"}
 
@@ -136,9 +146,7 @@ def hf_config(fields: ArchitectureFields, tensors: Mapping[str, Tensor], *, dtyp
         prefix = f"decoder.layers.{first_ffn}.mlp"
         koopman = dict(koopman_width=tensors[f"{prefix}.lift.weight"].shape[0],
                        koopman_gate=f"{prefix}.gate.weight" in tensors)
-    ska = {name: fields.ska[name] for name in ("ska_num_heads", "ska_rank", "ska_value_dim", "ska_chunk_size",
-                                               "ska_power", "ska_eps", "ska_norm", "ska_power_iters")
-           if name in fields.ska}
+    ska = {name: fields.ska[name] for name in EXPORTED_SKA_FIELDS if name in fields.ska}
     return EchoHybridConfig(layers_block_type=layer_types, ffn_kind=ffn_kind, architectures=["EchoHybridForCausalLM"],
                             auto_map=dict(ECHO_AUTO_MAP), megatron_vocab_size=fields.megatron_vocab_size,
                             **ska, **koopman, **common)
@@ -287,5 +295,5 @@ def embeddings_tied(state: Mapping[str, Tensor]) -> bool:
     return torch.equal(state["lm_head.weight"], state["model.embeddings.weight"])
 
 
-__all__ = ["ArchitectureFields", "ConversionError", "hf_config", "megatron_to_hf", "hf_to_megatron",
+__all__ = ["ArchitectureFields", "ConversionError", "EXPORTED_SKA_FIELDS", "UNEXPORTED_SKA_FIELDS", "hf_config", "megatron_to_hf", "hf_to_megatron",
            "tensor_rules", "embeddings_tied", "MODEL_PREFIXES"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHForCausalLM
@@ -158,6 +159,12 @@ def read_hf_directory(hf_dir) -> tuple[object, dict]:
     missing = [name for name in files if not (root / name).is_file()]
     if missing:
         raise ConversionError(f"safetensors file(s) {missing} of {str(root)!r} are missing")
+    for name in files:  # a truncated or overwritten file, named (transformers' error names the directory)
+        try:
+            with safe_open(str(root / name), framework="pt"):
+                pass
+        except Exception as error:
+            raise ConversionError(f"{root / name}: unreadable safetensors file ({type(error).__name__}: {error})") from error
     model_class = NemotronHForCausalLM if model_type == "nemotron_h" else EchoHybridForCausalLM
     try:
         model, info = model_class.from_pretrained(str(root), dtype="auto", output_loading_info=True)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .convert import MODEL_PREFIXES, ArchitectureFields, ConversionError
+from .convert import EXPORTED_SKA_FIELDS, MODEL_PREFIXES, ArchitectureFields, ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"  # Megatron's name for converted checkpoints: loaded as iteration 0, no optimizer or RNG state
@@ -155,9 +155,7 @@ def fields_from_hf(config, tied_embeddings: bool) -> ArchitectureFields:
     if unknown:
         raise ConversionError(f"layer types {unknown} have no Megatron equivalent in the Echo stacks")
     ffn_kind = getattr(config, "ffn_kind", "mlp")
-    ska = {name: getattr(config, name) for name in ("ska_num_heads", "ska_rank", "ska_value_dim", "ska_chunk_size",
-                                                     "ska_power", "ska_eps", "ska_norm", "ska_power_iters")
-           if hasattr(config, name)}
+    ska = {name: getattr(config, name) for name in EXPORTED_SKA_FIELDS if hasattr(config, name)}
     return ArchitectureFields(
         pattern="".join(symbols[t] for t in config.layer_types),
         attention="ska" if "ska" in config.layer_types else "softmax", ffn="koopman" if ffn_kind == "koopman" else "mlp",
@@ -307,7 +305,13 @@ def read_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> tuple[Namespac
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from echo_megatron.megatron.checkpoint_files import CheckpointFilesError, check_torch_dist_files
+
     path, iteration = iteration_dir(ckpt_dir, iteration)
+    try:
+        check_torch_dist_files(path)
+    except CheckpointFilesError as error:
+        raise ConversionError(f"cannot read the Megatron checkpoint: {error}") from error
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
         tensors = _load_model_tensors(str(path))

@@ -83,11 +83,12 @@ def memory_per_request(model: torch.nn.Module, tokens: int) -> RequestMemory:
 
 def inference_context(model: torch.nn.Module, *, max_requests: int, max_sequence_length: int,
                       max_tokens: int | None = None, enable_chunked_prefill: bool = False,
-                      block_size_tokens: int = BLOCK_SIZE_TOKENS) -> DynamicInferenceContext:
+                      block_size_tokens: int = BLOCK_SIZE_TOKENS, all_logits: bool = False) -> DynamicInferenceContext:
     """Megatron's dynamic inference context for `model` serving up to `max_requests` requests of up to
     `max_sequence_length` tokens each (prompt + generated), at most `max_tokens` tokens per forward (default:
-    all of them; with `enable_chunked_prefill` longer prompts are prefilled in pieces). SKA models get an
-    `SKADynamicInferenceContext`.
+    all of them; with `enable_chunked_prefill` longer prompts are prefilled in pieces). With `all_logits` a
+    prefill materialises logits at every prompt position (needed for prompt log-probs; Megatron's default
+    keeps only the last). SKA models get an `SKADynamicInferenceContext`.
 
     The block budget (`buffer_size_gb`) is sized for exactly that: with SKA it is bookkeeping only (no KV
     tensor is allocated); for softmax layers it is their KV cache.
@@ -103,7 +104,7 @@ def inference_context(model: torch.nn.Module, *, max_requests: int, max_sequence
         block_size_tokens=block_size_tokens, buffer_size_gb=1.01 * buffer_bytes / 1024**3, max_requests=max_requests,
         max_tokens=max_tokens or max_requests * max_sequence_length, max_sequence_length=max_sequence_length,
         mamba_inference_state_config=MambaInferenceStateConfig.from_model(model),
-        enable_chunked_prefill=enable_chunked_prefill, materialize_only_last_token_logits=True, unified_memory_level=0,
+        enable_chunked_prefill=enable_chunked_prefill, materialize_only_last_token_logits=not all_logits, unified_memory_level=0,
     )
     layers = ska_layers(model)
     if layers:

@@ -9,6 +9,7 @@ pipeline-parallel ranks of one data-parallel replica read the same samples witho
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -20,6 +21,39 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.utils import get_batch_on_this_cp_rank
 from megatron.training import get_args, get_timers, get_tokenizer
 from megatron.training.utils import get_blend_and_blend_per_split, print_rank_0
+
+
+DATA_PATH_FLAGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+
+
+def check_data_files(args) -> None:
+    """Every dataset prefix of the --data-path flags (blends: "weight prefix ...") has its `.idx` and `.bin`,
+    and the `.bin` holds exactly the bytes its `.idx` indexes; else ValueError naming the file (Megatron would
+    fail only after initialising, or read another file's tokens)."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    prefixes = []
+    for flag in DATA_PATH_FLAGS:
+        for value in getattr(args, flag, None) or []:
+            try:
+                float(value)  # a blend weight
+            except ValueError:
+                prefixes.append(value)
+    for prefix in prefixes:
+        idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
+        for path in (idx, bin_):
+            if not os.path.isfile(path):
+                raise ValueError(f"{path}: no such file (dataset prefix {prefix!r}; write it with "
+                                 "`echo-megatron preprocess`)")
+        try:
+            index = _IndexReader(idx, multimodal=False)
+        except Exception as error:
+            raise ValueError(f"{idx}: unreadable index ({type(error).__name__}: {error})") from error
+        count = len(index.sequence_lengths)
+        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if count else 0
+        if os.path.getsize(bin_) != expected:
+            raise ValueError(f"{bin_}: {os.path.getsize(bin_)} bytes, but {idx} indexes {expected} ({count} sequences "
+                             f"of {index.dtype.__name__}): the .idx was not written with this .bin")
 
 
 def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:

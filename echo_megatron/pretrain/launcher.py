@@ -10,6 +10,7 @@ before anything is built (`check_echo_args`), applies the run-time Megatron fixe
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -59,6 +60,40 @@ def check_echo_args(args) -> None:
         fail(str(error))
 
 
+# Stored args that define the model an Echo checkpoint holds (ska_backend is a run-time choice)
+MODEL_DEFINING_ARGS = ("hybrid_layer_pattern", "echo_attention", "echo_ffn", "ska_num_heads", "ska_rank",
+                       "ska_value_dim", "ska_chunk_size", "ska_power", "ska_eps", "ska_norm", "ska_power_iters")
+
+
+def check_load_checkpoint(args) -> None:
+    """--load of an existing checkpoint: its files are complete (`check_torch_dist_files`) and it holds the
+    model these flags build (MODEL_DEFINING_ARGS), else SystemExit naming the file or the flags, before
+    anything is built. A --load directory without a checkpoint is Megatron's fresh start, left alone."""
+    from megatron.core import dist_checkpointing
+    from megatron.training.checkpointing import get_checkpoint_tracker_filename, read_metadata
+
+    from echo_megatron.megatron.checkpoint_files import CheckpointFilesError, check_torch_dist_files
+
+    if not args.load or args.ckpt_format != "torch_dist":
+        return
+    tracker = get_checkpoint_tracker_filename(args.load)
+    if args.ckpt_step is None and not os.path.isfile(tracker):
+        return
+    iteration, release = (args.ckpt_step, False) if args.ckpt_step is not None else read_metadata(tracker)
+    directory = os.path.join(args.load, "release" if release else f"iter_{iteration:07d}")
+    try:
+        check_torch_dist_files(directory)
+        stored = dist_checkpointing.load_common_state_dict(directory).get("args")
+    except CheckpointFilesError as error:
+        raise SystemExit(f"echo_megatron.pretrain: --load: {error}") from error
+    differing = [f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {getattr(stored, name)!r})"
+                 for name in MODEL_DEFINING_ARGS
+                 if stored is not None and hasattr(stored, name) and getattr(stored, name) != getattr(args, name, None)]
+    if differing:
+        raise SystemExit(f"echo_megatron.pretrain: --load {args.load}: the checkpoint holds another model than these "
+                         f"flags build: {'; '.join(differing)} (pass the checkpoint's values, or --use-checkpoint-args)")
+
+
 def parse_args(argv: Sequence[str] | None = None):
     """Megatron's `parse_and_validate_args` with the Echo flags, and `check_echo_args` before Megatron's
     own validation (sets Megatron's global args; builds the tokenizer)."""
@@ -75,6 +110,14 @@ def parse_args(argv: Sequence[str] | None = None):
             if isinstance(loaded, tuple):  # (args, checkpoint_args); just args when there was nothing to load
                 restore_checkpoint_model_args(args, loaded[1])
     check_echo_args(args)
+    check_load_checkpoint(args)
+    if not args.mock_data:
+        from .data import check_data_files
+
+        try:
+            check_data_files(args)
+        except ValueError as error:
+            raise SystemExit(f"echo_megatron.pretrain: --data-path: {error}") from error
     arguments.validate_args(args)
     set_global_variables(args)
     return args

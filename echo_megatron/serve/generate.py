@@ -35,6 +35,7 @@ class Completion:
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)  # generated token ids
     text: str = ""
+    log_probs: list[float] = field(default_factory=list)  # log-probability of each generated token (fp32)
 
 
 @dataclass
@@ -58,11 +59,13 @@ def _checkpoint_args(ckpt_dir):
 
     from echo_megatron.hf.convert import ConversionError
     from echo_megatron.hf.megatron_io import iteration_dir
+    from echo_megatron.megatron.checkpoint_files import CheckpointFilesError, check_torch_dist_files
 
     try:
         path, _ = iteration_dir(ckpt_dir)
+        check_torch_dist_files(path)
         args = dist_checkpointing.load_common_state_dict(str(path)).get("args")
-    except ConversionError as error:
+    except (ConversionError, CheckpointFilesError) as error:
         raise GenerateError(f"--load: {error}") from error
     if args is None:
         raise GenerateError(f"--load: {str(path)!r} holds no Megatron args (not a launcher checkpoint)")
@@ -121,6 +124,7 @@ def _sequence_limit(args, max_sequence_length: Optional[int]) -> int:
 def _update(completion: Completion, request, tokenizer, on_text: Optional[Callable[[int, str], None]]) -> None:
     """Copy a request's tokens so far into its completion; hand the new text to `on_text`."""
     completion.ids = [int(i) for i in request.generated_tokens]
+    completion.log_probs = [float(p) for p in request.generated_log_probs or []]
     text = tokenizer.detokenize(completion.ids)
     if on_text is not None and len(text) > len(completion.text):
         on_text(request.request_id, text[len(completion.text):])
@@ -162,7 +166,8 @@ def generate(
         greedy = temperature == 0
         sampling = SamplingParams(temperature=1.0 if greedy else temperature, top_k=1 if greedy else top_k,
                                   num_tokens_to_generate=max_new_tokens,
-                                  termination_id=-1 if ignore_eos else tokenizer.eod)
+                                  termination_id=-1 if ignore_eos else tokenizer.eod, return_log_probs=True,
+                                  skip_prompt_log_probs=True)
         try:
             model = load_megatron_checkpoint(ckpt_dir)
         except ConversionError as error:

@@ -4,8 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ops.py"
 _spec = importlib.util.spec_from_file_location("bench_ops", _PATH)
@@ -19,13 +18,12 @@ def _bhtd(*widths, t=128):
 
 
 def test_equal_head_widths_run_the_flash_kernel():
+    """The benchmark picks flash for equal widths, and its runner forces it (an order of ATTENTION_BACKENDS
+    or a probe that picks another kernel fails here)."""
     q, k, v = _bhtd(64, 64, 64)
     assert bench_ops.fastest_attention_backend(q, k, v) == SDPBackend.FLASH_ATTENTION
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # and the forced kernel computes causal attention
-        flash = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    with sdpa_kernel(SDPBackend.MATH):
-        math = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(flash, math, rtol=1e-5, atol=1e-5)
+    _, backend = bench_ops._attention_runner(128, backward=False)
+    assert backend == "FLASH_ATTENTION"
 
 
 def test_unequal_widths_fall_back_and_the_runner_reports_the_backend_that_ran():

@@ -117,3 +117,32 @@ def test_ska_memory_benchmark_shapes_are_the_presets():
             assert shape == (config.ska_num_heads, config.ska_rank, config.ska_value_dim, config.ska_chunk_size,
                              config.ska_power)
     assert {script_layout(script).preset for script in GPU_SCRIPTS} <= set(ska_measurements())
+
+
+CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"  # no virtualenv on it
+
+
+@pytest.mark.parametrize("script", ["pretrain_echo_tiny_cpu.sh", "pretrain_echo_50m.sh"])
+@pytest.mark.parametrize("installed", [True, False], ids=["venv", "no-venv"])
+def test_scripts_use_the_project_venv_when_torchrun_is_not_on_path(script, installed, tmp_path):
+    """Right after `bash scripts/install.sh` (nothing activated) a script runs `.venv/bin/torchrun` of its
+    project; with no .venv either it stops with a clear error. (A copy of examples/ with a stub torchrun.)"""
+    import shutil
+
+    assert shutil.which("torchrun", path=CLEAN_PATH) is None
+    project = tmp_path / "project"
+    shutil.copytree(EXAMPLES, project / "examples")
+    argv_file = tmp_path / "argv"
+    if installed:
+        stub = project / ".venv" / "bin" / "torchrun"
+        stub.parent.mkdir(parents=True)
+        stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ARGV_FILE"\n')
+        stub.chmod(0o755)
+    result = subprocess.run(["bash", str(project / "examples" / script)], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": CLEAN_PATH, "HOME": str(tmp_path), "ARGV_FILE": str(argv_file)})
+    if installed:
+        assert result.returncode == 0, result.stderr
+        assert "echo_megatron.pretrain" in argv_file.read_text().split("\0")
+    else:
+        assert result.returncode != 0 and not argv_file.exists()
+        assert "torchrun not found" in result.stderr and "bash scripts/install.sh" in result.stderr

@@ -34,6 +34,12 @@ def test_cp2_equals_cp1_in_hybrid_model():
 
 
 @pytest.mark.multiproc
+def test_cp2_tp2_with_sequence_parallelism_equals_tp2():
+    """The default run's CP × TP check: one fp64 setting of the slow test below (4 ranks)."""
+    _torchrun(4, 2, ["float64:none:1:sp"])
+
+
+@pytest.mark.multiproc
 @pytest.mark.slow
 def test_cp2_tp2_equals_tp2_in_hybrid_model():
     _torchrun(4, 2, ["float64:causal_max:2", "float64:none:1:sp", "float32:none:1:sp"])

@@ -200,13 +200,28 @@ def test_whitened_operator_spectral_norm_is_at_most_one():
 
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 17, 17, 81, 130, 150]], ids=["one-sequence", "packed"])
 def test_token_grid_is_keys_previous_keys_values(cu_seqlens):
-    """`ChunkLayout.token_grid` (written in place) equals the grids `to_chunks` and `previous_keys` build."""
+    """`ChunkLayout.token_grid` against the grid written token by token from its definition: each sequence
+    starts its own chunk grid; token t of a sequence sits in chunk t // S, slot t % S, holding
+    [z_t | z_{t-1} (0 at the sequence start, `before` for a block's first token) | v_t]; padding slots have
+    z = v = 0 and, as previous key, the z of the slot before them (the last key, then 0: their lag pair is 0)."""
     from echo_megatron.ops.chunked import ChunkLayout
 
+    size = 16
     gen = torch.Generator().manual_seed(4)
     k, v = torch.randn(1, 150, 3, 5, generator=gen), torch.randn(1, 150, 3, 7, generator=gen)
     before = torch.randn(1, 3, 5, generator=gen) if cu_seqlens is None else None  # a block of a longer sequence
-    layout = ChunkLayout.build(150, 16, None if cu_seqlens is None else torch.tensor(cu_seqlens), k.device)
-    keys = layout.to_chunks(k)
-    expected = torch.cat([keys, layout.previous_keys(keys, before), layout.to_chunks(v)], dim=-1)
+    bounds = [0, 150] if cu_seqlens is None else cu_seqlens
+    chunks = [-(-(end - start) // size) for start, end in zip(bounds[:-1], bounds[1:])]
+    expected = torch.zeros(1, 3, sum(chunks), size, 2 * 5 + 7)
+    for sequence, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for t in range(end - start):
+            chunk, slot = sum(chunks[:sequence]) + t // size, t % size
+            previous = k[0, start + t - 1] if t else (before[0] if before is not None else torch.zeros(3, 5))
+            expected[0, :, chunk, slot] = torch.cat([k[0, start + t], previous, v[0, start + t]], dim=-1)
+        if (end - start) % size:  # the first padding slot
+            chunk, slot = sum(chunks[:sequence]) + (end - start) // size, (end - start) % size
+            expected[0, :, chunk, slot, 5:10] = k[0, end - 1]
+    layout = ChunkLayout.build(150, size, None if cu_seqlens is None else torch.tensor(cu_seqlens), k.device)
     assert torch.equal(layout.token_grid(k, v, before), expected)
+
+

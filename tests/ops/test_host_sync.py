@@ -123,3 +123,26 @@ def test_triton_host_code_reads_nothing_on_the_host(options, monkeypatch):
         y = ska(inputs["q"], inputs["k"], inputs["v"], eta=inputs["eta"], gamma=inputs["gamma"], backend="triton",
                 chunk_size=8, **options)
         torch.autograd.grad(y.sum(), list(inputs.values()))
+
+
+@pytest.mark.parametrize("prompt", [0, 5, 8, 13], ids=["T0=0", "T0=5", "T0=S", "T0=13"])
+def test_decode_reads_nothing_on_the_host(prompt, monkeypatch):
+    """ska_prefill and a chunk's worth of ska_step (one readout refresh included) on the accelerator branch
+    equal the same calls untrapped (the CPU branch), with no host read."""
+    from echo_megatron.ops import ska_prefill, ska_step
+
+    inputs = make_inputs(2, prompt + 9, 3, 5, 4, dtype=torch.float32)
+    q, k, v, eta, gamma = (inputs[n] for n in ("q", "k", "v", "eta", "gamma"))
+
+    def decode():
+        ys, state = [], None
+        y, state = ska_prefill(q[:, :prompt], k[:, :prompt], v[:, :prompt], eta=eta, gamma=gamma, chunk_size=8)
+        ys.append(y)
+        for t in range(prompt, q.shape[1]):
+            y, state = ska_step(q[:, t], k[:, t], v[:, t], state, eta=eta, gamma=gamma)
+            ys.append(y[:, None])
+        return torch.cat(ys, dim=1)
+
+    with host_reads_trapped(monkeypatch):
+        trapped = decode()
+    torch.testing.assert_close(trapped, decode(), rtol=0, atol=0)

@@ -79,6 +79,24 @@ def test_tp2_resume_matches_the_uninterrupted_run(tp2):
     assert_resumed_exactly(losses(log), losses(resumed.stdout), start=4)
 
 
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "1"], ["--tensor-model-parallel-size", "1",
+                                    "--pipeline-model-parallel-size", "2"]], ids=["tp1-dp2", "pp2"])
+def test_tp2_checkpoint_resumes_at_another_layout(tp2, layout):
+    """The TP = 2 checkpoint (model and Adam state) resumed on the same two ranks as TP = 1 (DP = 2) or as two
+    pipeline stages: the same model, data and optimizer state, so the same losses up to fp32 reduction order.
+    (Megatron refuses a TP/PP change for its distributed optimizer's dp_reshardable checkpoints.)"""
+    save, log = tp2
+    resumed = launch(["--cpu", "--echo-preset", "echo-tiny", "--mock-data", "--micro-batch-size", "2",
+                      "--global-batch-size", "4", "--train-iters", "8", "--lr", "1e-3", "--load", str(save),
+                      "--ckpt-step", "4", "--log-interval", "1", "--eval-iters", "0", *layout]).stdout
+    reference, trace = losses(log), losses(resumed)
+    assert sorted(trace) == [5, 6, 7, 8], resumed[-3000:]
+    for iteration in (5, 7, 8):  # 6: the mean of iterations 5 and 6 after a resume (see assert_resumed_exactly)
+        assert trace[iteration] == pytest.approx(reference[iteration], rel=1e-5), (iteration, reference, trace)
+    if "--pipeline-model-parallel-size" in layout:
+        assert layer_tables(resumed) == {0: ECHO_TINY_TABLE[:4], 1: ECHO_TINY_TABLE[4:]}
+
+
 def test_use_checkpoint_args_restores_the_ska_fields(tp2):
     """--use-checkpoint-args restores the model's ska_* fields (Megatron's own list does not know them), as
     Megatron restores its model args: the checkpoint wins over flags; --ska-backend stays a run-time choice."""
@@ -139,7 +157,7 @@ def test_distributed_optimizer_resume_matches_the_uninterrupted_run(dp2_indexed)
     assert_resumed_exactly(losses(log), losses(resumed), start=3)
 
 
-# ------------------------------------------------------------------ slow: DP=2 plain Adam, TP 1 -> 2, PP=2, baselines
+# ------------------------------------------------------------------ slow: DP=2 plain Adam, TP 1 -> 2, baselines
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +184,25 @@ def test_tp1_checkpoint_resumes_at_tp2(dp2_adam):
 
 
 @pytest.mark.slow
-def test_pp2_trains_with_one_stage_per_rank():
-    log = launch([*SHORT, "--train-iters", "5", "--pipeline-model-parallel-size", "2"]).stdout
-    _assert_trains(log, 5)
-    assert layer_tables(log) == {0: ECHO_TINY_TABLE[:4], 1: ECHO_TINY_TABLE[4:]}
+def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(dp2_adam, tmp_path):
+    """Rank 0 killed by SIGKILL in the middle of writing iteration 6's checkpoint (kill_during_save.py; torchrun
+    then stops rank 1): the tracker still names iteration 3, and the rerun with --load resumes from iteration 3
+    and reproduces the uninterrupted losses."""
+    _, log = dp2_adam
+    save = tmp_path / "save"
+    flags = [*SHORT, "--train-iters", "6", "--save", str(save), "--save-interval", "3"]
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    output = tmp_path / "killed.log"
+    with output.open("w") as log_file:  # a file, not a pipe: nothing left behind can hold the test up
+        killed = subprocess.run([*runner, "-m", "tests.pretrain.kill_during_save", "6", *flags], cwd=REPO,
+                                env=launcher_env(), stdout=log_file, stderr=subprocess.STDOUT, timeout=600)
+    text = output.read_text()
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert any((save / "iter_0000006").iterdir())  # the half-written checkpoint is there
+    resumed = launch([*flags, "--load", str(save)]).stdout
+    assert "successfully loaded checkpoint from" in resumed and "at iteration 3" in resumed, resumed[-3000:]
+    assert_resumed_exactly(losses(log), losses(resumed), start=3)
 
 
 @pytest.mark.slow

@@ -59,6 +59,33 @@ def test_cli_streams_and_reports(checkpoint, capsys):
     assert "softmax attention in the '*' layers would hold KV" in out and "tokens/s" in out
 
 
+# fp32 tolerance on log-probs: the same comparison in fp64 (tests/megatron/test_dynamic_log_probs.py) agrees to
+# the engine's fp32 output rounding, so what fp32 adds is rounding; measured in fp32 on this model: <= 2e-5
+# (1.4e-5 over the engine scenarios there). A wrong SKA state moves log-probs by ~1e-2.
+LOG_PROB_TOLERANCE = 1e-4
+
+
+def test_generate_log_probs_equal_full_forward(checkpoint):
+    """Prompts ending at S - 1, S, S + 1 (S = 8), two slots for three requests (the third reuses a slot): the
+    log-prob of every generated token == log_softmax of a full forward of the checkpoint's model."""
+    from echo_megatron.hf.megatron_io import load_megatron_checkpoint
+    from tests.megatron.common import full_logits
+
+    ckpt, tokenizer, _ = checkpoint
+    prompts = [" ".join(f"w{(5 * i + n) % 45}" for i in range(n)) for n in (7, 8, 9)]
+    report = generate(ckpt, prompts, tokenizer_dir=str(tokenizer), max_new_tokens=NEW_TOKENS, batch_size=2,
+                      ignore_eos=True)
+    model = load_megatron_checkpoint(ckpt).eval()
+    for completion in report.completions:
+        tokens = torch.tensor([completion.prompt_ids + completion.ids])
+        with torch.no_grad():
+            reference = torch.log_softmax(full_logits(model, tokens)[0].double(), dim=-1)
+        expected = reference[len(completion.prompt_ids) - 1:-1].gather(1, tokens[0, len(completion.prompt_ids):, None])
+        error = (torch.tensor(completion.log_probs, dtype=torch.float64) - expected[:, 0]).abs().max().item()
+        print(f"prompt of {len(completion.prompt_ids)} tokens: max |Δ log-prob| = {error:.1e}")
+        assert len(completion.log_probs) == NEW_TOKENS and error <= LOG_PROB_TOLERANCE
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--load", "{root}/missing", "--prompt", "w1"], "does not exist"),
     (["--load", "{ckpt}", "--prompt", "w1"], "pass its directory with --tokenizer"),
