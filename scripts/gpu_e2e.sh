@@ -21,25 +21,7 @@ mkdir -p "$OUT"
 dry_run=0
 for arg in "$@"; do [ "$arg" = --dry-run ] && dry_run=1; done
 if [ "$dry_run" = 1 ]; then LIMIT=${GPU_E2E_LIMIT_S:-1800}; else LIMIT=${GPU_E2E_LIMIT_S:-470}; fi
-path=$REPO
-if [ "$dry_run" = 0 ]; then
-  if compgen -G ".whl-e2e/*.whl" >/dev/null; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl-e2e/*.whl; then
-      path=$REPO:$SITE
-    else
-      echo "gpu_e2e.sh: installing .whl-e2e/*.whl failed; running without them (section e says what is missing)"
-    fi
-  else
-    echo "gpu_e2e.sh: no .whl-e2e/ folder (make it with scripts/gpu_e2e_wheels.sh and carry it); running without wheels"
-  fi
-fi
-ECHO_COMMIT=${ECHO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-export PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OUT ECHO_COMMIT
-echo "gpu_e2e.sh: $("$PY" -V 2>&1), commit $ECHO_COMMIT, PYTHONPATH=$PYTHONPATH, limit ${LIMIT}s, out $OUT"
-timeout -k 10 "$LIMIT" "$PY" benchmarks/gpu_e2e.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_e2e.log"
-rc=${PIPESTATUS[0]}
-if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-  echo "gpu_e2e.sh: stopped at the total limit of ${LIMIT}s; partial results:"
-  cat "$OUT/gpu_e2e.md" 2>/dev/null
-fi
-exit "$rc"
+export ECHO_COMMIT=${ECHO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "gpu_e2e.sh: commit $ECHO_COMMIT"
+source scripts/gpu_run.sh
+gpu_run gpu_e2e .whl-e2e "$SITE" "$LIMIT" gpu_e2e_wheels.sh "section e says what is missing" -- "$@"
