@@ -246,7 +246,10 @@ def test_committed_cpu_results_are_this_codes_preset_and_meet_the_target():
     from tests.megatron.common import single_process_model_parallel
 
     results = json.loads((REPO / "docs" / "results" / "mqar_cpu" / "results.json").read_text())
-    assert results["config"] == CPU_PRESET.to_json()
+    current = CPU_PRESET.to_json()
+    # fields added to the preset after that run, at the values that change nothing (no per-arch step caps)
+    assert {k: v for k, v in current.items() if k not in results["config"]} == {"arch_steps": []}
+    assert results["config"] == {k: v for k, v in current.items() if k in results["config"]}
     with single_process_model_parallel():
         built = {arch: count_parameters(build_model(arch, CPU_PRESET, 64)) for arch in CPU_PRESET.archs}
     assert {cell["arch"]: cell["params"] for cell in results["cells"]} == built

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..chunked import ChunkLayout, Statistics, readout_matrices, work_dtype
 from ..reference import JITTER, MAX_JITTER_ROUNDS, NORM_FLOOR
-from .runtime import interpreted, kernels_for, launch
+from .runtime import interpreted, kernels_for, launch, launches_run
 
 MAX_DENSE_RANK = 128  # r handled by the dense kernels (dense.py)
 MAX_DENSE_VALUE = 128  # P handled by the dense kernels
@@ -39,6 +39,9 @@ DENSE_BLOCK = 16  # diagonal block of the blocked Cholesky
 # forward spills with 32-tiles
 DENSE_TILE = {("bwd", 32): 32}
 DENSE_TILE_DEFAULT = 16
+# under the interpreter: tiles of up to 64 (4-16x fewer interpreted ops; the tiling itself is tested at
+# 16-tiles on awkward sizes by tests/ops/test_triton_dense.py)
+INTERPRETED_DENSE_TILE = 64
 # Persistent dense programs per SM: a program's workspace is (14 r² + 2 P r) floats, so fewer at r = 128.
 DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
 INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
@@ -264,9 +267,12 @@ def _dense_launch(direction: str, device: torch.device, slots: int, block_r: int
         programs = min(slots, INTERPRETED_DENSE_PROGRAMS)
     else:
         programs = min(slots, _multiprocessors(device) * DENSE_PROGRAMS_PER_SM[max(64, block_r)])
+    if interpreted(device) and launches_run():  # not when recording launches to compile them for a GPU
+        tile = min(block_r, INTERPRETED_DENSE_TILE)
+    else:
+        tile = DENSE_TILE.get((direction, block_r), DENSE_TILE_DEFAULT)
     workspace = empty((programs * (DENSE_SQUARE_SLOTS * block_r + 2 * block_p) * block_r,), work, device)
-    options = dict(SQUARE_SLOTS=DENSE_SQUARE_SLOTS, BR=block_r, BP=block_p,
-                   TILE=DENSE_TILE.get((direction, block_r), DENSE_TILE_DEFAULT), ACC=_tl_dtype(work),
+    options = dict(SQUARE_SLOTS=DENSE_SQUARE_SLOTS, BR=block_r, BP=block_p, TILE=tile, ACC=_tl_dtype(work),
                    DOT_PRECISION=_dot_precision(work), num_warps=WARPS["dense"], num_stages=1)
     return (programs,), workspace, options
 

@@ -112,13 +112,18 @@ def recording(run: bool = True) -> Iterator[list[Launch]]:
         _recorders.remove((launches, run))
 
 
+def launches_run() -> bool:
+    """False inside `recording(run=False)`: launches are only recorded (e.g. to be compiled for a GPU)."""
+    return all(run for _, run in _recorders)
+
+
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), skipped for an empty grid; interpreted kernels see an interpretable tl."""
     if not all(g > 0 for g in grid):
         return
     for launches, _ in _recorders:
         launches.append(Launch(kernel.__name__, grid, args, kwargs))
-    if not all(run for _, run in _recorders):
+    if not launches_run():
         return
     if isinstance(kernel, InterpretedFunction):
         with _interpreted_language():
