@@ -154,10 +154,10 @@ def _cached_chunk_table(seq_len: int, chunk_size: int, bounds: tuple[int, ...] |
         return self.num_segments if total else self.num_chunks
 
 
-def _token_block(kernel: str, chunk_size: int, width: int) -> int:
+def _token_block(kernel: str, chunk_size: int, block_r: int, block_p: int) -> int:
     """Tokens per inner step: the chunk (padded to >= 16), at most TOKENS_PER_STEP[kernel], half that for
     tiles 128 wide (r or P = 128: the token tiles then fit in registers)."""
-    return min(_block(chunk_size), TOKENS_PER_STEP[kernel] // (2 if width >= 128 else 1))
+    return min(_block(chunk_size), TOKENS_PER_STEP[kernel] // (2 if max(block_r, block_p) >= 128 else 1))
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
@@ -183,7 +183,7 @@ class ChunkStatistics(torch.autograd.Function):
                k, v, w, stats, max_norm, table.start, table.end, table.seg_begin,
                heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
                HAS_MASK=weights is not None, NORM_KEYS=norm_keys,
-               BS=_token_block("stats_fwd", table.chunk_size, max(block_r, block_p)), BR=block_r, BP=block_p, BN=column_block,
+               BS=_token_block("stats_fwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p, BN=column_block,
                ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
                num_warps=_num_warps("stats_fwd", block_r, block_p))
         ctx.save_for_backward(k, v, weights)
@@ -207,7 +207,7 @@ class ChunkStatistics(torch.autograd.Function):
                k, v, w, d_stats, d_max_norm, dk, dv, table.start, table.end, table.seg_begin, table.seg_end,
                heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
                *_strides(dk), *_strides(dv),
-               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=_token_block("stats_bwd", table.chunk_size, max(block_r, block_p)),
+               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=_token_block("stats_bwd", table.chunk_size, block_r, block_p),
                BR=block_r, BP=block_p, BN=COLUMN_BLOCK, ACC=_tl_dtype(d_stats.dtype),
                DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype),
                num_warps=_num_warps("stats_bwd", block_r, block_p))
@@ -332,7 +332,7 @@ class Readout(torch.autograd.Function):
         launch(kernels_for(q.device).readout_fwd_kernel, (table.num_chunks, batch * heads),
                q, readout, eta, y, table.start, table.end, table.slots(total), heads, readout.shape[2], rank,
                value_dim, *_strides(q), *_strides(y),
-               BS=_token_block("readout_fwd", table.chunk_size, max(block_r, block_p)), BR=block_r, BP=block_p, ACC=_tl_dtype(readout.dtype),
+               BS=_token_block("readout_fwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p, ACC=_tl_dtype(readout.dtype),
                DOT_PRECISION=_dot_precision(readout.dtype), HALF_TOKENS=_half(q.dtype),
                num_warps=_num_warps("readout_fwd", block_r, block_p))
         ctx.save_for_backward(q, readout, eta)
@@ -354,7 +354,7 @@ class Readout(torch.autograd.Function):
         launch(kernels_for(q.device).readout_bwd_kernel, (table.num_chunks, batch * heads, column_blocks),
                q, readout, eta, d_y, dq, d_chunk, d_eta, table.start, table.end, table.slots(total),
                heads, table.num_chunks, slots, rank, value_dim, *_strides(q), *_strides(d_y), *_strides(dq),
-               BS=_token_block("readout_bwd", table.chunk_size, max(block_r, block_p)), BR=block_r, BP=block_p, BN=COLUMN_BLOCK,
+               BS=_token_block("readout_bwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p, BN=COLUMN_BLOCK,
                ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work), HALF_TOKENS=_half(q.dtype),
                num_warps=_num_warps("readout_bwd", block_r, block_p))
         if total:
