@@ -46,8 +46,12 @@ INTERPRETED_DENSE_TILE = 64
 DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
 INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
 # Launch tuning, from the sm_90 resource report of `aot.py` (registers, spills, shared memory):
-COLUMN_BLOCK = 32  # output columns per program in the token-level backward kernels
+COLUMN_BLOCK = 32  # output columns per program in readout_bwd_kernel
 STATS_COLUMN_BLOCK = 64  # statistics columns per program in the forward (r = 128: two programs per chunk)
+# chunk_stats_bwd_kernel's (columns per program, warps) by tile width max(r, P) padded: the sm_90 report's
+# spill-free choice (16 columns at 4 warps spill 108 bytes at width 64; 32 columns spill 12 at width 32 and
+# 4-8 at width 128)
+STATS_BWD_TILING = {32: (16, 4), 64: (32, 8), 128: (16, 4)}
 TOKENS_PER_STEP = {"stats_fwd": 32, "stats_bwd": 32, "readout_fwd": 32, "readout_bwd": 32}
 WARPS = {"stats_fwd": 8, "stats_bwd": 8, "dense": 4, "readout_fwd": 4, "readout_bwd": 8}
 NORM_KEYS = {"none": 1, "causal_max": 1, "sequence_max": 2}  # which key norms the statistics kernel takes
@@ -150,14 +154,21 @@ def _cached_chunk_table(seq_len: int, chunk_size: int, bounds: tuple[int, ...] |
         on_device = [x.to(torch.int32).to(device, non_blocking=True) for x in columns]
     return ChunkTable(chunk_size, layout.num_chunks, len(layout.segments), *on_device)
 
-    def num_slots(self, total: bool) -> int:
-        return self.num_segments if total else self.num_chunks
-
 
 def _token_block(kernel: str, chunk_size: int, block_r: int, block_p: int) -> int:
     """Tokens per inner step: the chunk (padded to >= 16), at most TOKENS_PER_STEP[kernel], half that for
     tiles 128 wide (r or P = 128: the token tiles then fit in registers)."""
     return min(_block(chunk_size), TOKENS_PER_STEP[kernel] // (2 if max(block_r, block_p) >= 128 else 1))
+
+
+def _stats_bwd_tiling(block_r: int, block_p: int) -> tuple[int, int]:
+    """(columns per program, warps) of chunk_stats_bwd_kernel, by its widest tile (STATS_BWD_TILING)."""
+    return STATS_BWD_TILING[max(32, block_r, block_p)]
+
+
+def _block_count(chunk_size: int, tokens: int) -> int:
+    """Token tiles of a chunk, rounded up to a power of two (the length of a per-tile vector in a kernel)."""
+    return triton.next_power_of_2(triton.cdiv(chunk_size, tokens))
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
@@ -202,15 +213,16 @@ class ChunkStatistics(torch.autograd.Function):
         w = k if weights is None else weights
         w_strides = (0, 0) if weights is None else _strides(weights)
         block_r, block_p = _block(rank), _block(value_dim)
-        grid = (table.num_chunks, batch * heads, triton.cdiv(max(rank, value_dim), COLUMN_BLOCK))
+        columns, warps = _stats_bwd_tiling(block_r, block_p)
+        grid = (table.num_chunks, batch * heads, triton.cdiv(max(rank, value_dim), columns))
+        tokens = _token_block("stats_bwd", table.chunk_size, block_r, block_p)
         launch(kernels_for(k.device).chunk_stats_bwd_kernel, grid,
                k, v, w, d_stats, d_max_norm, dk, dv, table.start, table.end, table.seg_begin, table.seg_end,
                heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
                *_strides(dk), *_strides(dv),
-               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=_token_block("stats_bwd", table.chunk_size, block_r, block_p),
-               BR=block_r, BP=block_p, BN=COLUMN_BLOCK, ACC=_tl_dtype(d_stats.dtype),
-               DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype),
-               num_warps=_num_warps("stats_bwd", block_r, block_p))
+               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=tokens, TILES=_block_count(table.chunk_size, tokens),
+               BR=block_r, BP=block_p, BN=columns, ACC=_tl_dtype(d_stats.dtype),
+               DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype), num_warps=warps)
         return dk, dv, None, None, None
 
 

@@ -112,6 +112,12 @@ def _row_norms(z, w, WEIGHTED: tl.constexpr):
 
 
 @triton.jit
+def _bits(BS: tl.constexpr):
+    """1 << i for i < BS <= 32: one bit of an int32 word per token of a tile."""
+    return tl.full([BS], 1, tl.int32) << tl.arange(0, BS)
+
+
+@triton.jit
 def _token_norms(k_base, w_base, t, end, stride_kt, stride_kd, stride_wt, R, HAS_MASK: tl.constexpr,
                  WEIGHTED: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr):
     """`_row_norms` of the keys of tokens t (0 from `end` on): [BS]."""
@@ -221,6 +227,7 @@ def chunk_stats_bwd_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """Columns n of dk and dv for the tokens of chunk j, from the gradients of the chunk statistics.
 
@@ -255,18 +262,25 @@ def chunk_stats_bwd_kernel(
             z_end = z_end * tl.load(w_base + end * stride_wt, mask=has_next, other=0.0).to(ACC)
         boundary = tl.sum(z_end[:, None] * d_lag_next, axis=0)
         if NORM_KEYS != 0:
-            # the chunk max and its multiplicity, recomputed here so that the tie test below is exact
+            # the chunk max, then the tokens attaining it as one bit word per token tile (`hits`), so that the
+            # loop below needs no norm of its own: norms recomputed there could differ in the last bit
+            # (there `z` also feeds tl.dot) and drop the max's gradient
             best = tl.zeros([BS], dtype=ACC)
             for t0 in range(start, end, BS):
                 best = tl.maximum(best, _token_norms(k_base, w_base, t0 + tl.arange(0, BS), end, stride_kt,
                                                      stride_kd, stride_wt, R, HAS_MASK, weighted_norms, BR, ACC))
             chunk_max = tl.max(best, axis=0)
-            ties = tl.zeros([BS], dtype=ACC)
+            tiles = tl.arange(0, TILES)
+            hits = tl.zeros([TILES], dtype=tl.int32)
+            ties = tl.zeros([], dtype=ACC)
             for t0 in range(start, end, BS):
-                norms = _token_norms(k_base, w_base, t0 + tl.arange(0, BS), end, stride_kt, stride_kd, stride_wt,
-                                     R, HAS_MASK, weighted_norms, BR, ACC)
-                ties += tl.where((t0 + tl.arange(0, BS) < end) & (norms == chunk_max), 1.0, 0.0)
-            d_norm = tl.load(DMNORM + bh * NC + c).to(ACC) / tl.maximum(tl.sum(ties, axis=0), 1.0)
+                t = t0 + tl.arange(0, BS)
+                norms = _token_norms(k_base, w_base, t, end, stride_kt, stride_kd, stride_wt, R, HAS_MASK,
+                                     weighted_norms, BR, ACC)
+                hit = (t < end) & (norms == chunk_max) & (norms > 0)
+                hits = tl.where(tiles == (t0 - start) // BS, tl.sum(tl.where(hit, _bits(BS), 0), axis=0), hits)
+                ties += tl.sum(hit.to(ACC), axis=0)
+            d_norm = tl.load(DMNORM + bh * NC + c).to(ACC) / tl.maximum(ties, 1.0)
         for t0 in range(start, end, BS):
             t = t0 + tl.arange(0, BS)
             ok = t < end
@@ -285,15 +299,12 @@ def chunk_stats_bwd_kernel(
             dz += _mm_split(z_next, lag_hi, lag_lo, ACC, DOT_PRECISION, HALF_TOKENS)
             dz += tl.where((t == end - 1)[:, None], boundary[None, :], 0.0)
             dk = dz * w[:, None]
-            if NORM_KEYS != 0:  # d_norm · z/‖z‖ on the tokens attaining the chunk max (w = 1 there)
-                # the same routine on a fresh load as the tie count above: `z` also feeds tl.dot, and
-                # compiled for a GPU its row sums may then differ in the last bit, dropping the max's gradient
-                norms = _token_norms(k_base, w_base, t, end, stride_kt, stride_kd, stride_wt, R, HAS_MASK,
-                                     weighted_norms, BR, ACC)
-                hit = ok & (norms == chunk_max) & (norms > 0)
+            if NORM_KEYS != 0:  # d_norm · z/‖z‖ on the tokens attaining the chunk max (w = 1, ‖z‖ = max there)
+                word = tl.sum(tl.where(tiles == (t0 - start) // BS, hits, 0), axis=0)
+                hit = (word & _bits(BS)) != 0
                 z_cols = tl.load(k_base + t[:, None] * stride_kt + cols[None, :] * stride_kd,
                                  mask=ok[:, None] & (cols[None, :] < R), other=0.0).to(ACC)
-                dk += tl.where(hit, d_norm / tl.where(hit, norms, 1.0), 0.0)[:, None] * z_cols
+                dk += tl.where(hit, d_norm / chunk_max, 0.0)[:, None] * z_cols
             tl.store(DK + b * stride_dkb + h * stride_dkh + t[:, None] * stride_dkt + cols[None, :] * stride_dkd,
                      dk.to(DK.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < R))
     if tl.program_id(2) * BN < P:
