@@ -108,7 +108,7 @@ PRESETS: Mapping[str, HybridPreset] = MappingProxyType({
     "echo-8b": HybridPreset(
         name="echo-8b", pattern=MEGATRON_8B_PATTERN, vocab_size=256000, ffn="mlp",
         config_fields=dict(hidden_size=4096, num_attention_heads=32, num_query_groups=8, ska_num_heads=32,
-                           ska_rank=64, ska_value_dim=128, ska_chunk_size=64, **_mamba(128, 64, 8)),
+                           ska_rank=128, ska_value_dim=128, ska_chunk_size=64, **_mamba(128, 64, 8)),
     ),
     # SPEC §8 synthetic size: d=128, 2 Mamba-2 + 2 SKA blocks, r=24, 4 heads, d_state 16, vocab 128,
     # SwiGLU; 2 Mamba groups so that it also runs at tensor-parallel size 2.
