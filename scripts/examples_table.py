@@ -50,11 +50,11 @@ operator's activation memory was measured, on one H200):
   norm vectors are counted in full).
 - activations: bf16 tensors saved for the backward per token and layer, micro-batch × sequence × Σ layers,
   divided by TP (sequence parallelism splits the rest): Mamba-2 2d + in_proj output + conv output + 2·d_in;
-  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps: MEASURED on one H200 with the Triton
-  kernels, bf16, T = 4096 (benchmarks/ska_activation_memory.py, benchmarks/results/
-  ska_activation_memory_h200.json: {ska_memory}) where that run covered the preset's SKA shape, else
-  COMPUTED by `echo_megatron.megatron.flops.ska_triton_saved_bytes` (within 0.1 % of every measured row:
-  {ska_computed});
+  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps per token: MEASURED on one H200 with
+  the Triton kernels, bf16, T = 4096 (benchmarks/ska_activation_memory.py, benchmarks/results/
+  ska_activation_memory_h200.json) where that run covered the preset's SKA shape: {ska_memory}; else
+  COMPUTED by `echo_megatron.megatron.flops.ska_triton_saved_bytes` (within 0.1 % of every measured
+  row): {ska_computed};
   MLP 2d + fc1 output + fc2 input;
   Koopman MLP 2d + 3·d_k; fp32 logits and softmax (2·V fp32); ×PP micro-batches in flight on the first
   pipeline stage. No recomputation, no allocator overhead or communication buffers.
@@ -175,11 +175,11 @@ def assumptions(presets: list[str]) -> str:
         if measured:
             measured_terms.append(f"{name} {measured['saved_bytes_per_token'] / 1e3:.1f} kB")
             continue
-        measured_terms.append(f"{name} at r = {shape[1]} not measured")
-        computed_terms.append(f"{name} at r = {shape[1]} {ska_computed_bytes_per_token(shape) / 1e3:.1f} kB")
-        computed_terms += [f"{name} at r = {row['shape'][1]}, as measured, {ska_computed_bytes_per_token(row['shape']) / 1e3:.1f} kB"
-                           f" (measured {row['saved_bytes_per_token'] / 1e3:.1f} kB)"
-                           for row in ska_measurements() if row["preset"] == name]
+        earlier = [f"at r = {row['shape'][1]}, the shape measured under its name, "
+                   f"{ska_computed_bytes_per_token(row['shape']) / 1e3:.1f} kB; measured "
+                   f"{row['saved_bytes_per_token'] / 1e3:.1f} kB" for row in ska_measurements() if row["preset"] == name]
+        computed_terms.append(f"{name} at r = {shape[1]} {ska_computed_bytes_per_token(shape) / 1e3:.1f} kB"
+                              + "".join(f" ({text})" for text in earlier))
     return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=", ".join(measured_terms),
                               ska_computed=", ".join(computed_terms) or "not used")
 
@@ -213,13 +213,15 @@ class Row:
     state_gib: float
     activation_gib: float
     ska_bound: float | None  # tokens/s per GPU if it ran only the SKA operators at their measured speed
+    ska_rank: int
 
     @property
     def tokens_per_s(self) -> float:
         return MFU * PEAK_FLOPS / self.flops_per_token
 
 
-def estimate(script: str) -> Row:
+def estimate(script: str, **config_overrides) -> Row:
+    """The row of `script`; `config_overrides` replace fields of its preset's `SKAConfig` (e.g. ska_rank)."""
     from megatron.core.models.hybrid.hybrid_layer_allocation import get_hybrid_layer_counts
 
     from echo_megatron.megatron import get_preset
@@ -228,7 +230,7 @@ def estimate(script: str) -> Row:
 
     layout = script_layout(script)
     preset = get_preset(layout.preset)
-    config = preset.make_config()
+    config = preset.make_config(**config_overrides)
     seq, counts = layout.seq_length, get_hybrid_layer_counts(preset.pattern)
     params = hybrid_model_params(preset.pattern, config, vocab_size=preset.vocab_size, ffn=preset.ffn,
                                  tie_embeddings=not layout.untied)
@@ -250,7 +252,7 @@ def estimate(script: str) -> Row:
         per_token += 2 * preset.vocab_size * 2 + config.hidden_size  # fp32 logits and softmax, embedding output
         activations = layout.micro_batch * seq * per_token * 2 / layout.tp * layout.pp
     return Row(script, layout, params, by_kind, flops.total / seq, megatron.total / seq, state / 2**30,
-               activations / 2**30, ska_bound)
+               activations / 2**30, ska_bound, config.ska_rank)
 
 
 def _millions(n: float) -> str:
@@ -261,8 +263,6 @@ def _millions(n: float) -> str:
 
 
 def render(rows: list[Row]) -> str:
-    from echo_megatron.megatron import get_preset
-
     out = ["| script | preset | parameters (Mamba-2 / SKA / FFN / embeddings) | layout on the default GPUs | "
            "train FLOPs per token (Megatron's count) | memory per GPU, estimate (state + activations) | "
            "tokens/s per GPU, estimate | SKA operators alone, measured bound |", "|---|---|---|---|---|---|---|---|"]
@@ -284,7 +284,7 @@ def render(rows: list[Row]) -> str:
                 memory += f" > {GPU_MEMORY_GIB} GiB"
             throughput = f"≈ {_millions(row.tokens_per_s)}"
             bound = f"≤ {_millions(row.ska_bound)}" if row.ska_bound else \
-                f"not measured (r = {get_preset(lay.preset).make_config().ska_rank})"
+                f"not measured (r = {row.ska_rank})"
         flops = f"{row.flops_per_token / 1e9:.2f} GFLOP ({row.megatron_flops_per_token / 1e9:.2f})"
         out.append(f"| `{row.script}` | `{lay.preset}` | {_millions(row.params)} ({kinds}) | {layout} | {flops} | "
                    f"{memory} | {throughput} | {bound} |")

@@ -105,6 +105,13 @@ def test_every_script_is_in_the_table_and_the_readme_is_current():
     assert tables() in README.read_text(), "run: python scripts/examples_table.py --write"
 
 
+def test_rank_cost_table_is_current():
+    """examples/README.md's "Cost of r = 128 in echo-8b" table is `scripts/rank_cost.py`'s output."""
+    from scripts.rank_cost import table
+
+    assert table("echo-8b", [64, 128]) in README.read_text(), "run: python scripts/rank_cost.py --write"
+
+
 def test_ska_memory_benchmark_shapes_are_the_presets():
     """benchmarks/ska_activation_memory.py runs without Megatron, so it spells the shapes out: they must be
     the presets' (H, r, P, S, K). Its committed H200 results measured every GPU script's preset, at the
