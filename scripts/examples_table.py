@@ -12,6 +12,7 @@ in the tables is exactly what the script passes. Parameters come from `echo_mega
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -108,8 +109,9 @@ class Layout:
         return self.gpus // (self.tp * self.pp)
 
 
+@functools.lru_cache(maxsize=None)
 def script_layout(script: str) -> Layout:
-    """Parse the flags of `script`'s launch (the defaults of its environment variables)."""
+    """Parse the flags of `script`'s launch (the defaults of its environment variables; run once per process)."""
     from torch.distributed.run import get_args_parser
 
     torchrun = get_args_parser().parse_args(launch_argv(script))
