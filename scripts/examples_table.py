@@ -179,7 +179,8 @@ def assumptions(presets: list[str]) -> str:
             continue
         earlier = [f"at r = {row['shape'][1]}, the shape measured under its name, "
                    f"{ska_computed_bytes_per_token(row['shape']) / 1e3:.1f} kB; measured "
-                   f"{row['saved_bytes_per_token'] / 1e3:.1f} kB" for row in ska_measurements() if row["preset"] == name]
+                   f"{row['saved_bytes_per_token'] / 1e3:.1f} kB"
+                   for row in ska_measurements() if row["preset"] == name]
         computed_terms.append(f"{name} at r = {shape[1]} {ska_computed_bytes_per_token(shape) / 1e3:.1f} kB"
                               + "".join(f" ({text})" for text in earlier))
     return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=", ".join(measured_terms),

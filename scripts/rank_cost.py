@@ -38,7 +38,8 @@ def rank_columns(preset_name: str, rank: int) -> dict[str, str]:
     script = next(script for script in SCRIPTS if script_layout(script).preset == preset_name)
     row = estimate(script, ska_rank=rank)
     config = preset.make_config(ska_rank=rank)
-    heads, value_dim, chunk, seq = config.ska_num_heads, config.ska_value_dim, config.ska_chunk_size, row.layout.seq_length
+    heads, value_dim, chunk = config.ska_num_heads, config.ska_value_dim, config.ska_chunk_size
+    seq = row.layout.seq_length
     layers = get_hybrid_layer_counts(preset.pattern)["*"]
     operator = ska_operator_flops(seq_length=seq, batch_size=1, num_heads=heads, rank=rank, value_dim=value_dim,
                                   chunk_size=chunk, power=config.ska_power, power_iters=config.ska_power_iters)
@@ -61,7 +62,8 @@ def rank_columns(preset_name: str, rank: int) -> dict[str, str]:
         "SKA operator HBM bytes per token and head (Triton kernels), forward + backward":
             f"{hbm.forward:,.0f} + {hbm.backward:,.0f} B",
         "SKA operator saved for the backward, per token and layer":
-            f"{saved / 1e3:.1f} kB" + (f" (measured {measured['saved_bytes_per_token'] / 1e3:.1f} kB)" if measured else ""),
+            f"{saved / 1e3:.1f} kB"
+            + (f" (measured {measured['saved_bytes_per_token'] / 1e3:.1f} kB)" if measured else ""),
         f"memory per GPU, `{script}` layout (state + activations)":
             f"{row.state_gib + row.activation_gib:.1f} GiB ({row.state_gib:.1f} + {row.activation_gib:.1f})",
         "decode state per request: SKA (fp32) / Echo total": f"{request.ska / mib:.2f} / {request.total / mib:.2f} MiB",

@@ -127,8 +127,9 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
 
 def ska_triton_saved_bytes(*, rank: int, value_dim: int, chunk_size: int) -> float:
     """Bytes per token and head that the Triton path's autograd keeps for the backward beyond its inputs
-    (q, k, v) and output, chunk_causal, one long sequence: per chunk, fp32, the visible statistics
-    (2r² + P·r), L⁻¹ (r²), R (P·r) and four scalars (the chunk's and the visible max key norm, max(1, σ), the ridge coefficient)."""
+    (q, k, v) and output, chunk_causal, one long sequence, r and P ≤ 128 (the dense kernels). Per chunk,
+    fp32: the visible statistics (2r² + P·r), L⁻¹ (r²), R (P·r) and four scalars (the chunk's and the
+    visible max key norm, max(1, σ), the ridge coefficient)."""
     r, p = rank, value_dim
     return 4 * (3 * r * r + 2 * p * r + 4) / chunk_size
 
