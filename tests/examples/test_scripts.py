@@ -67,7 +67,7 @@ def test_gpu_scripts_single_node_mock_data(launcher_parser, script):
 @pytest.mark.parametrize("script", GPU_SCRIPTS)
 def test_gpu_scripts_multi_node_real_data_and_overrides(launcher_parser, script):
     torchrun, argv = launched(
-        script, "--train-samples", "1000", "--ska-chunk-size", "128",
+        script, "--train-samples", "1000", "--ska-chunk-size", "128", "--ska-rank", "64",
         GPUS_PER_NODE="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29400", TP="2",
         DATA_PATH="0.7 data/a_text_document 0.3 data/b_text_document", TOKENIZER_MODEL="tok",
     )
@@ -79,6 +79,7 @@ def test_gpu_scripts_multi_node_real_data_and_overrides(launcher_parser, script)
     assert not args.mock_data and args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model == "tok"
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
     assert args.train_samples == 1000 and args.ska_chunk_size == 128  # the script's arguments win
+    assert args.ska_rank == 64  # e.g. echo-8b at its former width (examples/README.md)
 
 
 @pytest.mark.parametrize("script", GPU_SCRIPTS)
