@@ -298,17 +298,22 @@ def tables() -> str:
     return render([estimate(script) for script in SCRIPTS])
 
 
+def write_block(text: str, begin: str, end: str) -> None:
+    """Replace what stands between the markers `begin` and `end` in examples/README.md with `text`."""
+    readme = README.read_text()
+    start, stop = readme.index(begin) + len(begin), readme.index(end)
+    README.write_text(readme[:start] + "\n" + text + readme[stop:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help=f"replace the tables in {README.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     text = tables()
-    if not args.write:
+    if args.write:
+        write_block(text, BEGIN, END)
+    else:
         print(text)
-        return 0
-    readme = README.read_text()
-    start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    README.write_text(readme[:start] + "\n" + text + readme[stop:])
     return 0
 
 
