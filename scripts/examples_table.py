@@ -298,8 +298,11 @@ def tables() -> str:
     return render([estimate(script) for script in SCRIPTS])
 
 
-def write_block(text: str, begin: str, end: str) -> None:
-    """Replace what stands between the markers `begin` and `end` in examples/README.md with `text`."""
+def print_or_write(text: str, begin: str, end: str, *, write: bool) -> None:
+    """Print `text`, or with `write` put it between the markers `begin` and `end` in examples/README.md."""
+    if not write:
+        print(text)
+        return
     readme = README.read_text()
     start, stop = readme.index(begin) + len(begin), readme.index(end)
     README.write_text(readme[:start] + "\n" + text + readme[stop:])
@@ -309,11 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help=f"replace the tables in {README.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    text = tables()
-    if args.write:
-        write_block(text, BEGIN, END)
-    else:
-        print(text)
+    print_or_write(tables(), BEGIN, END, write=args.write)
     return 0
 
 

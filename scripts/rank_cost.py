@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.examples_table and benchmarks.serve_memory, also when run as a script
 
-from scripts.examples_table import README, SCRIPTS, estimate, script_layout, ska_measurement, write_block  # noqa: E402
+from scripts.examples_table import README, SCRIPTS, estimate, print_or_write, script_layout, ska_measurement  # noqa: E402
 
 BEGIN, END = "<!-- rank-cost:begin (scripts/rank_cost.py --write) -->", "<!-- rank-cost:end -->"
 
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 128], help="SKA ranks r to compare")
     parser.add_argument("--write", action="store_true", help=f"replace the table in {README.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    text = table(args.preset, args.ranks)
-    if args.write:
-        write_block(text, BEGIN, END)
-    else:
-        print(text)
+    print_or_write(table(args.preset, args.ranks), BEGIN, END, write=args.write)
     return 0
 
 
