@@ -17,7 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.examples_table and benchmarks.serve_memory, also when run as a script
 
-from scripts.examples_table import README, SCRIPTS, estimate, print_or_write, script_layout, ska_measurement  # noqa: E402
+from scripts.examples_table import (  # noqa: E402
+    README, SCRIPTS, estimate, print_or_write, script_layout, ska_measurement,
+)
 
 BEGIN, END = "<!-- rank-cost:begin (scripts/rank_cost.py --write) -->", "<!-- rank-cost:end -->"
 
