@@ -28,10 +28,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f}"
 
 
-def _model(name: str, dtype: torch.dtype):
-    """The preset's model on the meta device (shapes only)."""
+def meta_model(name: str, dtype: torch.dtype, **config_overrides):
+    """The preset's model on the meta device (shapes only); `config_overrides` replace `SKAConfig` fields."""
     preset = PRESETS[name]
-    config = preset.make_config(params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False)
+    config = preset.make_config(params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False,
+                                **config_overrides)
     with torch.device("meta"):
         return preset.build(config, preset.seq_length)
 
@@ -50,7 +51,7 @@ def table(dtype_name: str) -> str:
               + " | ".join(f"attention hybrid at {n // 1024}K" for n in LENGTHS) + " |")
     rows = [header, "|" + "---|" * (5 + len(LENGTHS))]
     for name in PRESETS:
-        model = _model(name, dtype)
+        model = meta_model(name, dtype)
         memory = [memory_per_request(model, n) for n in LENGTHS]
         measured = _mib(allocated_per_request(model, LENGTHS[-1]))
         first = memory[0]

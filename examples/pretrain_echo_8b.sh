@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Echo-8B (preset echo-8b): Megatron-LM's 8B Mamba-2 hybrid (examples/mamba: 56 layers
 # M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-, d = 4096, 4d MLPs, Mamba-2 d_state 128,
-# 256k vocabulary, untied embeddings) with SKA (32 heads, r = 64, P = 128, S = 64) in its four '*' layers.
+# 256k vocabulary, untied embeddings) with SKA (32 heads, r = 128, P = 128, S = 64) in its four '*' layers;
+# `--ska-rank 64` trains the former width (cost of each: examples/README.md, scripts/rank_cost.py).
 #   bash examples/pretrain_echo_8b.sh                                    # one node, mock data
 #   DATA_PATH=data/corpus_text_document TOKENIZER_MODEL=tokenizer/ bash examples/pretrain_echo_8b.sh
 #   NNODES=16 NODE_RANK=0..15 MASTER_ADDR=node0 bash examples/pretrain_echo_8b.sh  # on each node
 # Table of parameters, layout, memory and throughput estimates: examples/README.md.
 set -euo pipefail
 PRESET=echo-8b
-# Layout: TP = 4 with sequence parallelism inside a node, as Megatron-LM trains its 8B hybrid: the 8.7B
+# Layout: TP = 4 with sequence parallelism inside a node, as Megatron-LM trains its 8B hybrid: the 8.8B
 # parameters and their activations no longer fit one GPU, and TP splits every layer (SKA and Mamba heads,
 # MLP width, vocabulary) over NVLink. No pipeline (PP = 1); the remaining GPUs are data parallel.
 TP=${TP:-4}

@@ -12,6 +12,7 @@ in the tables is exactly what the script passes. Parameters come from `echo_mega
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -39,19 +40,22 @@ operator's activation memory was measured, on one H200):
   formula counts the '*' layers as causal softmax attention; its figure is shown for comparison.
   Small models rarely reach 40% MFU (kernel launches and communication dominate): read the 50M and
   180M rows as upper bounds. SKA's chunked operator runs far below matmul efficiency: the last column
-  is the MEASURED bound (benchmarks/ska_activation_memory.py, Triton kernels, one H200, batch 1,
-  T = 4096, forward + backward) on tokens/s per GPU if a GPU did nothing but its share (1/TP) of the SKA
-  operators; where it is not far above the estimate, the estimate is too optimistic (batch 1 gives the
-  kernels the least parallelism, so the bound is conservative for larger micro-batches).
+  is the MEASURED bound (benchmarks/ska_activation_memory.py, Triton kernels as of that run, one H200,
+  batch 1, T = 4096, forward + backward) on tokens/s per GPU if a GPU did nothing but its share (1/TP) of
+  the SKA operators; where it is not far above the estimate, the estimate is too optimistic (batch 1 gives
+  the kernels the least parallelism, so the bound is conservative for larger micro-batches). "not
+  measured" where that run did not cover the preset's SKA shape.
 - model and optimizer state: Megatron's `theoretical_memory_usage` rule, 18 bytes per parameter, or
   6 + 12/DP with the distributed optimizer (bf16 weights, fp32 gradients, fp32 master weights and Adam
   moments), for the parameters of one tensor-parallel rank (all matrices split by TP; the few replicated
   norm vectors are counted in full).
 - activations: bf16 tensors saved for the backward per token and layer, micro-batch × sequence × Σ layers,
   divided by TP (sequence parallelism splits the rest): Mamba-2 2d + in_proj output + conv output + 2·d_in;
-  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps: MEASURED on one H200 with the Triton
-  kernels, bf16, T = 4096 (benchmarks/ska_activation_memory.py, benchmarks/results/
-  ska_activation_memory_h200.json: {ska_memory});
+  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps per token: MEASURED on one H200 with
+  the Triton kernels, bf16, T = 4096 (benchmarks/ska_activation_memory.py, benchmarks/results/
+  ska_activation_memory_h200.json) where that run covered the preset's SKA shape: {ska_memory}; else
+  COMPUTED by `echo_megatron.megatron.flops.ska_triton_saved_bytes` (within 0.1 % of every measured
+  row): {ska_computed};
   MLP 2d + fc1 output + fc2 input;
   Koopman MLP 2d + 3·d_k; fp32 logits and softmax (2·V fp32); ×PP micro-batches in flight on the first
   pipeline stage. No recomputation, no allocator overhead or communication buffers.
@@ -105,8 +109,9 @@ class Layout:
         return self.gpus // (self.tp * self.pp)
 
 
+@functools.lru_cache(maxsize=None)
 def script_layout(script: str) -> Layout:
-    """Parse the flags of `script`'s launch (the defaults of its environment variables)."""
+    """Parse the flags of `script`'s launch (the defaults of its environment variables; run once per process)."""
     from torch.distributed.run import get_args_parser
 
     torchrun = get_args_parser().parse_args(launch_argv(script))
@@ -128,21 +133,61 @@ def script_layout(script: str) -> Layout:
     )
 
 
-def ska_measurements() -> dict[str, dict]:
-    """Preset -> the SKA operator measured with the Triton kernels on one H200 (B = 1): saved bytes per
-    token, forward+backward ms at `tokens` tokens."""
+def ska_measurements() -> list[dict]:
+    """The SKA operator runs measured with the Triton kernels on one H200 (B = 1): preset name and shape
+    (H, r, P, S, K) as measured, saved bytes per token, forward+backward ms at `tokens` tokens."""
     results = json.loads(SKA_MEMORY.read_text())
-    return {row["preset"]: {**row, "tokens": results["tokens"]} for row in results["rows"]
-            if row["backend"] == "triton" and row["preset"].startswith("echo-")}
+    return [{**row, "shape": tuple(row["shape"]), "tokens": results["tokens"]} for row in results["rows"]
+            if row["backend"] == "triton" and "error" not in row]
 
 
-def assumptions() -> str:
-    ska_memory = ", ".join(f"{name} {row['saved_bytes_per_token'] / 1e3:.1f} kB"
-                           for name, row in ska_measurements().items())
-    return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=ska_memory)
+def ska_shape(config) -> tuple[int, int, int, int, int]:
+    """(H, r, P, S, K) of an SKAConfig, as benchmarks/ska_activation_memory.py names a shape."""
+    return config.ska_num_heads, config.ska_rank, config.ska_value_dim, config.ska_chunk_size, config.ska_power
 
 
-def activation_elements_per_token(symbol: str, config, ffn: str, preset: str) -> float:
+def ska_measurement(config) -> dict | None:
+    """The H200 measurement at `config`'s SKA shape, or None where none was measured."""
+    return next((row for row in ska_measurements() if row["shape"] == ska_shape(config)), None)
+
+
+def ska_computed_bytes_per_token(shape: tuple[int, int, int, int, int]) -> float:
+    """What the SKA operator of `shape` keeps for the backward per token, from the byte model."""
+    from echo_megatron.megatron.flops import ska_triton_saved_bytes
+
+    heads, rank, value_dim, chunk, _ = shape
+    return heads * ska_triton_saved_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk)
+
+
+def ska_saved_bytes_per_token(config) -> float:
+    """The SKA operator's saved bytes per token: measured at `config`'s shape if it was, else computed."""
+    measured = ska_measurement(config)
+    return measured["saved_bytes_per_token"] if measured else ska_computed_bytes_per_token(ska_shape(config))
+
+
+def assumptions(presets: list[str]) -> str:
+    """ASSUMPTIONS with the SKA operator term of the GPU rows' `presets`: measured, or computed where the H200
+    run did not cover the preset's shape (then also the model at the shape it did measure under that name)."""
+    from echo_megatron.megatron import get_preset
+
+    measured_terms, computed_terms = [], []
+    for name in presets:
+        config = get_preset(name).make_config()
+        shape, measured = ska_shape(config), ska_measurement(config)
+        if measured:
+            measured_terms.append(f"{name} {measured['saved_bytes_per_token'] / 1e3:.1f} kB")
+            continue
+        earlier = [f"at r = {row['shape'][1]}, the shape measured under its name, "
+                   f"{ska_computed_bytes_per_token(row['shape']) / 1e3:.1f} kB; measured "
+                   f"{row['saved_bytes_per_token'] / 1e3:.1f} kB"
+                   for row in ska_measurements() if row["preset"] == name]
+        computed_terms.append(f"{name} at r = {shape[1]} {ska_computed_bytes_per_token(shape) / 1e3:.1f} kB"
+                              + "".join(f" ({text})" for text in earlier))
+    return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=", ".join(measured_terms),
+                              ska_computed=", ".join(computed_terms) or "not used")
+
+
+def activation_elements_per_token(symbol: str, config, ffn: str) -> float:
     """bf16-sized elements one layer of `preset` saves for the backward per token (see ASSUMPTIONS)."""
     from echo_megatron.megatron.flops import mamba_inner_and_heads
     from echo_megatron.megatron.koopman_mlp import koopman_width
@@ -154,7 +199,7 @@ def activation_elements_per_token(symbol: str, config, ffn: str, preset: str) ->
         return 2 * d + (inner + xbc + heads) + xbc + 2 * inner
     if symbol == "*":
         h, r, p = config.ska_num_heads, config.ska_rank, config.ska_value_dim
-        return 2 * d + h * (2 * r + p) + h * p + ska_measurements()[preset]["saved_bytes_per_token"] / 2
+        return 2 * d + h * (2 * r + p) + h * p + ska_saved_bytes_per_token(config) / 2
     if ffn == "koopman":
         return 2 * d + 3 * koopman_width(d)
     return 2 * d + config.ffn_hidden_size * (3 if config.gated_linear_unit else 2)
@@ -170,14 +215,16 @@ class Row:
     megatron_flops_per_token: float
     state_gib: float
     activation_gib: float
-    ska_bound: float  # tokens/s per GPU if it ran only the SKA operators at their measured speed
+    ska_bound: float | None  # tokens/s per GPU if it ran only the SKA operators at their measured speed
+    ska_rank: int
 
     @property
     def tokens_per_s(self) -> float:
         return MFU * PEAK_FLOPS / self.flops_per_token
 
 
-def estimate(script: str) -> Row:
+def estimate(script: str, **config_overrides) -> Row:
+    """The row of `script`; `config_overrides` replace fields of its preset's `SKAConfig` (e.g. ska_rank)."""
     from megatron.core.models.hybrid.hybrid_layer_allocation import get_hybrid_layer_counts
 
     from echo_megatron.megatron import get_preset
@@ -186,7 +233,7 @@ def estimate(script: str) -> Row:
 
     layout = script_layout(script)
     preset = get_preset(layout.preset)
-    config = preset.make_config()
+    config = preset.make_config(**config_overrides)
     seq, counts = layout.seq_length, get_hybrid_layer_counts(preset.pattern)
     params = hybrid_model_params(preset.pattern, config, vocab_size=preset.vocab_size, ffn=preset.ffn,
                                  tie_embeddings=not layout.untied)
@@ -198,16 +245,17 @@ def estimate(script: str) -> Row:
                                   ffn=preset.ffn, attention="softmax")
     bytes_per_param = 6 + 12 / layout.dp if layout.distributed_optimizer else 18
     state = params / layout.tp * bytes_per_param
-    activations = ska_bound = 0.0
+    activations, ska_bound = 0.0, None
     if not layout.cpu:
-        measured = ska_measurements()[layout.preset]
-        ska_bound = measured["tokens"] / (measured["fwd_bwd_ms"] / 1e3 * counts["*"] / layout.tp)
-        per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn, layout.preset)
+        measured = ska_measurement(config)
+        if measured:
+            ska_bound = measured["tokens"] / (measured["fwd_bwd_ms"] / 1e3 * counts["*"] / layout.tp)
+        per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn)
                         for symbol, count in counts.items() if count)
         per_token += 2 * preset.vocab_size * 2 + config.hidden_size  # fp32 logits and softmax, embedding output
         activations = layout.micro_batch * seq * per_token * 2 / layout.tp * layout.pp
     return Row(script, layout, params, by_kind, flops.total / seq, megatron.total / seq, state / 2**30,
-               activations / 2**30, ska_bound)
+               activations / 2**30, ska_bound, config.ska_rank)
 
 
 def _millions(n: float) -> str:
@@ -238,28 +286,33 @@ def render(rows: list[Row]) -> str:
             if total > GPU_MEMORY_GIB:
                 memory += f" > {GPU_MEMORY_GIB} GiB"
             throughput = f"≈ {_millions(row.tokens_per_s)}"
-            bound = f"≤ {_millions(row.ska_bound)}"
+            bound = f"≤ {_millions(row.ska_bound)}" if row.ska_bound else \
+                f"not measured (r = {row.ska_rank})"
         flops = f"{row.flops_per_token / 1e9:.2f} GFLOP ({row.megatron_flops_per_token / 1e9:.2f})"
         out.append(f"| `{row.script}` | `{lay.preset}` | {_millions(row.params)} ({kinds}) | {layout} | {flops} | "
                    f"{memory} | {throughput} | {bound} |")
-    return "\n".join(out) + "\n\n" + assumptions()
+    return "\n".join(out) + "\n\n" + assumptions([row.layout.preset for row in rows if not row.layout.cpu])
 
 
 def tables() -> str:
     return render([estimate(script) for script in SCRIPTS])
 
 
+def print_or_write(text: str, begin: str, end: str, *, write: bool) -> None:
+    """Print `text`, or with `write` put it between the markers `begin` and `end` in examples/README.md."""
+    if not write:
+        print(text)
+        return
+    readme = README.read_text()
+    start, stop = readme.index(begin) + len(begin), readme.index(end)
+    README.write_text(readme[:start] + "\n" + text + readme[stop:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help=f"replace the tables in {README.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    text = tables()
-    if not args.write:
-        print(text)
-        return 0
-    readme = README.read_text()
-    start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    README.write_text(readme[:start] + "\n" + text + readme[stop:])
+    print_or_write(tables(), BEGIN, END, write=args.write)
     return 0
 
 

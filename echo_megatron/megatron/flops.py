@@ -125,6 +125,15 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
                            per_chunk.backward / chunk_size + per_token.backward)
 
 
+def ska_triton_saved_bytes(*, rank: int, value_dim: int, chunk_size: int) -> float:
+    """Bytes per token and head that the Triton path's autograd keeps for the backward beyond its inputs
+    (q, k, v) and output, chunk_causal, one long sequence, r and P ≤ 128 (the dense kernels). Per chunk,
+    fp32: the visible statistics (2r² + P·r), L⁻¹ (r²), R (P·r) and four scalars (the chunk's and the
+    visible max key norm, max(1, σ), the ridge coefficient)."""
+    r, p = rank, value_dim
+    return 4 * (3 * r * r + 2 * p * r + 4) / chunk_size
+
+
 def ska_layer_flops(config: TransformerConfig, seq_length: int, batch_size: int = 1) -> FlopCount:
     """An SKA layer (SPEC §5): fused q/k/v projection 2·T·d·H(2r+P), the operator, output 2·T·H·P·d.
 

@@ -243,3 +243,49 @@ def test_triton_byte_model_matches_a_hand_count():
     assert (bytes_.forward, bytes_.backward) == (3840 + 4 * 128, 5120 + 7 * 128)
     halved = ska_triton_hbm_bytes(rank=64, value_dim=64, chunk_size=128)  # per-chunk traffic halves with S
     assert halved.forward == 3840 / 2 + 4 * 128
+
+
+def _saved_bytes(tokens: int, rank: int, value_dim: int, chunk: int) -> int:
+    """Bytes of the tensors the Triton path's autograd saves for one head and `tokens` tokens, inputs left out."""
+    from echo_megatron.ops import ska
+
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, tokens, 1, rank, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, tokens, 1, value_dim, requires_grad=True)
+    eta, gamma = torch.full((1,), 1.5, requires_grad=True), torch.full((1,), 1.2, requires_grad=True)
+    inputs, saved = {t.data_ptr() for t in (q, k, v, eta, gamma)}, {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in inputs:
+            saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=2, backend="triton")
+    return sum(saved.values())
+
+
+def test_triton_saved_bytes_model_counts_what_autograd_saves():
+    """The model's bytes per token are what one more chunk adds to the tensors saved for the backward
+    (fp32, r = 16, P = 8, S = 16, Triton interpreter): what depends on T, not the few per-head constants."""
+    from echo_megatron.megatron.flops import ska_triton_saved_bytes
+
+    added = _saved_bytes(32, 16, 8, 16) - _saved_bytes(16, 16, 8, 16)
+    assert added / 16 == ska_triton_saved_bytes(rank=16, value_dim=8, chunk_size=16)
+
+
+def test_triton_saved_bytes_model_matches_the_h200_measurement():
+    """benchmarks/ska_activation_memory.py measured the SKA operator's saved bytes per token on one H200 (bf16,
+    T = 4096, the presets' shapes before echo-8b's r = 128): the model × H is within 0.1 % of every row."""
+    import json
+    from pathlib import Path
+
+    from echo_megatron.megatron.flops import ska_triton_saved_bytes
+
+    results = Path(__file__).parents[2] / "benchmarks" / "results" / "ska_activation_memory_h200.json"
+    rows = [row for row in json.loads(results.read_text())["rows"] if row["backend"] == "triton" and "error" not in row]
+    assert len(rows) == 4
+    for row in rows:
+        heads, rank, value_dim, chunk, _ = row["shape"]
+        model = heads * ska_triton_saved_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk)
+        assert model == pytest.approx(row["saved_bytes_per_token"], rel=1e-3), row["preset"]

@@ -47,7 +47,7 @@ def test_every_preset_on_the_meta_device(model_parallel_tp1, name):
 
 # The sizes quoted in presets.py, examples/README.md and the paper (50M, 180M).
 PRESET_SIZES = {"echo-50m": 50_100_208, "echo-180m": 184_932_448, "echo-1b": 1_282_826_528,
-                "echo-8b": 7_639_495_936}
+                "echo-8b": 7_706_604_800}
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_SIZES))
@@ -64,13 +64,14 @@ def test_echo_8b_is_megatrons_8b_hybrid_with_ska():
     assert (counts["M"], counts["*"], counts["-"]) == (24, 4, 28)
     config = preset.make_config()
     assert (config.hidden_size, config.ffn_hidden_size, config.mamba_state_dim) == (4096, 16384, 128)
+    assert (config.ska_num_heads, config.ska_rank, config.ska_value_dim) == (32, 128, 128)  # the paper's r
     # untied embeddings as Megatron's example trains it: one more 256k x 4096 matrix
     untied = hybrid_model_params(preset.pattern, config, vocab_size=preset.vocab_size, tie_embeddings=False)
     assert untied - PRESET_SIZES["echo-8b"] == 256000 * 4096
-    # SKA (32 heads, r = 64, P = 128) in '*' costs d·32·(2·64 + 128) + 32·128·d + 64 per layer vs GQA's
+    # SKA (32 heads, r = 128, P = 128) in '*' costs d·32·(2·128 + 128) + 32·128·d + 64 per layer vs GQA's
     # d·(32 + 2·8)·128 + 32·128·d
     softmax = hybrid_model_params(preset.pattern, config, vocab_size=preset.vocab_size, attention="softmax")
-    assert PRESET_SIZES["echo-8b"] - softmax == 4 * (4096 * 32 * 256 + 64 - 4096 * 48 * 128)
+    assert PRESET_SIZES["echo-8b"] - softmax == 4 * (4096 * 32 * 384 + 64 - 4096 * 48 * 128)
 
 
 def test_bad_symbol_and_kinds_are_rejected():
