@@ -4,6 +4,7 @@ Run through `scripts/gpu_check.sh` (which installs the carried wheels first), or
 
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --out DIR            # on a CUDA machine
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --out DIR --dry-run  # CPU: tiny sizes, Triton interpreter
+    PYTHONPATH=$PWD python benchmarks/gpu_check.py --out DIR --dry-run --quick  # fp32, one case, one length
 
 Sections, run in this order, each with its own time limit (checked between items, plus a hard alarm), each
 catching its own exceptions (recorded with a traceback summary) so one failure never loses the others:
@@ -44,7 +45,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -98,6 +99,7 @@ class Profile:
     profile_lengths: tuple[int, ...]  # T of section k's per-kernel profiles
     limits: dict[str, float]  # seconds per section
     prewarm_jobs: int  # parallel compile workers (the dry run prewarms only its first item: no cache on CPU)
+    cpu_prewarm: tuple[str, ...] = ()  # on CPU (nothing to cache) one worker runs these items, to keep them working
 
 
 GPU = Profile(
@@ -146,8 +148,14 @@ DRY = Profile(
     profile_lengths=(8,),
     limits=dict(p=120.0, a=240.0, c=120.0, b=120.0, k=60.0, d=60.0),
     prewarm_jobs=1,
+    cpu_prewarm=("case:0:0", "decode:0", "bench:ska", "bench:ska_wide", "layer"),
 )
 
+
+DRY_QUICK = replace(DRY, dtypes=(torch.float32,), cases=DRY.cases[1:], bench_lengths=DRY.bench_lengths[:1],
+                    decode_contexts=DRY.decode_contexts[:1], cpu_prewarm=("bench:ska",))
+"""`--dry-run --quick`: every section of the dry run, fp32 only, the packed case only (which also runs each
+sequence alone), one length, one prewarm item: the default test run's profile, a fraction of the time."""
 
 # ----------------------------------------------------------------------------- the report
 class SectionTimeout(BaseException):
@@ -883,8 +891,8 @@ def section_prewarm(report: Report, section: Section, profile: Profile, device: 
     from concurrent.futures import ThreadPoolExecutor
 
     tasks = prewarm_tasks(profile)
-    if profile is not GPU:  # CPU: nothing to cache; one worker runs one item of each kind, to keep them working
-        tasks = [",".join(t for t in tasks if t in ("case:0:0", "decode:0", "bench:ska", "bench:ska_wide", "layer"))]
+    if profile is not GPU:  # CPU: nothing to cache; one worker runs the profile's cpu_prewarm items
+        tasks = [",".join(t for t in tasks if t in profile.cpu_prewarm)]
     section.notes.append(f"{len(tasks)} worker processes, {profile.prewarm_jobs} at a time; cache "
                          f"{os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')}")
 
@@ -948,20 +956,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter")
+    parser.add_argument("--quick", action="store_true", help="with --dry-run: DRY_QUICK (fp32, one case, one length)")
     parser.add_argument("--sections", default="pacbkd", help="which sections to run, in this order (default pacbkd)")
     parser.add_argument("--prewarm-task", help=argparse.SUPPRESS)  # internal: one worker of section p
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry-run on CPU")
+    if args.quick and not args.dry_run:
+        parser.error("--quick is a dry-run profile: pass --dry-run too")
     if set(args.sections) - set("pabcdk"):
         parser.error(f"--sections takes letters from 'pabcdk', got {args.sections!r}")
-    profile = DRY if args.dry_run else GPU
+    profile = (DRY_QUICK if args.quick else DRY) if args.dry_run else GPU
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
     if args.prewarm_task:
         run_prewarm_task(args.prewarm_task, profile, device)
         return 0
     report = Report(args.out, environment(device, args.dry_run))
-    worker_argv = ["--dry-run"] if args.dry_run else []
+    worker_argv = [flag for flag, given in (("--dry-run", args.dry_run), ("--quick", args.quick)) if given]
     bodies = {
         "p": ("Prewarm: parallel Triton compilation",
               lambda report, section, profile, device: section_prewarm(report, section, profile, device, worker_argv)),

@@ -5,6 +5,7 @@
 #
 #   scripts/gpu_check.sh                # on a CUDA machine (about 6 minutes; hard limit GPU_CHECK_LIMIT_S=450)
 #   scripts/gpu_check.sh --dry-run      # on CPU: tiny sizes, Triton interpreter, no wheels needed
+#   scripts/gpu_check.sh --dry-run --quick  # the same, fp32 only, one case and length (the default test run)
 #
 # Extra arguments go to benchmarks/gpu_check.py (e.g. --sections ac). PYTHON picks the interpreter.
 set -uo pipefail

@@ -15,19 +15,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
+def _dry_run(out: Path, *flags: str) -> str:
+    """`scripts/gpu_check.sh --dry-run *flags` into `out`; its stdout."""
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, cwd=ROOT,
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", *flags], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc.stdout
+    return proc.stdout
 
 
-def test_dry_run_completes_every_section_and_every_check_passes(dry_run):
-    out, stdout = dry_run
+def _assert_every_section_and_check_passed(out: Path, stdout: str, profile: gpu_check.Profile) -> None:
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["meta"]["mode"].startswith("dry run")
     sections = report["sections"]
@@ -38,27 +36,38 @@ def test_dry_run_completes_every_section_and_every_check_passes(dry_run):
             assert "error" not in item, (key, item)
             assert item.get("pass", True) is True, (key, item)
     correctness = sections["a"]["items"]
-    # both dtypes of the dry profile, every case, and decode, each compared (not just run)
-    assert len([i for i in correctness if "case" in i]) == 2 * len(gpu_check.DRY.cases)
+    # every dtype of the profile, every case, and decode, each compared (not just run)
+    assert len([i for i in correctness if "case" in i]) == len(profile.dtypes) * len(profile.cases)
     assert all(i["triton y"] < 1e-3 for i in correctness if "case" in i)
     packed = [i["packed vs alone"] for i in correctness if "cu_seqlens" in i.get("case", "")]
-    assert len(packed) == len(gpu_check.DRY.dtypes) and max(packed) <= 1e-6
-    assert len([i for i in correctness if "T0" in i]) == len(gpu_check.DRY.dtypes)
+    assert len(packed) == len(profile.dtypes) and max(packed) <= 1e-6
+    assert len([i for i in correctness if "T0" in i]) == len(profile.dtypes)
     layer = sections["c"]["items"]
     assert [i.get("ska_backend") for i in layer[:2]] == ["triton", "torch"] and layer[2]["pass"] is True
     timings = [i for i in sections["b"]["items"] if i["table"].startswith("Prefill")]
-    assert [row["T"] for row in timings] == list(gpu_check.DRY.bench_lengths)
+    assert [row["T"] for row in timings] == list(profile.bench_lengths)
     for row in timings:
         cells = {k: v for k, v in row.items() if k not in ("table", "T")}
         assert set(cells) == {"SKA triton fwd", "SKA triton fwd+bwd", "SKA triton r=P=2w fwd", "SKA triton r=P=2w fwd+bwd",
                               "SDPA flash fwd", "SDPA flash fwd+bwd"}
         assert not any(v.startswith(("error", "not run")) for v in cells.values()), row
     totals = [i for i in sections["k"]["items"] if i["table"] == "Per-kernel time: totals"]
-    assert [row["T"] for row in totals] == list(gpu_check.DRY.profile_lengths) and totals[0]["total_ms"] > 0
+    assert [row["T"] for row in totals] == list(profile.profile_lengths) and totals[0]["total_ms"] > 0
     notes = " ".join(sections["b"]["notes"])
     assert "SDPA cuDNN: not run" in notes and "chunk_gated_delta_rule: not run" in notes
     markdown = (out / "gpu_check.md").read_text()
     assert markdown in stdout and "## b. Timings" in markdown
+
+
+def test_quick_dry_run_completes_every_section_and_every_check_passes(tmp_path):
+    """`--dry-run --quick` (DRY_QUICK: fp32, the packed case, one length): every section and item kind."""
+    _assert_every_section_and_check_passed(tmp_path, _dry_run(tmp_path, "--quick"), gpu_check.DRY_QUICK)
+
+
+@pytest.mark.slow
+def test_dry_run_completes_every_section_and_every_check_passes(tmp_path):
+    """The whole dry-run profile: fp16 too, and the one-token case (about 140 s on 2 cores)."""
+    _assert_every_section_and_check_passed(tmp_path, _dry_run(tmp_path), gpu_check.DRY)
 
 
 def test_a_failing_section_is_recorded_and_the_next_still_runs(tmp_path):

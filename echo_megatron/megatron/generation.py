@@ -4,13 +4,15 @@
     records = engine.generate(["1 2 3"], SamplingParams(num_tokens_to_generate=16, top_k=1))  # greedy
 
 `build_engine` wraps the model as Megatron does (`GPTInferenceWrapper`, `TextGenerationController`,
-`DynamicInferenceEngine`); hybrid models whose `'*'` layers are SKA get an `SKADynamicInferenceContext`
-(SKA state slots, no KV cache), others Megatron's own `DynamicInferenceContext`. Without CUDA the engine
-runs in CPU mode (`cpu_inference.py`). `memory_per_request` says what one request holds, by layer kind.
+`DynamicInferenceEngine`), with Megatron's process-wide `InferenceMode` on only while the engine runs the
+model (training in the same process stays possible); hybrid models whose `'*'` layers are SKA get an
+`SKADynamicInferenceContext` (SKA state slots, no KV cache), others Megatron's own `DynamicInferenceContext`.
+Without CUDA the engine runs in CPU mode (`cpu_inference.py`). `memory_per_request` says what one request holds, by layer kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from megatron.core.inference.contexts import DynamicInferenceContext
 from megatron.core.inference.engines import DynamicInferenceEngine
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
+from megatron.core.inference.utils import InferenceMode
 
 from echo_megatron.ops.chunked import work_dtype
 
@@ -112,9 +115,47 @@ def inference_context(model: torch.nn.Module, *, max_requests: int, max_sequence
     return DynamicInferenceContext(model.config, inference_config)
 
 
+@contextlib.contextmanager
+def _inference_mode_within():
+    """Megatron's process-wide `InferenceMode` on inside the block, then as it was before."""
+    was_active = InferenceMode.is_active()
+    InferenceMode.set_active()
+    try:
+        yield
+    finally:
+        if not was_active:
+            InferenceMode.unset_active()
+
+
+class ScopedInferenceModeWrapper(GPTInferenceWrapper):
+    """Megatron's `GPTInferenceWrapper` whose forwards (every model run of the engine: steps, warm-ups, dummy
+    steps) have Megatron's process-wide `InferenceMode` on."""
+
+    def run_one_forward_step(self, *args, **kwargs):
+        with _inference_mode_within():
+            return super().run_one_forward_step(*args, **kwargs)
+
+
+class ScopedInferenceModeEngine(DynamicInferenceEngine):
+    """Megatron's `DynamicInferenceEngine` that leaves `InferenceMode` as it found it when built or resumed.
+
+    Megatron's sets the process-wide `InferenceMode` in `__init__` and `resume()` and clears it only in
+    `suspend()`: a training forward of the same process after `build_engine` took the inference path and
+    failed ("Inference must always gather TP logits"). With a `ScopedInferenceModeWrapper` the flag is on
+    exactly while the engine runs the model."""
+
+    def __init__(self, controller: TextGenerationController, context: DynamicInferenceContext):
+        with _inference_mode_within():
+            super().__init__(controller, context)
+
+    def resume(self) -> None:
+        with _inference_mode_within():
+            super().resume()
+
+
 def build_engine(model: torch.nn.Module, tokenizer, **context_options) -> DynamicInferenceEngine:
-    """Megatron's `DynamicInferenceEngine` for `model` (set to eval mode) on an `inference_context(model,
-    **context_options)`."""
+    """Megatron's `DynamicInferenceEngine` (a `ScopedInferenceModeEngine`) for `model` (set to eval mode) on an
+    `inference_context(model, **context_options)`."""
     if (list(model.decoder.layer_type_list).count("*") > len(ska_layers(model))
             and importlib.util.find_spec("flash_attn") is None):
         raise RuntimeError("Megatron-Core 0.19.2's dynamic engine runs softmax attention layers with flash-attn only "
@@ -122,5 +163,5 @@ def build_engine(model: torch.nn.Module, tokenizer, **context_options) -> Dynami
                            "greedy_generate (static context)")
     model.eval()
     context = inference_context(model, **context_options)
-    controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
-    return DynamicInferenceEngine(controller, context)
+    controller = TextGenerationController(ScopedInferenceModeWrapper(model, context), tokenizer)
+    return ScopedInferenceModeEngine(controller, context)

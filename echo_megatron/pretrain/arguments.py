@@ -26,6 +26,8 @@ from echo_megatron.megatron.presets import PRESETS, get_preset
 from echo_megatron.megatron import specs
 from echo_megatron.megatron.specs import ATTENTION_KINDS, FFN_KINDS, STACK_SPECS
 
+from . import compat
+
 SPECS_MODULE = specs.__name__
 
 CPU_DEFAULTS = dict(
@@ -84,11 +86,21 @@ def _preparse(argv: Sequence[str]) -> argparse.Namespace:
     return known
 
 
+def _as_flags(defaults: dict) -> str:
+    """Megatron's flags that set `defaults`: `--name value`, `--name` for True, `--no-name` for False."""
+    def flag(name: str, value) -> str:
+        option = name.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{option}" if value else f"--no-{option}"
+        return f"--{option} {value}"
+
+    return " ".join(flag(name, value) for name, value in defaults.items())
+
+
 def _add_echo_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(title="echo-megatron")
     group.add_argument("--cpu", action="store_true",
-                       help="run without CUDA (gloo, local layers, CPU mode); implies "
-                            + " ".join("--" + k.replace("_", "-") for k in CPU_DEFAULTS))
+                       help="run without CUDA (gloo, local layers, CPU mode); implies " + _as_flags(CPU_DEFAULTS))
     group.add_argument("--echo-preset", choices=tuple(PRESETS), default=None,
                        help="architecture defaults (pattern, sizes, vocabulary, sequence length, ska_*) from "
                             "echo_megatron.megatron.presets; explicit flags override them")
@@ -125,7 +137,7 @@ def add_echo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     _add_echo_flags(parser)
     SKAArgumentGroupFactory().build_group(parser, title="Spectral Koopman Attention (SKAConfig ska_* fields)")
     parser.set_defaults(**echo_defaults(sys.argv[1:] if argv is None else argv))
-    return parser
+    return compat.escape_unformattable_help(parser)
 
 
 CHECKPOINT_MODEL_ARGS = (*(f.name for f in dataclasses.fields(SKAConfig) if f.name.startswith("ska_") and f.name != "ska_backend"),

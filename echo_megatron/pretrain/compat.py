@@ -8,6 +8,7 @@ to megatron-core 0.19.2 (`FIXED_VERSION`), other versions are left alone with a 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import typing
@@ -134,6 +135,21 @@ def final_norm_without_te() -> None:
 
     if not HAVE_TE and use_torch_final_norm():
         _log("no Transformer Engine: the hybrid stack's final norm is TorchNorm")
+
+
+def escape_unformattable_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse %-formats every help text, and Megatron's `ArgumentGroupFactory` copies config-field docstrings
+    into help unescaped: `--moe-paged-stash-buffer-size-factor-cuda`'s "(e.g. 1.10 = 10%)" makes `--help` fail
+    with `ValueError: unsupported format character ')'`. Double the `%` of each help text argparse cannot
+    format (texts that format, e.g. with `%(default)s`, are left alone)."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            try:
+                formatter._expand_help(action)
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+    return parser
 
 
 def apply() -> None:

@@ -2,6 +2,8 @@
 equal the request generated alone and greedy decoding by full recomputation; per-request state is constant
 in the context length and SKA layers get no KV cache."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -145,3 +147,31 @@ def test_cpu_dynamic_inference_is_a_no_op_with_cuda():
         "      MambaMixer._dynamic_inference is original)\n"
     )
     assert out.split() == ["False", "True", "True"]
+
+
+def test_training_after_serving_takes_the_training_path(model_parallel_tp1, monkeypatch):
+    """Megatron's engine sets the process-wide InferenceMode when built (and resumed) and clears it only in
+    suspend(): a training forward after build_engine + generate failed ("Inference must always gather TP
+    logits"). suspend()/resume() run without their CUDA memory report."""
+    from megatron.core.inference.engines import DynamicInferenceEngine
+    from megatron.core.inference.utils import InferenceMode
+
+    monkeypatch.setattr(DynamicInferenceEngine, "suspend_resume_ctx",
+                        staticmethod(lambda key, unified_memory_level: contextlib.nullcontext()))
+    model = tiny_model(ska_zero_init_output=False)
+    ids = torch.tensor([PROMPTS[0]])
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    labels = ids.roll(-1, dims=1)
+    before = model(ids, positions, None, labels=labels)
+    engine = _engine(model, max_requests=1)
+    expected = [_recomputed_greedy(model, PROMPTS[1], 2)]
+    assert _generated(engine.generate([PROMPTS[1]], _greedy(2))) == expected
+    engine.suspend()
+    engine.resume()
+    assert _generated(engine.generate([PROMPTS[1]], _greedy(2))) == expected
+    assert not InferenceMode.is_active()
+    model.train()
+    after = model(ids, positions, None, labels=labels)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    after.sum().backward()
+    assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)

@@ -89,3 +89,21 @@ def test_preset_query_groups_turn_on_group_query_attention():
     values = preset.megatron_args()
     assert (values["num_query_groups"], values["group_query_attention"]) == (2, True)
     assert "group_query_attention" not in get_preset("echo-tiny").megatron_args()
+
+
+def test_help_prints_every_flag(monkeypatch, capsys):
+    """Megatron's own help texts hold a bare '%' ("10%)"), which argparse's help formatting rejects."""
+    with pytest.raises(SystemExit) as raised:
+        _parse(monkeypatch, ["--help"])
+    assert raised.value.code == 0
+    printed = capsys.readouterr().out
+    assert "(e.g. 1.10 = 10%)" in " ".join(printed.split())  # --moe-paged-stash-buffer-size-factor-cuda
+    assert "--ska-chunk-size" in printed and "--echo-preset" in printed
+
+
+def test_cpu_help_names_the_flags_it_implies(monkeypatch):
+    """The flags `--cpu`'s help names parse, with Megatron's parser, to CPU_DEFAULTS."""
+    cpu = next(action for action in _parser()._actions if action.dest == "cpu")
+    implied = cpu.help.split("implies ")[1].split()
+    args = _parse(monkeypatch, implied)
+    assert {name: getattr(args, name) for name in CPU_DEFAULTS} == CPU_DEFAULTS

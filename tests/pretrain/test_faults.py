@@ -1,8 +1,11 @@
-"""Faults before training or serving. A truncated checkpoint data file or an overwritten .metadata fails with an
-error naming the file (no silent fresh start, no traceback from deep in torch.distributed.checkpoint) in the
-launcher's --load, export-hf, generate, and a truncated safetensors file in import-hf; --load of a checkpoint
-that holds another model fails before training, naming the flags; a missing dataset file or an .idx that does
-not index its .bin fails before training, naming the file."""
+"""Faults before training or serving. A truncated checkpoint data file, one overwritten with as many other
+bytes, or an overwritten .metadata fails with an error naming the file (no silent fresh start, no traceback
+from deep in torch.distributed.checkpoint) in the launcher's --load, export-hf, generate, and a truncated
+safetensors file in import-hf; --load of a checkpoint that holds another model fails before training, naming
+the flags; a missing dataset file or an .idx that does not index its .bin fails before training, naming the
+file."""
+
+import random
 
 import pytest
 
@@ -23,11 +26,13 @@ def checkpoint(tmp_path):
 
 
 def _damage(checkpoint, fault: str):
-    """Cut the largest data file in half, or overwrite .metadata; returns the damaged file."""
+    """Cut the largest data file in half, overwrite it with as many random bytes, or overwrite .metadata;
+    returns the damaged file."""
     directory = checkpoint / "iter_0000008"
-    if fault == "truncated":
+    if fault in ("truncated", "garbage"):
         target = max(directory.glob("*.distcp"), key=lambda f: f.stat().st_size)
-        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        size = target.stat().st_size
+        target.write_bytes(target.read_bytes()[: size // 2] if fault == "truncated" else random.Random(0).randbytes(size))
     else:
         target = directory / ".metadata"
         target.write_bytes(b"\x80\x04not a pickle")
@@ -43,7 +48,8 @@ def _launcher_error(flags, monkeypatch) -> str:
     return str(raised.value.code)
 
 
-@pytest.mark.parametrize("fault, message", [("truncated", "truncated"), ("metadata", "unreadable")])
+@pytest.mark.parametrize("fault, message", [("truncated", "truncated"), ("garbage", "corrupted"),
+                                            ("metadata", "unreadable")])
 def test_a_damaged_checkpoint_is_an_error_naming_the_file(checkpoint, fault, message, monkeypatch, capsys):
     damaged = _damage(checkpoint, fault)
     error = _launcher_error([*RUN, "--echo-preset", "echo-tiny", "--load", str(checkpoint)], monkeypatch)

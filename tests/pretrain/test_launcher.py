@@ -79,12 +79,15 @@ def test_tp2_resume_matches_the_uninterrupted_run(tp2):
     assert_resumed_exactly(losses(log), losses(resumed.stdout), start=4)
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "1"], ["--tensor-model-parallel-size", "1",
-                                    "--pipeline-model-parallel-size", "2"]], ids=["tp1-dp2", "pp2"])
+@pytest.mark.parametrize("layout", [
+    pytest.param(["--tensor-model-parallel-size", "1"], id="tp1-dp2", marks=pytest.mark.slow),
+    pytest.param(["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"], id="pp2"),
+])
 def test_tp2_checkpoint_resumes_at_another_layout(tp2, layout):
     """The TP = 2 checkpoint (model and Adam state) resumed on the same two ranks as TP = 1 (DP = 2) or as two
     pipeline stages: the same model, data and optimizer state, so the same losses up to fp32 reduction order.
-    (Megatron refuses a TP/PP change for its distributed optimizer's dp_reshardable checkpoints.)"""
+    (Megatron refuses a TP/PP change for its distributed optimizer's dp_reshardable checkpoints.) The pp2
+    case also resumes at TP = 1 from TP = 2 shards, so tp1-dp2 is slow."""
     save, log = tp2
     resumed = launch(["--cpu", "--echo-preset", "echo-tiny", "--mock-data", "--micro-batch-size", "2",
                       "--global-batch-size", "4", "--train-iters", "8", "--lr", "1e-3", "--load", str(save),
