@@ -162,8 +162,9 @@ def _token_block(kernel: str, chunk_size: int, block_r: int, block_p: int) -> in
 
 
 def _stats_bwd_tiling(block_r: int, block_p: int) -> tuple[int, int]:
-    """(columns per program, warps) of chunk_stats_bwd_kernel, by its widest tile (STATS_BWD_TILING)."""
-    return STATS_BWD_TILING[max(32, block_r, block_p)]
+    """(columns per program, warps) of chunk_stats_bwd_kernel, by its widest tile (STATS_BWD_TILING; wider
+    than 128, outside the sm_90 report, as 128)."""
+    return STATS_BWD_TILING[min(128, max(32, block_r, block_p))]
 
 
 def _block_count(chunk_size: int, tokens: int) -> int:
