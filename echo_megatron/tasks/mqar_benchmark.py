@@ -502,10 +502,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_results(out: Path, results: Results) -> None:
-    """results.json, runs.json, results.md and results.png, each replaced atomically."""
+def write_results(out: Path, results: Results, commit: str | None = None) -> None:
+    """results.json, runs.json, results.md and results.png, each replaced atomically; results.json names
+    ``commit`` (default: this code's, :func:`source_commit`)."""
     cells = sorted(results.cells, key=lambda c: (c["kv_pairs"], ARCHS.index(c["arch"]), c["gap"]))
-    document = {"preset": results.preset.name, "commit": source_commit(), "config": results.preset.to_json(), "cells": cells}
+    document = {"preset": results.preset.name, "commit": commit or source_commit(), "config": results.preset.to_json(),
+                "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     runs = sorted(results.runs, key=lambda r: (r["seed"], r["kv_pairs"], ARCHS.index(r["arch"]), r["train_gaps"]))
     _write_atomic(out / RUNS_JSON, json.dumps(runs, indent=1) + "\n")
@@ -527,6 +529,41 @@ def rewrite_tables(out: Path) -> str:
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in stored["config"].items()}
     runs = json.loads((out / RUNS_JSON).read_text()) if (out / RUNS_JSON).is_file() else []
     _write_tables(out, stored["cells"], runs, MQARPreset(**config))
+    return (out / RESULTS_MD).read_text()
+
+
+MERGE_FIELDS = GRID_FIELDS + ("arch_steps",)  # merged directories may differ in these: the union is kept
+
+
+def merge_results(sources: list[Path], out: Path) -> str:
+    """Write to the new directory ``out`` the union of the results directories ``sources``: runs of the same
+    settings (up to :data:`MERGE_FIELDS` and the scheduling) trained by separate commands — e.g. one more
+    architecture beside a committed table — as one table and plot. Each cell keeps the commit that trained it:
+    results.json's ``commit`` is the sources' commit when they agree, else ``"<commit> (archs); …"``. Refuses
+    sources whose settings differ or that hold the same cell. Returns the new results.md."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ResultsDirError(f"--out {out} already exists; merge into a new directory")
+    stored = [load_results(source) for source in sources]
+    first = stored[0]
+    cells, runs, commits = [], [], {}
+    for source, results in zip(sources, stored):
+        keys = {*first["config"], *results["config"]}
+        changed = sorted(k for k in keys if k not in MERGE_FIELDS + RUNTIME_FIELDS
+                         and first["config"].get(k) != results["config"].get(k))
+        if changed:
+            raise ResultsDirError(f"{source} holds results with different settings ({', '.join(changed)}) than {sources[0]}")
+        repeated = {_cell_key(c) for c in results["cells"]} & {_cell_key(c) for c in cells}
+        if repeated:
+            raise ResultsDirError(f"{source} repeats cells (arch, M, gap, seed) of an earlier source: {sorted(repeated)[0]}")
+        cells += results["cells"]
+        runs += json.loads((source / RUNS_JSON).read_text()) if (source / RUNS_JSON).is_file() else []
+        commits.setdefault(results.get("commit"), []).extend(results["config"]["archs"])
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in first["config"].items()}
+    config.update({k: tuple(dict.fromkeys(x for r in stored for x in r["config"].get(k, ()))) for k in MERGE_FIELDS})
+    commit = next(iter(commits)) if len(commits) == 1 else "; ".join(
+        f"{c} ({', '.join(dict.fromkeys(archs))})" for c, archs in commits.items())
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, Results(MQARPreset(**config), cells, runs), commit=commit)
     return (out / RESULTS_MD).read_text()
 
 

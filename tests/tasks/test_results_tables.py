@@ -69,3 +69,34 @@ def test_rewrite_tables_keeps_results_json_and_its_commit(tmp_path, capsys):
     assert (out / mb.RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["mqar", "--rewrite-tables", "--out", str(tmp_path / "missing")]) == 1
     assert "has no results.json" in capsys.readouterr().err
+
+
+def _results_dir(path, preset, cells, runs, commit):
+    path.mkdir()
+    mb.write_results(path, mb.Results(preset, cells, runs), commit=commit)
+    return path
+
+
+def test_merge_puts_separately_trained_architectures_in_one_table_each_with_its_commit(tmp_path, capsys):
+    ska = _results_dir(tmp_path / "ska", dataclasses.replace(PRESET, archs=("mamba_ska",), workers=2),
+                       [c for c in CELLS if c["arch"] == "mamba_ska"], RUNS[2:], "aaa")
+    mamba = _results_dir(tmp_path / "mamba", dataclasses.replace(PRESET, archs=("mamba",), arch_steps=("mamba=1000",)),
+                         [c for c in CELLS if c["arch"] == "mamba"], RUNS[:2], "bbb")
+    out = tmp_path / "both"
+    assert main(["mqar", "--merge", f"{ska},{mamba}", "--out", str(out)]) == 0
+    merged = json.loads((out / mb.RESULTS_JSON).read_text())
+    assert merged["commit"] == "aaa (mamba_ska); bbb (mamba)"
+    assert merged["config"]["archs"] == ["mamba_ska", "mamba"] and merged["config"]["arch_steps"] == ["mamba=1000"]
+    assert sorted(map(json.dumps, merged["cells"])) == sorted(map(json.dumps, CELLS))
+    expected = mb.markdown_table(CELLS, PRESET, RUNS) + "\n" + mb.seeds_table(CELLS, PRESET, RUNS)
+    assert (out / mb.RESULTS_MD).read_text().startswith(expected) and capsys.readouterr().out.startswith(expected)
+    # same commit: kept as it is; a cell twice, other settings or an existing --out: refused, nothing written
+    mb.merge_results([ska], tmp_path / "one")
+    assert json.loads((tmp_path / "one" / mb.RESULTS_JSON).read_text())["commit"] == "aaa"
+    for sources, error in (([ska, out], "repeats cells"), ([ska, mamba], "already exists")):
+        with pytest.raises(mb.ResultsDirError, match=error):
+            mb.merge_results(sources, out if error == "already exists" else tmp_path / "refused")
+    other = _results_dir(tmp_path / "other", dataclasses.replace(PRESET, archs=("mamba",), lrs=(1e-3,)), CELLS[:2], RUNS[:1], "aaa")
+    with pytest.raises(mb.ResultsDirError, match=r"different settings \(lrs\)"):
+        mb.merge_results([ska, other], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
