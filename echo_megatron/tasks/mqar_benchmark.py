@@ -538,7 +538,8 @@ MERGE_FIELDS = GRID_FIELDS + ("arch_steps",)  # merged directories may differ in
 def merge_results(sources: list[Path], out: Path) -> str:
     """Write to the new directory ``out`` the union of the results directories ``sources``: runs of the same
     settings (up to :data:`MERGE_FIELDS` and the scheduling) trained by separate commands — e.g. one more
-    architecture beside a committed table — as one table and plot. Each cell keeps the commit that trained it:
+    architecture beside a committed table — as one table and plot, with their ``history/`` files. Each cell keeps
+    the commit that trained it:
     results.json's ``commit`` is the sources' commit when they agree, else ``"<commit> (archs); …"``. Refuses
     sources whose settings differ or that hold the same cell. Returns the new results.md."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -563,6 +564,9 @@ def merge_results(sources: list[Path], out: Path) -> str:
     commit = next(iter(commits)) if len(commits) == 1 else "; ".join(
         f"{c} ({', '.join(dict.fromkeys(archs))})" for c, archs in commits.items())
     out.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        if (source / HISTORY_DIR).is_dir():
+            shutil.copytree(source / HISTORY_DIR, out / HISTORY_DIR, dirs_exist_ok=True)
     write_results(out, Results(MQARPreset(**config), cells, runs), commit=commit)
     return (out / RESULTS_MD).read_text()
 

@@ -82,12 +82,16 @@ def test_merge_puts_separately_trained_architectures_in_one_table_each_with_its_
                        [c for c in CELLS if c["arch"] == "mamba_ska"], RUNS[2:], "aaa")
     mamba = _results_dir(tmp_path / "mamba", dataclasses.replace(PRESET, archs=("mamba",), arch_steps=("mamba=1000",)),
                          [c for c in CELLS if c["arch"] == "mamba"], RUNS[:2], "bbb")
+    for source, arch in ((ska, "mamba_ska"), (mamba, "mamba")):
+        (source / mb.HISTORY_DIR).mkdir()
+        (source / mb.HISTORY_DIR / f"{arch}.json").write_text(arch)
     out = tmp_path / "both"
     assert main(["mqar", "--merge", f"{ska},{mamba}", "--out", str(out)]) == 0
     merged = json.loads((out / mb.RESULTS_JSON).read_text())
     assert merged["commit"] == "aaa (mamba_ska); bbb (mamba)"
     assert merged["config"]["archs"] == ["mamba_ska", "mamba"] and merged["config"]["arch_steps"] == ["mamba=1000"]
     assert sorted(map(json.dumps, merged["cells"])) == sorted(map(json.dumps, CELLS))
+    assert sorted(p.read_text() for p in (out / mb.HISTORY_DIR).iterdir()) == ["mamba", "mamba_ska"]
     expected = mb.markdown_table(CELLS, PRESET, RUNS) + "\n" + mb.seeds_table(CELLS, PRESET, RUNS)
     assert (out / mb.RESULTS_MD).read_text().startswith(expected) and capsys.readouterr().out.startswith(expected)
     # same commit: kept as it is; a cell twice, other settings or an existing --out: refused, nothing written
