@@ -87,9 +87,18 @@ def _parse_sets(assignments: list[str], parser: argparse.ArgumentParser) -> dict
 
 def _mqar(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Both ``mqar`` and ``niah``: the same benchmark driver, different presets."""
-    from echo_megatron.tasks.mqar_benchmark import NIAH_PRESETS, PRESETS, ResultsDirError, run_benchmark
+    from echo_megatron.tasks.mqar_benchmark import (NIAH_PRESETS, PRESETS, ResultsDirError, merge_results,
+                                                    rewrite_tables, run_benchmark)
 
     presets = NIAH_PRESETS if args.command == "niah" else PRESETS
+    if args.rewrite_tables or args.merge:
+        out = Path(args.out) if args.out else Path(f"{args.command}_{args.preset}")
+        try:
+            print(merge_results([Path(p) for p in args.merge], out) if args.merge else rewrite_tables(out), end="")
+        except ResultsDirError as error:
+            print(f"echo-megatron {args.command}: error: {error}", file=sys.stderr)
+            return 1
+        return 0
     changes = {field: getattr(args, flag) for flag, field in _FIELD_FLAGS.items() if getattr(args, flag) is not None}
     changes.update(_parse_sets(args.set, parser))
     try:
@@ -219,6 +228,12 @@ def _add_benchmark_arguments(sub: argparse.ArgumentParser, presets: dict, task: 
     again = sub.add_mutually_exclusive_group()
     again.add_argument("--force", action="store_true", help="delete an existing results directory and start over")
     again.add_argument("--resume", action="store_true", help="continue an existing results directory (same config)")
+    again.add_argument("--rewrite-tables", action="store_true",
+                       help="no training: rewrite results.md and results.png of --out from its results.json and "
+                            "runs.json with this version's tables and plot (results.json is left as it is)")
+    again.add_argument("--merge", type=lambda text: [p for p in text.split(",") if p], metavar="DIR,DIR[,...]",
+                       help="no training: write to the new directory --out one table and plot of these results "
+                            "directories (same settings, different architectures or seeds; each keeps its commit)")
     sub.add_argument("--threads", type=_positive_int,
                      help="CPU intra-op threads per process (default: $OMP_NUM_THREADS, else 1)")
     sub.add_argument("--no-progress", action="store_true", help="no progress bars")

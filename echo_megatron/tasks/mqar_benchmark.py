@@ -502,15 +502,73 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_results(out: Path, results: Results) -> None:
-    """results.json, runs.json, results.md and results.png, each replaced atomically."""
+def write_results(out: Path, results: Results, commit: str | None = None) -> None:
+    """results.json, runs.json, results.md and results.png, each replaced atomically; results.json names
+    ``commit`` (default: this code's, :func:`source_commit`)."""
     cells = sorted(results.cells, key=lambda c: (c["kv_pairs"], ARCHS.index(c["arch"]), c["gap"]))
-    document = {"preset": results.preset.name, "commit": source_commit(), "config": results.preset.to_json(), "cells": cells}
+    document = {"preset": results.preset.name, "commit": commit or source_commit(), "config": results.preset.to_json(),
+                "cells": cells}
     _write_atomic(out / RESULTS_JSON, json.dumps(document, indent=1) + "\n")
     runs = sorted(results.runs, key=lambda r: (r["seed"], r["kv_pairs"], ARCHS.index(r["arch"]), r["train_gaps"]))
     _write_atomic(out / RUNS_JSON, json.dumps(runs, indent=1) + "\n")
-    _write_atomic(out / RESULTS_MD, markdown_table(cells, results.preset, runs) + "\n" + runs_table(runs))
-    plot(cells, out / RESULTS_PNG, results.preset)
+    _write_tables(out, cells, runs, results.preset)
+
+
+def _write_tables(out: Path, cells: list[dict], runs: list[dict], preset: MQARPreset) -> None:
+    """results.md (summary, per seed, per run) and results.png, from the cells and run records."""
+    _write_atomic(out / RESULTS_MD, markdown_table(cells, preset, runs) + "\n" + seeds_table(cells, preset, runs)
+                  + "\n" + runs_table(runs))
+    plot(cells, out / RESULTS_PNG, preset)
+
+
+def rewrite_tables(out: Path) -> str:
+    """Rewrite ``out``'s results.md and results.png from its results.json and runs.json with this code's
+    tables and plot (no training); results.json, and the commit it names, stay as they are. Returns the
+    new results.md."""
+    stored = load_results(out)
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in stored["config"].items()}
+    runs = json.loads((out / RUNS_JSON).read_text()) if (out / RUNS_JSON).is_file() else []
+    _write_tables(out, stored["cells"], runs, MQARPreset(**config))
+    return (out / RESULTS_MD).read_text()
+
+
+MERGE_FIELDS = GRID_FIELDS + ("arch_steps",)  # merged directories may differ in these: the union is kept
+
+
+def merge_results(sources: list[Path], out: Path) -> str:
+    """Write to the new directory ``out`` the union of the results directories ``sources``: runs of the same
+    settings (up to :data:`MERGE_FIELDS` and the scheduling) trained by separate commands — e.g. one more
+    architecture beside a committed table — as one table and plot, with their ``history/`` files. Each cell keeps
+    the commit that trained it:
+    results.json's ``commit`` is the sources' commit when they agree, else ``"<commit> (archs); …"``. Refuses
+    sources whose settings differ or that hold the same cell. Returns the new results.md."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ResultsDirError(f"--out {out} already exists; merge into a new directory")
+    stored = [load_results(source) for source in sources]
+    first = stored[0]
+    cells, runs, commits = [], [], {}
+    for source, results in zip(sources, stored):
+        keys = {*first["config"], *results["config"]}
+        changed = sorted(k for k in keys if k not in MERGE_FIELDS + RUNTIME_FIELDS
+                         and first["config"].get(k) != results["config"].get(k))
+        if changed:
+            raise ResultsDirError(f"{source} holds results with different settings ({', '.join(changed)}) than {sources[0]}")
+        repeated = {_cell_key(c) for c in results["cells"]} & {_cell_key(c) for c in cells}
+        if repeated:
+            raise ResultsDirError(f"{source} repeats cells (arch, M, gap, seed) of an earlier source: {sorted(repeated)[0]}")
+        cells += results["cells"]
+        runs += json.loads((source / RUNS_JSON).read_text()) if (source / RUNS_JSON).is_file() else []
+        commits.setdefault(results.get("commit"), []).extend(results["config"]["archs"])
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in first["config"].items()}
+    config.update({k: tuple(dict.fromkeys(x for r in stored for x in r["config"].get(k, ()))) for k in MERGE_FIELDS})
+    commit = next(iter(commits)) if len(commits) == 1 else "; ".join(
+        f"{c} ({', '.join(dict.fromkeys(archs))})" for c, archs in commits.items())
+    out.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        if (source / HISTORY_DIR).is_dir():
+            shutil.copytree(source / HISTORY_DIR, out / HISTORY_DIR, dirs_exist_ok=True)
+    write_results(out, Results(MQARPreset(**config), cells, runs), commit=commit)
+    return (out / RESULTS_MD).read_text()
 
 
 @functools.cache
@@ -539,6 +597,25 @@ def runs_table(runs: list[dict]) -> str:
         lines.append(f"| {r['run']} | {r['seed']} | {','.join(map(str, r['train_gaps']))} | {accs} | {r['lr']:g} | "
                      f"{r['train_steps']} | {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def seeds_table(cells: list[dict], preset: MQARPreset, runs: list[dict] = ()) -> str:
+    """One row per (M, arch, seed): the learning rate kept (from ``runs``), the steps taken and the accuracy
+    at every length — every seed, not only the summary's mean and range."""
+    gaps = sorted({c["gap"] for c in cells})
+    lrs = {(r["kv_pairs"], r["arch"], r["seed"]): f"{r['lr']:g}" for r in runs}
+    rows: dict[tuple[int, str, int], dict[int, dict]] = {}
+    for c in cells:
+        rows.setdefault((c["kv_pairs"], c["arch"], c["seed"]), {})[c["gap"]] = c
+    header = ["M", "arch", "seed", "lr", "steps", *(f"{preset.length_label}={g}" for g in gaps)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m, arch, seed in sorted(rows, key=lambda k: (k[0], ARCHS.index(k[1]), k[2])):
+        row = rows[m, arch, seed]
+        steps = sorted({c["train_steps"] for c in row.values()})
+        span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+        accs = [f"{row[g]['accuracy']:.3f}" if g in row else "" for g in gaps]
+        lines.append(f"| {m} | {arch} | {seed} | {lrs.get((m, arch, seed), '—')} | {span} | " + " | ".join(accs) + " |")
+    return "Per seed (accuracy; lr kept; steps taken):\n\n" + "\n".join(lines) + "\n"
 
 
 def accuracy_summary(cells: list[dict]) -> dict[tuple[int, str, int], tuple[float, float, float, int]]:
@@ -581,16 +658,28 @@ def markdown_table(cells: list[dict], preset: MQARPreset, runs: list[dict] = ())
                          f"{span} ({caps[arch]}) | {train_s} | " + " | ".join(accs) + " |")
         lines.append(f"| {m} | *no-binding floor* {blank}" + " | ".join(f"{preset.floor(m, g):.3f}" for g in gaps) + " |")
         lines.append(f"| {m} | *chance* {blank}" + " | ".join(f"{4 / PAPER_VOCAB_SIZE:.3f}" for _ in gaps) + " |")
+    stop = (f"early stop at {preset.early_stop:g} on held-out sequences of the training lengths" if preset.early_stop
+            else "no early stop: every run trains its whole cap")
     note = ("\nAccuracy: mean over seeds (min–max). *No-binding floor*: the best accuracy without binding keys "
             "to values (docs/mqar.md, echo_megatron/tasks/niah.py); chance: a constant guess. Steps: taken by the "
-            "runs (min–max; early stop at the training-length target), the cap in brackets; train s/run: mean "
+            f"runs (min–max; {stop}), the cap in brackets; train s/run: mean "
             "training time of a run, every learning rate of a sweep included.\n")
     return "\n".join(lines) + "\n" + note
 
 
 def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
-    """Accuracy vs gap (mean over seeds, bars = min–max), one line per architecture (its state
-    bytes per layer at the longest gap in the legend), one panel per M; dashed lines = the no-binding floor and chance, shaded band = the gaps seen in training."""
+    """Write :func:`figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(cells, preset)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(cells: list[dict], preset: MQARPreset):
+    """Accuracy vs gap, one panel per M: per architecture the mean over seeds (line, bars = min–max) and
+    every seed (dots), its state bytes per layer at the longest gap in the legend; dashed lines = the
+    no-binding floor and chance, shaded band = the gaps seen in training. Returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -599,14 +688,16 @@ def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
     summary = accuracy_summary(cells)
     state = {c["arch"]: c["state_bytes_per_layer"] for c in sorted(cells, key=lambda c: c["gap"])}  # at the longest gap
     ms = sorted({c["kv_pairs"] for c in cells})
-    fig, axes = plt.subplots(1, max(len(ms), 1), figsize=(4.2 * max(len(ms), 1), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(ms), 1), figsize=(4.6 * max(len(ms), 1), 3.6), squeeze=False)
     for ax, m in zip(axes[0], ms):
         for arch in ARCHS:
             pts = sorted((g, *summary[m, a, g][:3]) for (mm, a, g) in summary if mm == m and a == arch)
             if pts:
                 gs, mean, low, high = (list(x) for x in zip(*pts))
-                ax.errorbar(gs, mean, yerr=[[mu - lo for mu, lo in zip(mean, low)], [hi - mu for mu, hi in zip(mean, high)]],
-                            marker="o", capsize=3, label=f"{arch} ({state[arch] / 1000:,.1f} KB state/layer)")
+                line = ax.errorbar(gs, mean, yerr=[[mu - lo for mu, lo in zip(mean, low)], [hi - mu for mu, hi in zip(mean, high)]],
+                                   marker="o", capsize=3, label=f"{arch} ({state[arch]:,} B state/layer)")
+                seeds = [(c["gap"], c["accuracy"]) for c in cells if c["kv_pairs"] == m and c["arch"] == arch]
+                ax.scatter(*zip(*seeds), s=9, alpha=0.45, color=line.lines[0].get_color(), zorder=3)
         gaps = sorted({c["gap"] for c in cells if c["kv_pairs"] == m})
         ax.plot(gaps, [preset.floor(m, g) for g in gaps], color="black", linestyle=":", linewidth=1,
                 label="no-binding floor")
@@ -618,12 +709,11 @@ def plot(cells: list[dict], path: Path, preset: MQARPreset) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("NIAH, one needle" if preset.task == "niah" else f"MQAR, M = {m} KV pairs")
         ax.set_xlabel("sequence length T" if preset.task == "niah" else "gap G (tokens)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy (line: mean; dots: seeds)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------ run
