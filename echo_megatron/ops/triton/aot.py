@@ -122,12 +122,12 @@ REPORT_SHAPES = ((32, 32), (48, 64), (64, 64), (128, 128))
 
 def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int = 64, power: int = 2
                 ) -> list[tuple[int, int, KernelResources]]:
-    """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` launches (S = chunk, K = power),
-    compiled for sm_90. The launches are recorded without running them (bf16 is recorded as fp16, see
-    `compile_launches`)."""
+    """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` and a decode step (`ska_step` at a
+    chunk's end, `ska_step_slots` with its listed recompute) launch (S = chunk, K = power), compiled for sm_90.
+    The launches are recorded without running them (bf16 is recorded as fp16, see `compile_launches`)."""
     import torch
 
-    from .. import ska
+    from .. import StateSlots, ska, ska_prefill, ska_step, ska_step_slots
 
     rows = []
     for rank, value_dim in shapes:
@@ -137,5 +137,13 @@ def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int 
         with recording(run=False) as launches:
             y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, backend="triton")
             y.float().sum().backward()
+            q, k, v = (x.detach() for x in (q, k, v))
+            eta, gamma = eta.detach(), gamma.detach()
+            _, state = ska_prefill(q[:, :chunk - 1], k[:, :chunk - 1], v[:, :chunk - 1], eta=eta, gamma=gamma,
+                                   chunk_size=chunk, power=power)
+            ska_step(q[:, 0], k[:, 0], v[:, 0], state, eta=eta, gamma=gamma, backend="triton")
+            slots = StateSlots(2, 1, rank, value_dim, state.options, torch.float32, q.device)
+            ska_step_slots(q[:, 0], k[:, 0], v[:, 0], slots, torch.tensor([1]), eta=eta, gamma=gamma,
+                           backend="triton")
         rows += [(rank, value_dim, res) for res in compile_launches(launches, arch=90, fp16_as="bf16")]
     return rows

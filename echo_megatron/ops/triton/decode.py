@@ -19,18 +19,22 @@ from torch import Tensor
 from ..chunked import Statistics
 from ..decode import SKAState, StateSlots, statistics_views
 from .function import _block, _tl_dtype, empty, launch_readout_matrices, visible_readout_matrices
-from .runtime import interpreted, kernels_for, launch
+from .runtime import interpreted, kernels_for, launch, launches_run
 
 STEP_TILE_ELEMENTS = 2048  # entries of one [BN, BR] tile of the step kernel on a GPU (r = 128: 16 rows a tile)
 STEP_WARPS = 4
 
 
+def _head_stride(x: Tensor) -> int:
+    """The stride between consecutive (batch, head) matrices of x [B, H, a, b] (a size-1 dim's stride is arbitrary)."""
+    return x.stride(0) if x.shape[1] == 1 else x.stride(1)
+
+
 def _per_head(x: Tensor) -> Tensor:
     """x [B, H, a, b] with a flat stride per (batch, head) and row-major [a, b] matrices (a copy otherwise)."""
     batch, heads, rows, cols = x.shape
-    if x.stride(3) == 1 and x.stride(2) == cols and (batch == 1 or x.stride(0) == heads * x.stride(1)):
-        return x
-    return x.contiguous()
+    flat = x.stride(3) == 1 and x.stride(2) == cols and (batch == 1 or x.stride(0) == heads * _head_stride(x))
+    return x if flat else x.contiguous()
 
 
 def _launch_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, y: Tensor, state_in: tuple, state_out: tuple, *,
@@ -46,7 +50,7 @@ def _launch_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, y: Tensor, state_
     matrices_out = [_per_head(x) for x in (*partial_out[:3], *completed_out[:3])]
     assert all(a is b for a, b in zip(matrices_out, (*partial_out[:3], *completed_out[:3]))), "outputs are views"
     block_r, block_p = _block(rank), _block(value_dim)
-    if interpreted(q.device):
+    if interpreted(q.device) and launches_run():  # not when recording launches to compile them for a GPU
         tile_rows = max(block_r, block_p)  # the interpreter: whole matrices per step (fewer interpreted ops)
     else:
         tile_rows = max(1, min(max(block_r, block_p), STEP_TILE_ELEMENTS // block_r))
@@ -59,7 +63,7 @@ def _launch_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, y: Tensor, state_
            *matrices_out[:3], partial_out.max_norm, last_out, *matrices_out[3:], completed_out.max_norm,
            heads, rank, value_dim, chunk_size,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), y.stride(0), y.stride(1),
-           *(x.stride(1) for x in matrices_in), *(x.stride(1) for x in matrices_out),
+           *(_head_stride(x) for x in matrices_in), *(_head_stride(x) for x in matrices_out),
            HAS_ROWS=rows is not None, PER_ROW=tokens is not None, FOLD=fold, BR=block_r, BP=block_p,
            BN=tile_rows, ACC=_tl_dtype(readout.dtype), num_warps=STEP_WARPS)
 
