@@ -1,5 +1,5 @@
 """The sm_90 compile report (`ops/triton/aot.py`): every kernel of a bf16 forward+backward compiles for
-H100/H200 at r ∈ {32, 48, 64, 128} without spills, within an SM's shared memory, and the dense kernels
+H100/H200 at r ∈ {32, 48, 64, 128} without spills (two known, bounded), within an SM's shared memory, and the dense kernels
 leave room for at least two programs per SM at r = 64 (issue 18). Compiled with Triton's bundled ptxas,
 no GPU needed."""
 
@@ -13,8 +13,13 @@ H100_SHARED_MEMORY = 227 * 1024  # bytes one program may use on sm_90
 KERNELS = {"chunk_stats_fwd_kernel", "chunk_stats_bwd_kernel", "segment_scan_kernel", "readout_matrix_fwd_kernel",
            "readout_matrix_bwd_kernel", "readout_fwd_kernel", "readout_bwd_kernel", "decode_step_kernel"}
 DENSE = {"readout_matrix_fwd_kernel", "readout_matrix_bwd_kernel"}
-# the one spill left, bounded so that it cannot grow unseen (docs/performance.md, "sm_90 compile report")
-KNOWN_SPILLS = {(128, "chunk_stats_bwd_kernel"): 4}
+# the spills left, bounded so that they cannot grow unseen (docs/performance.md, "sm_90 compile report"); the
+# dense forward's decode variant (the recompute of the listed chunk completions) spills 8 bytes at r = 32
+KNOWN_SPILLS = {(128, "chunk_stats_bwd_kernel"): 4, (32, "readout_matrix_fwd_kernel LISTED"): 8}
+
+
+def _spill_key(rank: int, res: KernelResources) -> tuple[int, str]:
+    return rank, res.name + (" LISTED" if "LISTED=True" in res.constexprs else "")
 
 
 @pytest.mark.parametrize("registers,warps,shared,expected", [
@@ -33,7 +38,7 @@ def test_every_kernel_fits_hopper_at_every_rank():
     assert {res.name for _, _, res in rows} == KERNELS
     assert {(rank, value_dim) for rank, value_dim, _ in rows} == {(32, 32), (48, 64), (64, 64), (128, 128)}
     for rank, value_dim, res in rows:
-        assert res.spill_bytes <= KNOWN_SPILLS.get((rank, res.name), 0), (rank, value_dim, res)
+        assert res.spill_bytes <= KNOWN_SPILLS.get(_spill_key(rank, res), 0), (rank, value_dim, res)
         assert res.shared_bytes <= H100_SHARED_MEMORY, (rank, value_dim, res)
     for rank, _, res in rows:
         if res.name in DENSE and rank <= 64:

@@ -79,7 +79,7 @@ def _slot_states(inputs, tokens: dict[int, int], n_slots: int = 5) -> StateSlots
 def test_slots_kernel_equals_torch_with_rows_at_different_positions():
     """Requests in slots 3 and 1 at positions 3 and 1 (slot 3 completes its chunk on the first step, slot 1 on
     the third; the other slots are left alone): y and every slot equal the torch path, and each request's y
-    equals `ska_step` of that request alone."""
+    equals `ska_step` of that request alone. Two launches a step, whatever completes."""
     inputs = make_inputs(5, 10, 2, 20, 12, dtype=torch.float32, seed=1)
     q, k, v, eta, gamma = (inputs[n] for n in ("q", "k", "v", "eta", "gamma"))
     seen = {3: 7, 1: 5}
@@ -90,7 +90,10 @@ def test_slots_kernel_equals_torch_with_rows_at_different_positions():
     for step in range(3):
         t = [seen[3] + step, seen[1] + step]
         qs, ks, vs = (x[rows, t] for x in (q, k, v))
-        y_kernel = ska_step_slots(qs, ks, vs, kernel, rows, eta=eta, gamma=gamma, backend="triton")
+        with runtime.recording(run=True) as recorded:
+            y_kernel = ska_step_slots(qs, ks, vs, kernel, rows, eta=eta, gamma=gamma, backend="triton")
+        # every step: the step kernel and the recompute of the listed completions (none on the second step)
+        assert [launch.name for launch in recorded] == ["decode_step_kernel", "readout_matrix_fwd_kernel"]
         y_torch = ska_step_slots(qs, ks, vs, reference, rows, eta=eta, gamma=gamma, backend="torch")
         assert rel_err(y_kernel, y_torch) <= TOLERANCE[torch.float32]
         for i, slot in enumerate(rows.tolist()):

@@ -137,13 +137,14 @@ def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int 
         with recording(run=False) as launches:
             y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, backend="triton")
             y.float().sum().backward()
-            q, k, v = (x.detach() for x in (q, k, v))
-            eta, gamma = eta.detach(), gamma.detach()
-            _, state = ska_prefill(q[:, :chunk - 1], k[:, :chunk - 1], v[:, :chunk - 1], eta=eta, gamma=gamma,
-                                   chunk_size=chunk, power=power)
+            # decode, two heads (one would make B·H a compile-time 1): the step, the recompute at a chunk's end
+            q, k = (torch.zeros(1, chunk, 2, rank, dtype=torch.float16) for _ in range(2))
+            v = torch.zeros(1, chunk, 2, value_dim, dtype=torch.float16)
+            eta, gamma = torch.ones(2), torch.ones(2)
+            _, state = ska_prefill(q[:, 1:], k[:, 1:], v[:, 1:], eta=eta, gamma=gamma, chunk_size=chunk, power=power)
             ska_step(q[:, 0], k[:, 0], v[:, 0], state, eta=eta, gamma=gamma, backend="triton")
-            slots = StateSlots(2, 1, rank, value_dim, state.options, torch.float32, q.device)
-            ska_step_slots(q[:, 0], k[:, 0], v[:, 0], slots, torch.tensor([1]), eta=eta, gamma=gamma,
+            slots = StateSlots(3, 2, rank, value_dim, state.options, torch.float32, q.device)
+            ska_step_slots(q[0, :2], k[0, :2], v[0, :2], slots, torch.tensor([2, 0]), eta=eta, gamma=gamma,
                            backend="triton")
         rows += [(rank, value_dim, res) for res in compile_launches(launches, arch=90, fp16_as="bf16")]
     return rows
