@@ -48,7 +48,8 @@ def _launch_step(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, y: Tensor, state_
     partial_out, last_out, completed_out = state_out
     matrices_in = [_per_head(x) for x in (readout, *partial[:3], *completed[:3])]
     matrices_out = [_per_head(x) for x in (*partial_out[:3], *completed_out[:3])]
-    assert all(a is b for a, b in zip(matrices_out, (*partial_out[:3], *completed_out[:3]))), "outputs are views"
+    assert all(a is b for a, b in zip(matrices_out, (*partial_out[:3], *completed_out[:3]))), \
+        "the kernel writes the output statistics in place: they must be laid out per (batch, head)"
     block_r, block_p = _block(rank), _block(value_dim)
     if interpreted(q.device) and launches_run():  # not when recording launches to compile them for a GPU
         tile_rows = max(block_r, block_p)  # the interpreter: whole matrices per step (fewer interpreted ops)
