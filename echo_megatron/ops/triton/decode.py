@@ -21,7 +21,9 @@ from ..decode import SKAState, StateSlots, statistics_views
 from .function import _block, _tl_dtype, empty, launch_readout_matrices, visible_readout_matrices
 from .runtime import interpreted, kernels_for, launch, launches_run
 
-STEP_TILE_ELEMENTS = 2048  # entries of one [BN, BR] tile of the step kernel on a GPU (r = 128: 16 rows a tile)
+# entries of one [BN, BR] tile of the step kernel on a GPU (r = 128: 8 rows a tile), from the sm_90 report:
+# 2048 spills 4 bytes at r = 128 (at 4 or 8 warps, in one mode or the other)
+STEP_TILE_ELEMENTS = 1024
 STEP_WARPS = 4
 
 
