@@ -197,15 +197,16 @@ def cpu_smoke() -> None:
 
 
 def compile_report(shape: Shape) -> None:
-    """Every kernel of a bf16 forward+backward compiled for sm_90 at r = P = 32, 64, 128 and the paper's
-    r = 48, P = 64 (`aot.sm90_report`), with the programs that fit on one SM."""
+    """Every kernel of a bf16 forward+backward, then of decoding, compiled for sm_90 at r = P = 32, 64, 128 and
+    the paper's r = 48, P = 64 (`aot.sm90_report`), with the programs that fit on one SM."""
     from echo_megatron.ops.triton.aot import sm90_report
 
     print(f"### sm_90 (H100/H200) compile report, S={shape.chunk}, K={shape.power}, bf16\n")
     print("| r | P | kernel | constexprs | warps | registers / thread | spill bytes / thread | shared memory | "
           "programs / SM |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
-    for rank, value_dim, res in sm90_report(chunk=shape.chunk, power=shape.power):
+    rows = [row for decode in (False, True) for row in sm90_report(chunk=shape.chunk, power=shape.power, decode=decode)]
+    for rank, value_dim, res in rows:
         print(f"| {rank} | {value_dim} | {res.name} | {res.constexprs} | {res.num_warps} | {res.registers} | "
               f"{res.spill_bytes} | {res.shared_bytes // 1024} KiB | {res.programs_per_sm} |")
     print()

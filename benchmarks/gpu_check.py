@@ -826,11 +826,14 @@ def _decode_bench(context: int, profile: Profile, device: torch.device) -> dict:
     synchronize(device)
     prefill_s = time.perf_counter() - t0
 
-    def steps():  # S consecutive steps: one readout recomputation among them, as in steady decoding
+    def steps(backend: str):  # S consecutive steps: one readout recomputation among them, as in steady decoding
         s = state
         for t in range(context, context + chunk):
-            _, s = ska_step(q[:, t], k[:, t], v[:, t], s, eta=eta, gamma=gamma)
-    step = time_ms(steps, device, budget_s=1.0, min_reps=profile.min_reps, max_reps=5)
+            _, s = ska_step(q[:, t], k[:, t], v[:, t], s, eta=eta, gamma=gamma, backend=backend)
+    # "auto": the Triton step kernel on CUDA (one launch a token), the torch path on CPU
+    step = time_ms(lambda: steps("auto"), device, budget_s=1.0, min_reps=profile.min_reps, max_reps=5)
+    torch_step = (time_ms(lambda: steps("torch"), device, budget_s=1.0, min_reps=profile.min_reps, max_reps=5)
+                  if device.type == "cuda" else step)
     kq, kk, kv = (x[:, :context].transpose(1, 2).contiguous() for x in (q, k, v))
     one = q[:, context:context + 1].transpose(1, 2).contiguous()
 
@@ -839,7 +842,8 @@ def _decode_bench(context: int, profile: Profile, device: torch.device) -> dict:
             F.scaled_dot_product_attention(one, kk, kv)
     sdpa = time_ms(attend, device, budget_s=0.5, min_reps=profile.min_reps)
     cache_bytes = 2 * kk.numel() * kk.element_size()
-    return {"SKA step ms (mean of S steps)": step["ms"] / chunk, "SKA state KiB": state.nbytes / 1024,
+    return {"SKA step ms (mean of S steps)": step["ms"] / chunk,
+            "SKA step ms, torch path": torch_step["ms"] / chunk, "SKA state KiB": state.nbytes / 1024,
             "SDPA flash step ms": sdpa["ms"], "KV cache KiB": cache_bytes / 1024,
             "SKA prefill s (torch path, incl. warm-up)": prefill_s}
 

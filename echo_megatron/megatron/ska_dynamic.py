@@ -13,10 +13,14 @@ Megatron's files):
 - `_execute_pending_mamba_ops`: slots Megatron zeroes for new requests are zeroed for SKA too.
 
 In a step the tokens are packed `[decode tokens (one per decode request) | prefill tokens of each prefill
-request]` (`mamba_metadata.batch_indices_decode`, `batch_indices_prefill`, `cu_seqlens_list`). A request's
-first prefill chunk runs `ska_prefill` (the chunked forward); decode requests at the same position in their
-SKA chunk take one batched `ska_step`; a later chunk of a chunked prefill continues token by token. The
-outputs therefore equal the static path and the training forward (SPEC §4).
+request]` (`mamba_metadata.batch_indices_decode`, `batch_indices_prefill`, `cu_seqlens_list`). All decode
+requests take one `ska_step_slots` on their slots, each at its own chunk position (the slots count tokens on
+the device): no tensor value is read on the host, and on CUDA that is a step kernel plus a readout recompute
+for only the requests that complete a chunk. Each prefill request uses Megatron's host-side bookkeeping for
+its slot (`mamba_metadata.request_to_mamba_state_idx`) and the tokens it has already seen
+(`request_kv_length_offsets`): a first piece runs `ska_prefill` (the chunked forward), a later piece of a
+chunked prefill continues token by token. The outputs therefore equal the static path and the training
+forward (SPEC §4).
 """
 
 from __future__ import annotations
@@ -28,54 +32,27 @@ from megatron.core.inference.config import InferenceConfig
 from megatron.core.inference.contexts import DynamicInferenceContext
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from echo_megatron.ops import SKAState, ska_prefill, ska_step
+from echo_megatron.ops import SKAState, StateSlots, ska_prefill, ska_step, ska_step_slots
 from echo_megatron.ops.chunked import Statistics, work_dtype
 
 
-class SKASlots:
-    """Decode states of one SKA layer for `slots` requests: `SKAState` fields with a leading slot dim.
+class SKASlots(StateSlots):
+    """Decode states of one SKA layer for `slots` requests (`ops.StateSlots`), plus the copy of a prefill's
+    `SKAState` in and out of one slot (`gather`, `scatter`, at a slot index held on the host)."""
 
-    completed / partial: G, M [n, H, r, r], C [n, H, P, r], m [n, H]; last_key [n, H, r];
-    readout [n, H, P, r]; tokens [n] (tokens seen; the position in the chunk is tokens % S).
-    """
+    def gather(self, slot: int, position: int) -> SKAState:
+        """The `SKAState` of the request in `slot` (views into the slots)."""
+        return SKAState(**self.options, completed=Statistics(*(x[slot : slot + 1] for x in self.completed)),
+                        partial=Statistics(*(x[slot : slot + 1] for x in self.partial)),
+                        last_key=self.last_key[slot : slot + 1], readout=self.readout[slot : slot + 1],
+                        position=position)
 
-    def __init__(self, slots: int, heads: int, rank: int, value_dim: int, options: dict, dtype: torch.dtype,
-                 device: torch.device):
-        self.options = options
-
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(slots, heads, *shape, dtype=dtype, device=device)
-
-        self.completed = Statistics(zeros(rank, rank), zeros(rank, rank), zeros(value_dim, rank), zeros())
-        self.partial = Statistics(zeros(rank, rank), zeros(rank, rank), zeros(value_dim, rank), zeros())
-        self.last_key = zeros(rank)
-        self.readout = zeros(value_dim, rank)
-        self.tokens = torch.zeros(slots, dtype=torch.int64)
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.completed, *self.partial, self.last_key, self.readout]
-
-    @property
-    def nbytes_per_request(self) -> int:
-        """Bytes of one slot (the tensors of one request's `SKAState`; the token count is bookkeeping)."""
-        return sum(t[0].nbytes for t in self.tensors())
-
-    def zero(self, slots: Tensor) -> None:
-        for tensor in self.tensors():
-            tensor[slots] = 0.0
-        self.tokens[slots.cpu()] = 0
-
-    def gather(self, slots: Tensor, position: int) -> SKAState:
-        """The `SKAState` of requests in `slots` (all at the same position in their chunk)."""
-        return SKAState(**self.options, completed=Statistics(*(x[slots] for x in self.completed)),
-                        partial=Statistics(*(x[slots] for x in self.partial)), last_key=self.last_key[slots],
-                        readout=self.readout[slots], position=position)
-
-    def scatter(self, slots: Tensor, state: SKAState, tokens: int | Tensor) -> None:
-        """Store `state` (rows in the order of `slots`) and the new token counts."""
-        for stored, new in zip(self.tensors(), [*state.completed, *state.partial, state.last_key, state.readout]):
-            stored[slots] = new.to(stored.dtype)
-        self.tokens[slots.cpu()] = tokens
+    def scatter(self, slot: int, state: SKAState, tokens: int) -> None:
+        """Store the one-request `state` in `slot`, which has now seen `tokens` tokens."""
+        stored = [*self.completed, *self.partial, self.last_key, self.readout]
+        for x, new in zip(stored, [*state.completed, *state.partial, state.last_key, state.readout]):
+            x[slot].copy_(new[0])
+        self.tokens[slot].fill_(tokens)
 
 
 class SKADynamicInferenceContext(DynamicInferenceContext):
@@ -100,7 +77,7 @@ class SKADynamicInferenceContext(DynamicInferenceContext):
                              f"(num_speculative_tokens={inference_config.num_speculative_tokens})")
         if inference_config.num_cuda_graphs:
             raise ValueError("SKADynamicInferenceContext does not support CUDA graphs (num_cuda_graphs="
-                             f"{inference_config.num_cuda_graphs}): the SKA step groups requests on the host")
+                             f"{inference_config.num_cuda_graphs}): prefill requests are stepped one by one from the host")
         layer_types = inference_config.mamba_inference_state_config.layer_type_list
         if sum(symbol == "*" for symbol in layer_types) != len(ska_layers):
             raise ValueError(f"every '*' layer must be SKA: pattern has {layer_types.count('*')} '*' layers, "
@@ -151,27 +128,23 @@ def ska_dynamic_forward(layer, q: Tensor, k: Tensor, v: Tensor, context: SKADyna
     metadata = context.mamba_metadata
     dims = context.batch_dimensions
     eta, gamma = layer.eta, layer.gamma()
-    y = torch.zeros_like(v)
     decode_count, prefill_count = dims.decode_req_count, dims.prefill_req_count
-    if decode_count:
-        decode_slots = metadata.batch_indices_decode[:decode_count].long()
-        positions = slots.tokens[decode_slots.cpu()] % slots.options["chunk_size"]
-        for position in positions.unique().tolist():
-            rows = (positions == position).nonzero().squeeze(1).to(decode_slots.device)
-            group = decode_slots[rows]
-            y_group, state = ska_step(q[0, rows], k[0, rows], v[0, rows], slots.gather(group, position),
-                                      eta=eta, gamma=gamma)
-            y[0, rows] = y_group
-            slots.scatter(group, state, slots.tokens[group.cpu()] + 1)
+    y = torch.zeros_like(v)
+    if decode_count:  # one batched step, each request at its own position: no host read, no data-dependent shape
+        rows = metadata.batch_indices_decode[:decode_count]
+        y[0, :decode_count] = ska_step_slots(q[0, :decode_count], k[0, :decode_count], v[0, :decode_count], slots,
+                                             rows, eta=eta, gamma=gamma)
+    # prefill: Megatron's host-side bookkeeping gives each request's slot and the tokens it has already seen
+    first = context.paused_request_count + decode_count
     bounds = metadata.cu_seqlens_list if prefill_count else []
     for request in range(prefill_count):
-        slot = metadata.batch_indices_prefill[request : request + 1].long()
+        slot = int(metadata.request_to_mamba_state_idx[first + request])
+        seen = int(context.request_kv_length_offsets[first + request])
         start, end = decode_count + bounds[request], decode_count + bounds[request + 1]
-        seen = int(slots.tokens[slot.cpu()])
         if seen == 0:
             y[:, start:end], state = ska_prefill(q[:, start:end], k[:, start:end], v[:, start:end], eta=eta,
                                                  gamma=gamma, **slots.options)
-        else:  # a later chunk of a chunked prefill
+        else:  # a later piece of a chunked prefill
             state = slots.gather(slot, seen % slots.options["chunk_size"])
             for t in range(start, end):
                 y[:, t], state = ska_step(q[:, t], k[:, t], v[:, t], state, eta=eta, gamma=gamma)

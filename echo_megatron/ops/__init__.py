@@ -10,11 +10,11 @@ from torch import Tensor
 from . import decode as _decode
 from .chunked import ska_chunked
 from .context_parallel import ska_context_parallel
-from .decode import SKAState
+from .decode import SKAState, StateSlots
 from .reference import ska_reference
-from .validation import DECODE_NORMS, check_devices, check_finite, check_heads, check_options, check_sequence_inputs, promote
+from .validation import DECODE_BACKENDS, DECODE_NORMS, check_backend, check_devices, check_finite, check_heads, check_options, check_sequence_inputs, promote
 
-__all__ = ["ska", "ska_prefill", "ska_step", "SKAState", "ska_chunked", "ska_reference", "ska_context_parallel"]
+__all__ = ["ska", "ska_prefill", "ska_step", "ska_step_slots", "SKAState", "StateSlots", "ska_chunked", "ska_reference", "ska_context_parallel"]
 
 
 def _triton_available() -> bool:
@@ -91,12 +91,22 @@ def ska_prefill(
                            power_iters=power_iters)
 
 
+def _decode_backend(backend: str, q: Tensor) -> str:
+    check_backend(backend, DECODE_BACKENDS)
+    if backend == "auto":
+        return "triton" if q.is_cuda and _triton_available() else "torch"
+    return backend
+
+
 def ska_step(
-    q: Tensor, k: Tensor, v: Tensor, state: SKAState, *, eta: Tensor, gamma: Tensor
+    q: Tensor, k: Tensor, v: Tensor, state: SKAState, *, eta: Tensor, gamma: Tensor, backend: str = "auto"
 ) -> tuple[Tensor, SKAState]:
     """One decode step: q, k [B, H, r]; v [B, H, P] -> (y [B, H, P], new state of the same size).
 
-    prefill(T0) followed by n steps equals `ska(..., mode="chunk_causal")` over T0 + n tokens.
+    prefill(T0) followed by n steps equals `ska(..., mode="chunk_causal")` over T0 + n tokens. backend:
+    "auto" (Triton for CUDA tensors, torch otherwise), "torch", or "triton" (one kernel launch per token, plus
+    the readout recompute when the token completes its chunk; under the Triton interpreter on CPU tensors).
+    The state passed in is left unchanged.
     """
     if not isinstance(state, SKAState):
         raise TypeError(f"state must be an SKAState from ska_prefill, got {type(state).__name__}")
@@ -107,4 +117,32 @@ def ska_step(
         raise ValueError(f"q, k must have shape [B, H, r] = {expected} and v [B, H, P] with P = "
                          f"{state.readout.shape[2]} to match the state, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     q, k, v = promote(q, k, v)
+    if _decode_backend(backend, q) == "triton":
+        from .triton.decode import step_triton
+
+        return step_triton(q, k, v, state, eta=eta, gamma=gamma)
     return _decode.step(q, k, v, state, eta=eta, gamma=gamma)
+
+
+def ska_step_slots(
+    q: Tensor, k: Tensor, v: Tensor, slots: StateSlots, rows: Tensor, *, eta: Tensor, gamma: Tensor,
+    backend: str = "auto",
+) -> Tensor:
+    """One decode step for the requests held in `slots` at indices `rows` [B] (distinct, on the device), each
+    at its own position in its chunk (a serving engine's batch): q, k [B, H, r]; v [B, H, P] -> y [B, H, P];
+    the slots are updated in place. Reads no tensor value on the host. backend as in `ska_step` ("triton":
+    the readout is recomputed only for the rows that complete a chunk; "torch" recomputes it for every row
+    and keeps it where a chunk completes)."""
+    check_heads(q, k, v, eta, gamma, token_axes=1)
+    check_devices(q, state=slots.readout, rows=rows)
+    expected = (rows.shape[0], *slots.readout.shape[1:2], slots.readout.shape[3])
+    if rows.dim() != 1 or tuple(q.shape) != expected or v.shape[-1] != slots.readout.shape[2]:
+        raise ValueError(f"rows must be [B] and q, k [B, H, r] = {expected}, v [B, H, P] with P = "
+                         f"{slots.readout.shape[2]}, got rows {tuple(rows.shape)}, q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}")
+    q, k, v = promote(q, k, v)
+    if _decode_backend(backend, q) == "triton":
+        from .triton.decode import step_slots_triton
+
+        return step_slots_triton(q, k, v, slots, rows, eta=eta, gamma=gamma)
+    return _decode.step_slots(q, k, v, slots, rows, eta=eta, gamma=gamma)

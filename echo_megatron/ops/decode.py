@@ -105,3 +105,84 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: SKAState, *, eta: Tensor, gamma
     readout = _readout(completed, gamma.to(work), state.options)
     return y.to(q.dtype), replace(state, completed=completed, partial=zeros, last_key=k32, readout=readout,
                                   position=0)
+
+
+def statistics_views(rows: Tensor, max_norm: Tensor, rank: int) -> Statistics:
+    """Statistics stored as one row per (batch, head), rows [B, H, 2r² + P·r] = G | M | C (the layout the
+    dense Triton kernel reads), as `Statistics` of views G, M [B, H, r, r], C [B, H, P, r] and max_norm [B, H]."""
+    square = rank * rank
+    return Statistics(rows[..., :square].unflatten(-1, (rank, rank)),
+                      rows[..., square:2 * square].unflatten(-1, (rank, rank)),
+                      rows[..., 2 * square:].unflatten(-1, (-1, rank)), max_norm)
+
+
+class StateSlots:
+    """Decode states of up to `slots` requests of one SKA layer (a serving engine's slots), stepped in place.
+
+    completed / partial: `Statistics` (views into the rows `completed_rows` / `partial_rows`
+    [n, H, 2r² + P·r], see `statistics_views`); last_key [n, H, r]; readout [n, H, P, r]; tokens [n, H]
+    int64: tokens seen by the request (the same for every head; the position in the chunk is tokens % S).
+    All on `device`, so that a step reads no value on the host.
+    """
+
+    def __init__(self, slots: int, heads: int, rank: int, value_dim: int, options: dict, dtype: torch.dtype,
+                 device: torch.device):
+        self.options = options
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(slots, heads, *shape, dtype=dtype, device=device)
+
+        self.completed_rows, self.partial_rows = (zeros(2 * rank * rank + value_dim * rank) for _ in range(2))
+        self.completed = statistics_views(self.completed_rows, zeros(), rank)
+        self.partial = statistics_views(self.partial_rows, zeros(), rank)
+        self.last_key = zeros(rank)
+        self.readout = zeros(value_dim, rank)
+        self.tokens = torch.zeros(slots, heads, dtype=torch.int64, device=device)
+
+    def tensors(self) -> list[Tensor]:
+        """The state tensors (not the token counts), each [n, H, ...]."""
+        return [self.completed_rows, self.completed.max_norm, self.partial_rows, self.partial.max_norm,
+                self.last_key, self.readout]
+
+    @property
+    def nbytes_per_request(self) -> int:
+        """Bytes of one slot's state tensors (the token count is bookkeeping)."""
+        return sum(t[0].nbytes for t in self.tensors())
+
+    def zero(self, slots: Tensor) -> None:
+        """Empty the states of `slots` [n] (device indices) for new requests."""
+        for tensor in [*self.tensors(), self.tokens]:
+            tensor[slots] = 0
+
+
+def step_slots(q: Tensor, k: Tensor, v: Tensor, slots: StateSlots, rows: Tensor, *, eta: Tensor, gamma: Tensor
+               ) -> Tensor:
+    """One token for the requests in `rows` [B] (distinct slot indices, on the device), each at its own position
+    in its chunk: q, k [B, H, r], v [B, H, P] -> y [B, H, P] (q's dtype); `slots` updated in place.
+
+    Equal to `step` per request. No value is read on the host and no shape depends on data: the fold and the
+    readout recompute run for every row and `torch.where` keeps them where the row completes its chunk (an
+    O(r³) recompute per row and token: this is the reference and CPU path; the Triton kernel recomputes only
+    the rows that complete, `triton.decode.step_slots_triton`)."""
+    work = slots.readout.dtype
+    q32, k32, v32 = q.to(work), k.to(work), v.to(work)
+    readout, last_key = slots.readout[rows], slots.last_key[rows]
+    y = torch.einsum("bhpr,bhr->bhp", readout, q32) * eta.to(work)[:, None]
+    p = Statistics(*(x[rows] for x in slots.partial))
+    partial = Statistics(p.gram + _outer(k32, k32), p.lag + _outer(k32, last_key), p.cross + _outer(v32, k32),
+                         torch.maximum(p.max_norm, torch.linalg.vector_norm(k32, dim=-1)))
+    fold = slots.tokens[rows] % slots.options["chunk_size"] == slots.options["chunk_size"] - 1  # [B, H]
+    c = Statistics(*(x[rows] for x in slots.completed))
+    completed = Statistics(c.gram + partial.gram, c.lag + partial.lag, c.cross + partial.cross,
+                           torch.maximum(c.max_norm, partial.max_norm))
+
+    def where_fold(new: Tensor, old: Tensor) -> Tensor:
+        return torch.where(fold.view(*fold.shape, *(1,) * (new.dim() - 2)), new, old)
+
+    completed = Statistics(*(where_fold(new, old) for new, old in zip(completed, c)))
+    partial = Statistics(*(where_fold(torch.zeros_like(x), x) for x in partial))
+    for stored, new in zip([*slots.completed, *slots.partial], [*completed, *partial]):
+        stored[rows] = new
+    slots.last_key[rows] = k32
+    slots.readout[rows] = where_fold(_readout(completed, gamma.to(work), slots.options), readout)
+    slots.tokens[rows] += 1
+    return y.to(q.dtype)

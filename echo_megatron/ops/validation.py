@@ -26,6 +26,7 @@ MODES = ("chunk_causal", "prefix")
 NORMS = ("causal_max", "sequence_max", "none")
 DECODE_NORMS = ("causal_max", "none")
 BACKENDS = ("auto", "torch", "reference", "triton")
+DECODE_BACKENDS = ("auto", "torch", "triton")
 MAX_POWER = 8  # K: the Triton kernels unroll the filter power (forward and backward)
 MAX_POWER_ITERS = 32  # the Triton forward unrolls the power iteration
 
@@ -35,6 +36,10 @@ _warned_sequence_max = False
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
+    _check_choice("backend", backend, allowed)
 
 
 def _check_float_tensor(name: str, x: object) -> None:

@@ -146,3 +146,21 @@ def test_decode_reads_nothing_on_the_host(prompt, monkeypatch):
     with host_reads_trapped(monkeypatch):
         trapped = decode()
     torch.testing.assert_close(trapped, decode(), rtol=0, atol=0)
+
+
+def test_triton_decode_host_code_reads_nothing_on_the_host(monkeypatch):
+    """The host code of the Triton decode (launches skipped): `ska_step` at a chunk's end (the recompute
+    included) and `ska_step_slots` (rows at their own positions), with no host read."""
+    from echo_megatron.ops import StateSlots, ska_prefill, ska_step, ska_step_slots
+    from echo_megatron.ops.triton import decode as triton_decode
+
+    inputs = make_inputs(2, 4, 3, 5, 4, dtype=torch.float32)
+    q, k, v, eta, gamma = (inputs[n] for n in ("q", "k", "v", "eta", "gamma"))
+    options = dict(chunk_size=4, power=2, eps=1e-3, norm="causal_max", power_iters=6)
+    _, state = ska_prefill(q[:, :3], k[:, :3], v[:, :3], eta=eta, gamma=gamma, **options)
+    slots = StateSlots(4, 3, 5, 4, options, torch.float32, q.device)
+    for module in (triton_function, triton_decode):
+        monkeypatch.setattr(module, "launch", lambda *args, **kwargs: None)
+    with host_reads_trapped(monkeypatch):
+        ska_step(q[:, 3], k[:, 3], v[:, 3], state, eta=eta, gamma=gamma, backend="triton")
+        ska_step_slots(q[:, 3], k[:, 3], v[:, 3], slots, torch.tensor([2, 0]), eta=eta, gamma=gamma, backend="triton")

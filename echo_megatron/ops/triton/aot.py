@@ -120,22 +120,33 @@ def compile_launches(launches: list[Launch], arch: int = 90, fp16_as: str = "fp1
 REPORT_SHAPES = ((32, 32), (48, 64), (64, 64), (128, 128))
 
 
-def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int = 64, power: int = 2
-                ) -> list[tuple[int, int, KernelResources]]:
+def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int = 64, power: int = 2,
+                decode: bool = False) -> list[tuple[int, int, KernelResources]]:
     """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` launches (S = chunk, K = power),
-    compiled for sm_90. The launches are recorded without running them (bf16 is recorded as fp16, see
-    `compile_launches`)."""
+    compiled for sm_90; with `decode`, of decoding instead (two heads): `ska_step`'s kernel and
+    `ska_step_slots`' kernel with its recompute of the listed chunk completions (the dense forward, listed).
+    The launches are recorded without running them (bf16 is recorded as fp16, see `compile_launches`)."""
     import torch
 
-    from .. import ska
+    from .. import StateSlots, ska, ska_prefill, ska_step, ska_step_slots
 
     rows = []
     for rank, value_dim in shapes:
-        q, k = (torch.zeros(1, 2 * chunk, 1, rank, dtype=torch.float16, requires_grad=True) for _ in range(2))
-        v = torch.zeros(1, 2 * chunk, 1, value_dim, dtype=torch.float16, requires_grad=True)
-        eta, gamma = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+        heads = 2 if decode else 1  # decode: two heads, or B·H would be a compile-time 1
+        q, k = (torch.zeros(1, 2 * chunk, heads, rank, dtype=torch.float16, requires_grad=True) for _ in range(2))
+        v = torch.zeros(1, 2 * chunk, heads, value_dim, dtype=torch.float16, requires_grad=True)
+        eta, gamma = torch.ones(heads, requires_grad=True), torch.ones(heads, requires_grad=True)
         with recording(run=False) as launches:
-            y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, backend="triton")
-            y.float().sum().backward()
+            if decode:
+                q, k, v, eta, gamma = (x.detach() for x in (q, k, v, eta, gamma))
+                _, state = ska_prefill(q[:, :1], k[:, :1], v[:, :1], eta=eta, gamma=gamma, chunk_size=chunk,
+                                       power=power)
+                ska_step(q[:, 1], k[:, 1], v[:, 1], state, eta=eta, gamma=gamma, backend="triton")
+                slots = StateSlots(3, heads, rank, value_dim, state.options, torch.float32, q.device)
+                ska_step_slots(q[0, :2], k[0, :2], v[0, :2], slots, torch.tensor([2, 0]), eta=eta, gamma=gamma,
+                               backend="triton")
+            else:
+                y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, backend="triton")
+                y.float().sum().backward()
         rows += [(rank, value_dim, res) for res in compile_launches(launches, arch=90, fp16_as="bf16")]
     return rows

@@ -268,10 +268,10 @@ def _square(ws, i: tl.constexpr, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr):
 
 @triton.jit
 def readout_matrix_fwd_kernel(
-    STATS, MSLOT, GAMMA, PARAMS, RMAT, LINV, AUX, WS, H, NSLOT, NTOTAL, R, P,
+    STATS, MSLOT, GAMMA, PARAMS, RMAT, LINV, AUX, WS, H, NSLOT, NTOTAL, R, P, SLOT_LIST, SLOT_COUNT,
     POWER: tl.constexpr, POWER_ITERS: tl.constexpr, NORM_SCALED: tl.constexpr, JITTER_ROUNDS: tl.constexpr,
     SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, LISTED: tl.constexpr = False,
 ):
     """R = C L⁻ᵀ (a W)^K L⁻¹ of each slot (SPEC §2), W = L⁻¹ M L⁻ᵀ, L Lᵀ = G̃ = sym(G) + λI with λ = eps·s
     (NORM_SCALED) or eps (norm="none"), s = m².
@@ -283,7 +283,9 @@ def readout_matrix_fwd_kernel(
     (as in the torch path) only if that fails too. σ from POWER_ITERS power-iteration steps (no gradient),
     a = γ̂ / max(1, σ); the filter is applied as (aW)^K, which cannot overflow where W^K would. Writes
     LINV = L⁻¹ and AUX = (max(1, σ), ridge coefficient of s) for the backward. Persistent: program p
-    handles slots p, p + num_programs, … of the NTOTAL = B·H·NSLOT.
+    handles slots p, p + num_programs, … of the NTOTAL = B·H·NSLOT. With LISTED only the SLOT_COUNT[0] slots
+    listed in SLOT_LIST (flat indices, read on the device: the decode step's chunk completions) are
+    computed; their L⁻¹ and AUX, which nobody reads then, go to the program's own entry.
     """
     ws = _workspace(WS, SQUARE_SLOTS, BR, BP)
     lower = _square(ws, 0, SQUARE_SLOTS, BR)
@@ -294,11 +296,18 @@ def readout_matrix_fwd_kernel(
     vec_u = vec_v + BR
     filtered = (ws + SQUARE_SLOTS * BR * BR, ws + SQUARE_SLOTS * BR * BR + BP * BR)  # C Xᵀ (aW)^k, ping-pong
     inside = tl.arange(0, BR) < R
-    for program_slot in range(tl.program_id(0), NTOTAL, tl.num_programs(0)):
+    total = NTOTAL
+    if LISTED:
+        total = tl.load(SLOT_COUNT)
+    for program_slot in range(tl.program_id(0), total, tl.num_programs(0)):
         idx = program_slot + tl.zeros([], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
+        saved = idx  # where L⁻¹ and AUX go
+        if LISTED:
+            idx = tl.load(SLOT_LIST + program_slot).to(tl.int64)
+            saved = tl.program_id(0) + tl.zeros([], dtype=tl.int64)
         h = (idx // NSLOT) % H
         row = STATS + idx * (2 * R * R + P * R)
-        chol_inv = LINV + idx * R * R
+        chol_inv = LINV + saved * R * R
         s = _norm_scale(MSLOT, idx, PARAMS, ACC)
         eps = tl.load(PARAMS).to(ACC)
         if NORM_SCALED:  # coef: the coefficient of s in the diagonal shift (saved for the max-norm gradient)
@@ -347,8 +356,8 @@ def readout_matrix_fwd_kernel(
                      False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
         _product(filtered[POWER % 2], BR, 1, chol_inv, R, 1, RMAT + idx * P * R, R, 1, lag_x, 0, 0, P, R, R, 1.0,
                  False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
-        tl.store(AUX + idx * 2, sigma)
-        tl.store(AUX + idx * 2 + 1, coef)
+        tl.store(AUX + saved * 2, sigma)
+        tl.store(AUX + saved * 2 + 1, coef)
 
 
 @triton.jit

@@ -290,6 +290,29 @@ def _dense_launch(direction: str, device: torch.device, slots: int, block_r: int
     return (programs,), workspace, options
 
 
+def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, readout: Tensor, *, rank: int,
+                            value_dim: int, power: int, eps: float, norm: str, power_iters: int,
+                            listed: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One readout_matrix_fwd_kernel launch: R of each slot of stats [B, H, N, D] (raw max norms [B, H, N])
+    into readout [B, H, N, P, r]. With listed = (slot list, slot count, at most how many), both on the device,
+    only the listed flat slots (b·H + h)·N + n. Returns (params, L⁻¹, aux) for the backward (not listed)."""
+    batch, heads, slots, _ = stats.shape
+    device, work = stats.device, stats.dtype
+    params = device_constants((eps, JITTER, NORM_FLOOR, rank ** -0.5), work, device)
+    grid, workspace, options = _dense_launch("fwd", device, batch * heads * slots if listed is None else listed[2],
+                                            _block(rank), _block(value_dim), work)
+    saved = (batch, heads, slots) if listed is None else (grid[0],)
+    chol_inv = empty((*saved, rank, rank), work, device)
+    aux = empty((*saved, 2), work, device)
+    slot_list, slot_count = (aux, aux) if listed is None else listed[:2]
+    launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
+           stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
+           batch * heads * slots, rank, value_dim, slot_list, slot_count,
+           POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
+           BLOCK=DENSE_BLOCK, LISTED=listed is not None, **options)
+    return params, chol_inv, aux
+
+
 class ReadoutMatrices(torch.autograd.Function):
     """Visible statistics [B, H, N, D], raw max norms [B, H, N], γ̂ [H] -> R [B, H, N, P, r] (SPEC §2)."""
 
@@ -298,18 +321,10 @@ class ReadoutMatrices(torch.autograd.Function):
                 eps: float, norm: str, power_iters: int):
         stats, max_norm = stats.contiguous(), max_norm.contiguous()
         batch, heads, slots, _ = stats.shape
-        device, work = stats.device, stats.dtype
-        params = device_constants((eps, JITTER, NORM_FLOOR, rank ** -0.5), work, device)
-        readout = empty((batch, heads, slots, value_dim, rank), work, device)
-        chol_inv = empty((batch, heads, slots, rank, rank), work, device)
-        aux = empty((batch, heads, slots, 2), work, device)
-        grid, workspace, options = _dense_launch("fwd", device, batch * heads * slots, _block(rank), _block(value_dim),
-                                                work)
-        launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
-               stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
-               batch * heads * slots, rank, value_dim,
-               POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
-               BLOCK=DENSE_BLOCK, **options)
+        readout = empty((batch, heads, slots, value_dim, rank), stats.dtype, stats.device)
+        params, chol_inv, aux = launch_readout_matrices(stats, max_norm, gamma, readout, rank=rank,
+                                                        value_dim=value_dim, power=power, eps=eps, norm=norm,
+                                                        power_iters=power_iters)
         ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux)
         ctx.options = (rank, value_dim, power, norm)
         return readout

@@ -4,7 +4,7 @@
 Triton interpreter (`InterpretedFunction`, under TRITON_INTERPRET=1); that is why the interpreter is
 normally switched on before triton is imported. Instead of asking users to do that, this module:
 
-* loads the kernel sources (`kernels.py`, then `dense.py`, executed in one namespace so that the dense
+* loads the kernel sources (`kernels.py`, `dense.py`, then `step.py`, executed in one namespace so that the dense
   kernels use the token kernels' helpers) as a private module per mode (`kernels_for`): compiled for
   CUDA tensors, and for CPU tensors a second copy of the same sources decorated with TRITON_INTERPRET
   set only for the duration of that import (`triton.knobs.runtime.scope()`);
@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.py", "dense.py"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.py", "dense.py", "step.py"))
 
 
 @lru_cache(maxsize=None)
