@@ -285,7 +285,7 @@ def readout_matrix_fwd_kernel(
     LINV = L⁻¹ and AUX = (max(1, σ), ridge coefficient of s) for the backward. Persistent: program p
     handles slots p, p + num_programs, … of the NTOTAL = B·H·NSLOT. With LISTED only the SLOT_COUNT[0] slots
     listed in SLOT_LIST (flat indices, read on the device: the decode step's chunk completions) are
-    computed; their L⁻¹ and AUX, which nobody reads then, go to the program's own entry.
+    computed; their L⁻¹ stays in the workspace and AUX is not written (nobody reads them then).
     """
     ws = _workspace(WS, SQUARE_SLOTS, BR, BP)
     lower = _square(ws, 0, SQUARE_SLOTS, BR)
@@ -301,13 +301,13 @@ def readout_matrix_fwd_kernel(
         total = tl.load(SLOT_COUNT)
     for program_slot in range(tl.program_id(0), total, tl.num_programs(0)):
         idx = program_slot + tl.zeros([], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
-        saved = idx  # where L⁻¹ and AUX go
         if LISTED:
             idx = tl.load(SLOT_LIST + program_slot).to(tl.int64)
-            saved = tl.program_id(0) + tl.zeros([], dtype=tl.int64)
+            chol_inv = _square(ws, 5, SQUARE_SLOTS, BR)  # L⁻¹ (row stride R) stays in the workspace
+        else:
+            chol_inv = LINV + idx * R * R
         h = (idx // NSLOT) % H
         row = STATS + idx * (2 * R * R + P * R)
-        chol_inv = LINV + saved * R * R
         s = _norm_scale(MSLOT, idx, PARAMS, ACC)
         eps = tl.load(PARAMS).to(ACC)
         if NORM_SCALED:  # coef: the coefficient of s in the diagonal shift (saved for the max-norm gradient)
@@ -356,8 +356,9 @@ def readout_matrix_fwd_kernel(
                      False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
         _product(filtered[POWER % 2], BR, 1, chol_inv, R, 1, RMAT + idx * P * R, R, 1, lag_x, 0, 0, P, R, R, 1.0,
                  False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
-        tl.store(AUX + saved * 2, sigma)
-        tl.store(AUX + saved * 2 + 1, coef)
+        if not LISTED:
+            tl.store(AUX + idx * 2, sigma)
+            tl.store(AUX + idx * 2 + 1, coef)
 
 
 @triton.jit

@@ -295,16 +295,19 @@ def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, read
                             listed: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One readout_matrix_fwd_kernel launch: R of each slot of stats [B, H, N, D] (raw max norms [B, H, N])
     into readout [B, H, N, P, r]. With listed = (slot list, slot count, at most how many), both on the device,
-    only the listed flat slots (b·H + h)·N + n. Returns (params, L⁻¹, aux) for the backward (not listed)."""
+    only the listed flat slots (b·H + h)·N + n. Returns (params, L⁻¹, aux) for the backward (unlisted only)."""
     batch, heads, slots, _ = stats.shape
     device, work = stats.device, stats.dtype
     params = device_constants((eps, JITTER, NORM_FLOOR, rank ** -0.5), work, device)
     grid, workspace, options = _dense_launch("fwd", device, batch * heads * slots if listed is None else listed[2],
                                             _block(rank), _block(value_dim), work)
-    saved = (batch, heads, slots) if listed is None else (grid[0],)
-    chol_inv = empty((*saved, rank, rank), work, device)
-    aux = empty((*saved, 2), work, device)
-    slot_list, slot_count = (aux, aux) if listed is None else listed[:2]
+    if listed is None:
+        chol_inv = empty((batch, heads, slots, rank, rank), work, device)
+        aux = empty((batch, heads, slots, 2), work, device)
+        slot_list = slot_count = aux  # unused
+    else:  # neither L⁻¹ nor aux is written (the kernel keeps L⁻¹ in its workspace)
+        chol_inv = aux = workspace
+        slot_list, slot_count = listed[:2]
     launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
            stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
            batch * heads * slots, rank, value_dim, slot_list, slot_count,
