@@ -14,10 +14,9 @@ from tests.pretrain.launch import TINY, launch, losses
 pytestmark = pytest.mark.multiproc
 
 
-def test_launcher_checkpoint_exports_with_logit_parity(tmp_path, model_parallel_tp1):
-    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
-    launch([*TINY, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--train-iters", "4",
-            "--save", str(ckpt), "--save-interval", "4"])
+def test_launcher_checkpoint_exports_with_logit_parity(tmp_path, tp2, model_parallel_tp1):
+    """The TP = 2 + SP checkpoint of the shared launcher run (tests/conftest.py, iteration 8)."""
+    ckpt, out = tp2[0], tmp_path / "hf"
     assert main(["export-hf", str(ckpt), str(out)]) == 0
     ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(0))  # 2.5 SKA chunks of 64
     with torch.no_grad():

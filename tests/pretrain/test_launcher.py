@@ -39,17 +39,6 @@ def _assert_trains(log: str, iterations: int) -> dict[int, float]:
 # ------------------------------------------------------------------ TP=2 + sequence parallel (acceptance)
 
 
-@pytest.fixture(scope="module")
-def tp2(tmp_path_factory):
-    save = tmp_path_factory.mktemp("tp2")
-    # The acceptance command, plus per-iteration logging and no evaluation (speed).
-    run = launch(["--cpu", "--echo-preset", "echo-tiny", "--mock-data", "--tensor-model-parallel-size", "2",
-                  "--sequence-parallel", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "8",
-                  "--lr", "1e-3", "--save", str(save), "--save-interval", "4", "--log-interval", "1",
-                  "--eval-iters", "0"])
-    return save, run.stdout
-
-
 def test_tp2_sequence_parallel_trains_with_ska_layers(tp2):
     _, log = tp2
     _assert_trains(log, 8)
