@@ -25,6 +25,13 @@ def _triton_available() -> bool:
     return True
 
 
+def _resolve_auto(backend: str, q: Tensor) -> str:
+    """backend, with "auto" resolved: Triton for CUDA tensors (when triton imports), torch otherwise."""
+    if backend == "auto":
+        return "triton" if q.is_cuda and _triton_available() else "torch"
+    return backend
+
+
 def ska(
     q: Tensor, k: Tensor, v: Tensor, *, eta: Tensor, gamma: Tensor, chunk_size: int = 64, power: int = 2,
     eps: float = 1e-3, norm: str = "causal_max", mode: str = "chunk_causal", mask: Tensor | None = None,
@@ -58,8 +65,7 @@ def ska(
                           mask=mask, cu_seqlens=cu_seqlens, power_iters=power_iters, backend=backend,
                           validate=validate)
     q, k, v = promote(q, k, v)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    backend = _resolve_auto(backend, q)
     options = dict(chunk_size=chunk_size, power=power, eps=eps, norm=norm, mode=mode, mask=mask,
                    cu_seqlens=cu_seqlens, power_iters=power_iters)
     if backend == "reference":
@@ -93,9 +99,7 @@ def ska_prefill(
 
 def _decode_backend(backend: str, q: Tensor) -> str:
     check_backend(backend, DECODE_BACKENDS)
-    if backend == "auto":
-        return "triton" if q.is_cuda and _triton_available() else "torch"
-    return backend
+    return _resolve_auto(backend, q)
 
 
 def ska_step(

@@ -56,6 +56,18 @@ def _outer(a: Tensor, b: Tensor) -> Tensor:
     return a[..., :, None] * b[..., None, :]
 
 
+def _add_token(partial: Statistics, k: Tensor, v: Tensor, last_key: Tensor) -> Statistics:
+    """The partial sums with one more token: k, last_key [B, H, r], v [B, H, P] (the lag pair is (k, last_key))."""
+    return Statistics(partial.gram + _outer(k, k), partial.lag + _outer(k, last_key), partial.cross + _outer(v, k),
+                      torch.maximum(partial.max_norm, torch.linalg.vector_norm(k, dim=-1)))
+
+
+def _fold(completed: Statistics, partial: Statistics) -> Statistics:
+    """The completed sums with a finished chunk's partial sums folded in."""
+    return Statistics(completed.gram + partial.gram, completed.lag + partial.lag, completed.cross + partial.cross,
+                      torch.maximum(completed.max_norm, partial.max_norm))
+
+
 def _readout(stats: Statistics, gamma: Tensor, options: dict) -> Tensor:
     return readout_matrices(stats, gamma.view(1, -1), power=options["power"], eps=options["eps"], norm=options["norm"],
                             power_iters=options["power_iters"])
@@ -92,15 +104,11 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: SKAState, *, eta: Tensor, gamma
     work = state.readout.dtype
     q32, k32, v32 = q.to(work), k.to(work), v.to(work)
     y = torch.einsum("bhpr,bhr->bhp", state.readout, q32) * eta.to(work)[:, None]
-    p = state.partial
-    partial = Statistics(p.gram + _outer(k32, k32), p.lag + _outer(k32, state.last_key), p.cross + _outer(v32, k32),
-                         torch.maximum(p.max_norm, torch.linalg.vector_norm(k32, dim=-1)))
+    partial = _add_token(state.partial, k32, v32, state.last_key)
     position = state.position + 1
     if position < state.chunk_size:
         return y.to(q.dtype), replace(state, partial=partial, last_key=k32, position=position)
-    c = state.completed
-    completed = Statistics(c.gram + partial.gram, c.lag + partial.lag, c.cross + partial.cross,
-                           torch.maximum(c.max_norm, partial.max_norm))
+    completed = _fold(state.completed, partial)
     zeros = Statistics(*(torch.zeros_like(x) for x in partial))
     readout = _readout(completed, gamma.to(work), state.options)
     return y.to(q.dtype), replace(state, completed=completed, partial=zeros, last_key=k32, readout=readout,
@@ -128,6 +136,7 @@ class StateSlots:
     def __init__(self, slots: int, heads: int, rank: int, value_dim: int, options: dict, dtype: torch.dtype,
                  device: torch.device):
         self.options = options
+
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(slots, heads, *shape, dtype=dtype, device=device)
 
@@ -167,13 +176,10 @@ def step_slots(q: Tensor, k: Tensor, v: Tensor, slots: StateSlots, rows: Tensor,
     q32, k32, v32 = q.to(work), k.to(work), v.to(work)
     readout, last_key = slots.readout[rows], slots.last_key[rows]
     y = torch.einsum("bhpr,bhr->bhp", readout, q32) * eta.to(work)[:, None]
-    p = Statistics(*(x[rows] for x in slots.partial))
-    partial = Statistics(p.gram + _outer(k32, k32), p.lag + _outer(k32, last_key), p.cross + _outer(v32, k32),
-                         torch.maximum(p.max_norm, torch.linalg.vector_norm(k32, dim=-1)))
+    partial = _add_token(Statistics(*(x[rows] for x in slots.partial)), k32, v32, last_key)
     fold = slots.tokens[rows] % slots.options["chunk_size"] == slots.options["chunk_size"] - 1  # [B, H]
     c = Statistics(*(x[rows] for x in slots.completed))
-    completed = Statistics(c.gram + partial.gram, c.lag + partial.lag, c.cross + partial.cross,
-                           torch.maximum(c.max_norm, partial.max_norm))
+    completed = _fold(c, partial)
 
     def where_fold(new: Tensor, old: Tensor) -> Tensor:
         return torch.where(fold.view(*fold.shape, *(1,) * (new.dim() - 2)), new, old)
