@@ -103,12 +103,13 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
     sequence) moves, kernel by kernel, as the kernels read and write them; the next byte model to the FLOP
     model above. Statistics rows are fp32, D = 2r² + P·r floats per chunk; token tensors (q, k, v, y and
     their gradients) have `element_bytes`; the dense kernels' workspace is assumed to stay in L2 (it is
-    written and read back by the same program, a few hundred KB per SM) and the per-chunk scalars (max
-    norms, σ, dη and dγ̂ partials) are left out (< 1 %). Per chunk of S tokens:
+    written and read back by the same program, a few hundred KB per SM), and so is the R a dense program
+    reads its chunk out from right after writing it; the per-chunk scalars (max norms, σ, dη and dγ̂ shares)
+    are left out (< 1 %). Per chunk of S tokens:
 
       forward   statistics: read k, v, write D            scan: read D, write D
-                dense: read D, write R (P·r) and L⁻¹ (r²)  readout: read q and R, write y
-      backward  readout: read q, R, dy, write dq, dR      dense: read D, L⁻¹, dR, write dD
+                dense + readout: read D and q, write R (P·r, for the backward), L⁻¹ (r²) and y
+      backward  dense + readout: read D, L⁻¹, R, q, dy, write dD and dq (dR stays in the workspace)
                 scan: read dD, write dD                   statistics: read k, v, dD and the next chunk's dM (r²),
                                                           write dk, dv
     """
@@ -116,8 +117,8 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
     row, square, readout = 4 * (2 * r * r + p * r), 4 * r * r, 4 * p * r
     key, value = e * r, e * p  # one token's key (or query) and value (or output)
     per_chunk = ForwardBackward(
-        forward=(row + 2 * row + row + readout + square + readout),
-        backward=(readout + readout + row + square + readout + row + 2 * row + row + square),
+        forward=(row + 2 * row + row + readout + square),
+        backward=(row + square + readout + row + 2 * row + row + square),
     )
     per_token = ForwardBackward(forward=(key + value) + (key + value),  # k, v read; q read, y written
                                 backward=(key + value + key) + (key + value + key + value))  # q, dy, dq; k, v, dk, dv

@@ -195,8 +195,7 @@ def _triton_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bo
                  power_iters: int) -> Tensor:
     """The Triton stages (as `ska_triton`), with the join pairs added to each segment's chunk-0 row before the
     scan and the prefixes added to its output; y in the work dtype."""
-    from .triton.function import NORM_KEYS, ChunkStatistics, ChunkTable, Readout, SegmentScan
-    from .triton.function import visible_readout_matrices
+    from .triton.function import NORM_KEYS, ChunkStatistics, ChunkTable, SegmentScan, read_out
 
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # the interpreter's bf16 tl.dot is wrong
         q, k, v = q.float(), k.float(), v.float()
@@ -212,6 +211,5 @@ def _triton_path(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, bo
                                              False)
     visible = visible + _flat_rows(initial.totals).index_select(2, table.segment)
     max_norm = torch.maximum(running_max, initial.totals.max_norm.index_select(2, table.segment))
-    readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
-                                       power=power, eps=eps, norm=norm, power_iters=power_iters)
-    return Readout.apply(q, readout, eta.to(work), table, False)
+    return read_out(visible, max_norm, gamma.to(work), q, eta.to(work), table, total=False, rank=rank,
+                    value_dim=value_dim, power=power, eps=eps, norm=norm, power_iters=power_iters)

@@ -235,14 +235,14 @@ def test_small_model_matches_flop_counter(ffn):
 
 def test_triton_byte_model_matches_a_hand_count():
     """r = P = S = 64, bf16 tokens: a statistics row is 4·(2·64² + 64²) = 49,152 B per chunk, R and L⁻¹
-    16,384 B each. Forward per chunk 4 rows + 2 R + L⁻¹ = 245,760 B, i.e. 3,840 B per token, plus 4 token
-    vectors of 128 B; backward 5 rows + 3 R + 2 r² = 327,680 B → 5,120 B per token, plus 7 token vectors."""
+    16,384 B each. Forward per chunk 4 rows + R + L⁻¹ = 229,376 B, i.e. 3,584 B per token, plus 4 token
+    vectors of 128 B; backward 5 rows + R + 2 r² = 294,912 B → 4,608 B per token, plus 7 token vectors."""
     from echo_megatron.megatron.flops import ska_triton_hbm_bytes
 
     bytes_ = ska_triton_hbm_bytes(rank=64, value_dim=64, chunk_size=64)
-    assert (bytes_.forward, bytes_.backward) == (3840 + 4 * 128, 5120 + 7 * 128)
+    assert (bytes_.forward, bytes_.backward) == (3584 + 4 * 128, 4608 + 7 * 128)
     halved = ska_triton_hbm_bytes(rank=64, value_dim=64, chunk_size=128)  # per-chunk traffic halves with S
-    assert halved.forward == 3840 / 2 + 4 * 128
+    assert halved.forward == 3584 / 2 + 4 * 128
 
 
 def _saved_bytes(tokens: int, rank: int, value_dim: int, chunk: int) -> int:

@@ -246,6 +246,29 @@ def test_readout_kernel_matches_torch(total, dtype):
     _assert_close(_grads([got], wrt), _grads([expected], wrt), ["dq", "dR", "deta"], tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunk_readout_equals_readout_matrices_then_readout(dtype):
+    """`ChunkReadout` (chunk_causal: each dense program reads its chunk out, and takes the readout's backward
+    before its own) is `Readout` after `ReadoutMatrices`, the same building blocks in one launch each way:
+    y, dq and the gradients of the statistics, max norms and γ̂ equal bit for bit; dη's shares are summed
+    over the columns in the kernel first, so dη agrees to rounding. T not a multiple of S, r not a power of
+    two, r wider than the 16 columns of dq the backward takes at a time."""
+    batch, seq_len, heads, rank, value_dim, chunk = 1, 21, 2, 24, 7, 8
+    rows, max_norm = _visible_statistics(batch, heads, rank, value_dim, chunk, seq_len, torch.float32, seed=3)
+    table, _ = _table_and_layout(seq_len, chunk, None)
+    inputs = make_inputs(batch, seq_len, heads, rank, value_dim, dtype=dtype, requires_grad=True)
+    q, eta, gamma = inputs["q"], inputs["eta"], inputs["gamma"].float()
+    options = (rank, value_dim, 2, 1e-3, "causal_max", 6)
+    fused = tfn.ChunkReadout.apply(rows, max_norm, gamma, q, eta, table, *options)
+    staged = tfn.Readout.apply(q, tfn.ReadoutMatrices.apply(rows, max_norm, gamma, *options), eta, table, False)
+    assert torch.equal(fused, staged)
+    wrt = [rows, max_norm, inputs["gamma"], q, eta]
+    got, expected = _grads([fused], wrt), _grads([staged], wrt)
+    for name, a, b in zip(["d_stats", "d_max_norm", "d_gamma", "dq"], got, expected):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    _assert_close(got[4:], expected[4:], ["d_eta"], 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the whole operator: backend="triton" vs backend="torch"
 # ---------------------------------------------------------------------------------------------------------

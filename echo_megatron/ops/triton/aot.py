@@ -101,8 +101,9 @@ def compile_launches(launches: list[Launch], arch: int = 90, fp16_as: str = "fp1
         fn = getattr(kernels, rec.name)
         values = dict(zip(fn.arg_names, rec.args))
         constexprs = {k: v for k, v in rec.kwargs.items() if k not in _LAUNCH_OPTIONS}
-        # like the JIT launcher: an int argument equal to 1 is compiled as a constant
-        constexprs.update({k: 1 for k, v in values.items() if type(v) is int and v == 1})
+        # like the JIT launcher: an int argument equal to 1 is compiled as a constant, unless do_not_specialize
+        constexprs.update({k: 1 for k, v in values.items()
+                           if type(v) is int and v == 1 and k not in fn.do_not_specialize})
         signature = {name: "constexpr" if name in constexprs else mangle_type(values[name]).replace("fp16", fp16_as)
                      for name in fn.arg_names}
         options = {name: rec.kwargs[name] for name in _LAUNCH_OPTIONS if name in rec.kwargs}
@@ -129,7 +130,8 @@ REPORT_SHAPES = ((32, 32), (48, 64), (64, 64), (128, 128))
 
 def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int = 64, power: int = 2,
                 decode: bool = False) -> list[tuple[int, int, KernelResources]]:
-    """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` launches (S = chunk, K = power),
+    """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` launches (S = chunk, K = power) in
+    chunk_causal mode and in prefix mode (whose slots are sequences: R, then a chunk-parallel readout),
     compiled for sm_90; with `decode`, of decoding instead (two heads): `ska_step`'s kernel and
     `ska_step_slots`' kernel with its recompute of the listed chunk completions (the dense forward, listed).
     The launches are recorded without running them (bf16 is recorded as fp16, see `compile_launches`)."""
@@ -153,7 +155,8 @@ def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int 
                 ska_step_slots(q[0, :2], k[0, :2], v[0, :2], slots, torch.tensor([2, 0]), eta=eta, gamma=gamma,
                                backend="triton")
             else:
-                y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, backend="triton")
-                y.float().sum().backward()
+                for mode in ("chunk_causal", "prefix"):
+                    y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, mode=mode, backend="triton")
+                    y.float().sum().backward()
         rows += [(rank, value_dim, res) for res in compile_launches(launches, arch=90, fp16_as="bf16")]
     return rows

@@ -17,13 +17,15 @@ do not import it directly. Design:
   panels by `tl.dot`; then `_triangular_inverse_blocked`: X = L⁻¹ by block rows), `_power_step` (power iteration), `_transpose_add`, `_inner`, `_trace` and `_fill`.
 * Matrices are addressed as (pointer, row stride, column stride, rows, columns): rows/columns beyond
   the logical size read as 0 and are never written, so padding costs nothing and needs no identity.
+* The kernels do not specialise on their slot counts (`do_not_specialize`): a count of 1 (prefix mode, one
+  sequence per row) compiled as a constant made ptxas spill 44 bytes at r = 32.
 """
 
 import triton
 import triton.language as tl
 
 if False:  # for readers and linters: these come from kernels.py's namespace (see the module docstring)
-    from .kernels import _mm, _total  # noqa: F401
+    from .kernels import _mm, _readout_grad_columns, _readout_tokens, _total  # noqa: F401
 
 
 @triton.jit
@@ -267,11 +269,60 @@ def _square(ws, i: tl.constexpr, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr):
 
 
 @triton.jit
+def _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END):
+    """(batch row, first token, one past the last token) of flat slot idx = (b·H + h)·NSLOT + c when the
+    slots are chunks (chunk_causal)."""
+    c = idx % NSLOT
+    return idx // (H * NSLOT), tl.load(CHUNK_START + c).to(tl.int64), tl.load(CHUNK_END + c).to(tl.int64)
+
+
+@triton.jit(noinline=True)
+def _read_out(Q, Y, RMAT, ETA, CHUNK_START, CHUNK_END, idx, H, NSLOT, R, P,
+              stride_qb, stride_qt, stride_qh, stride_qd, stride_yb, stride_yt, stride_yh, stride_yd,
+              BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr):
+    """`_readout_tokens` (kernels.py) of chunk slot idx from the R this program has just written (L2-resident)."""
+    b, start, end = _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END)
+    h = (idx // NSLOT) % H
+    _readout_tokens(Q + b * stride_qb + h * stride_qh, Y + b * stride_yb + h * stride_yh, RMAT + idx * P * R,
+                    tl.load(ETA + h).to(ACC), start, end, R, P, stride_qt, stride_qd, stride_yt, stride_yd,
+                    BS, BR, BP, BN, ACC, DOT_PRECISION, HALF_TOKENS)
+
+
+@triton.jit(noinline=True)
+def _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_rmat, idx, H, NSLOT, R, P,
+                   stride_qb, stride_qt, stride_qh, stride_qd, stride_yb, stride_yt, stride_yh, stride_yd,
+                   stride_dqb, stride_dqt, stride_dqh, stride_dqd, BS: tl.constexpr, BR: tl.constexpr,
+                   BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   HALF_TOKENS: tl.constexpr):
+    """y = η R q's backward over chunk slot idx (`_readout_grad_columns`, BN columns of r at a time): writes dq
+    and dR = η Σ_t dy_t q_tᵀ to `d_rmat` ([P, r], row stride BR); returns ⟨R, Σ_t dy_t q_tᵀ⟩ (dη's share).
+    Ends with a barrier."""
+    b, start, end = _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END)
+    h = (idx // NSLOT) % H
+    eta = tl.load(ETA + h).to(ACC)
+    d_eta = tl.zeros([], dtype=ACC)
+    for n0 in tl.range(0, BR, BN, disable_licm=True):
+        outer, readout = _readout_grad_columns(
+            Q + b * stride_qb + h * stride_qh, DY + b * stride_yb + h * stride_yh, DQ + b * stride_dqb + h * stride_dqh,
+            RMAT + idx * P * R, eta, n0 + tl.arange(0, BN), start, end, R, P, stride_qt, stride_qd, stride_yt,
+            stride_yd, stride_dqt, stride_dqd, BS, BR, BP, BN, ACC, DOT_PRECISION, HALF_TOKENS)
+        _put(d_rmat, outer * eta, 0, n0, BR, 1, P, R, BP, BN)
+        d_eta += _total(readout * outer)
+    tl.debug_barrier()
+    return d_eta
+
+
+@triton.jit(do_not_specialize=["NSLOT", "NTOTAL"])
 def readout_matrix_fwd_kernel(
     STATS, MSLOT, GAMMA, PARAMS, RMAT, LINV, AUX, WS, H, NSLOT, NTOTAL, R, P, SLOT_LIST, SLOT_COUNT,
+    Q, ETA, Y, CHUNK_START, CHUNK_END,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_yb, stride_yt, stride_yh, stride_yd,
     POWER: tl.constexpr, POWER_ITERS: tl.constexpr, NORM_SCALED: tl.constexpr, JITTER_ROUNDS: tl.constexpr,
     SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, LISTED: tl.constexpr = False,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, LISTED: tl.constexpr, READ_OUT: tl.constexpr,
+    BS: tl.constexpr, BN: tl.constexpr, HALF_TOKENS: tl.constexpr,
 ):
     """R = C L⁻ᵀ (a W)^K L⁻¹ of each slot (SPEC §2), W = L⁻¹ M L⁻ᵀ, L Lᵀ = G̃ = sym(G) + λI with λ = eps·s
     (NORM_SCALED) or eps (norm="none"), s = m².
@@ -286,6 +337,9 @@ def readout_matrix_fwd_kernel(
     handles slots p, p + num_programs, … of the NTOTAL = B·H·NSLOT. With LISTED only the SLOT_COUNT[0] slots
     listed in SLOT_LIST (flat indices, read on the device: the decode step's chunk completions) are
     computed; their L⁻¹ stays in the workspace and AUX is not written (nobody reads them then).
+    With READ_OUT (slots = chunks, chunk_causal) the program also reads its chunk out, y_t = η R q_t for q, y
+    [B, T, H, ·] (strided, token ranges CHUNK_START/END; BS tokens and BN outputs at a time), from the R it
+    has just written.
     """
     ws = _workspace(WS, SQUARE_SLOTS, BR, BP)
     lower = _square(ws, 0, SQUARE_SLOTS, BR)
@@ -356,16 +410,25 @@ def readout_matrix_fwd_kernel(
                      False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
         _product(filtered[POWER % 2], BR, 1, chol_inv, R, 1, RMAT + idx * P * R, R, 1, lag_x, 0, 0, P, R, R, 1.0,
                  False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
+        if READ_OUT:
+            _read_out(Q, Y, RMAT, ETA, CHUNK_START, CHUNK_END, idx, H, NSLOT, R, P, stride_qb, stride_qt, stride_qh,
+                      stride_qd, stride_yb, stride_yt, stride_yh, stride_yd, BS, BR, BP, BN, ACC, DOT_PRECISION,
+                      HALF_TOKENS)
         if not LISTED:
             tl.store(AUX + idx * 2, sigma)
             tl.store(AUX + idx * 2 + 1, coef)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSLOT", "NTOTAL"])
 def readout_matrix_bwd_kernel(
     STATS, MSLOT, GAMMA, PARAMS, LINV, AUX, DRMAT, DSTATS, DMSLOT, DGAMMA, WS, H, NSLOT, NTOTAL, R, P,
+    Q, ETA, RMAT, DY, DQ, DETA, CHUNK_START, CHUNK_END,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_yb, stride_yt, stride_yh, stride_yd,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     POWER: tl.constexpr, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, READ_OUT: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    HALF_TOKENS: tl.constexpr,
 ):
     """Gradients of each slot's R = T_K X in the whitened form of the forward: X = L⁻¹, A = a W with
     W = X M Xᵀ, T_0 = C Xᵀ, T_k = T_{k-1} A — every intermediate stays O(1) (σ(W) <= 1).
@@ -376,6 +439,8 @@ def readout_matrix_bwd_kernel(
       dG̃ = -sym(Xᵀ Φ(dX Xᵀ) X)  (Cholesky backward; Φ = lower triangle, halved diagonal),
       dG = dG̃,  d(raw max norm) = tr(dG̃)·coef·2m (0 below the floor)
     (σ is a constant). Writes DSTATS = (dG, dM, dC), DMSLOT and DGAMMA. Persistent, as the forward.
+    dR is DRMAT's row, or with READ_OUT (slots = chunks) the program first takes the readout's backward of its
+    chunk (`_read_out_grad`: dq into DQ, dR into its workspace, ⟨R, dR⟩/η into DETA) from q, R = RMAT and dy.
     """
     ws = _workspace(WS, SQUARE_SLOTS, BR, BP)
     ct_dr = _square(ws, 0, SQUARE_SLOTS, BR)
@@ -389,16 +454,27 @@ def readout_matrix_bwd_kernel(
     e_v_pow = _square(ws, 10, SQUARE_SLOTS, BR)
     d_x = (_square(ws, 11, SQUARE_SLOTS, BR), _square(ws, 12, SQUARE_SLOTS, BR))
     u_mat = _square(ws, 13, SQUARE_SLOTS, BR)
+    d_readout = ws + SQUARE_SLOTS * BR * BR  # dR with READ_OUT ([BP, BR])
     for program_slot in range(tl.program_id(0), NTOTAL, tl.num_programs(0)):
         idx = program_slot + tl.zeros([], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
         h = (idx // NSLOT) % H
         row = STATS + idx * (2 * R * R + P * R)
         out = DSTATS + idx * (2 * R * R + P * R)
         x = LINV + idx * R * R
-        d_r = DRMAT + idx * P * R
+        if READ_OUT:
+            d_eta = _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_readout, idx, H, NSLOT, R, P,
+                                   stride_qb, stride_qt, stride_qh, stride_qd, stride_yb, stride_yt, stride_yh,
+                                   stride_yd, stride_dqb, stride_dqt, stride_dqh, stride_dqd, BS, BR, BP, BN, ACC,
+                                   DOT_PRECISION, HALF_TOKENS)
+            tl.store(DETA + idx, d_eta)
+            d_r = d_readout
+            dr_stride = BR
+        else:
+            d_r = DRMAT + idx * P * R
+            dr_stride = R
         sigma = tl.load(AUX + idx * 2)
         a = tl.load(GAMMA + h).to(ACC) / sigma
-        _product(row + 2 * R * R, 1, R, d_r, R, 1, ct_dr, BR, 1, x, 0, 0, R, R, P, 1.0,
+        _product(row + 2 * R * R, 1, R, d_r, dr_stride, 1, ct_dr, BR, 1, x, 0, 0, R, R, P, 1.0,
                  False, False, BR, BR, BP, TILE, ACC, DOT_PRECISION)  # Cᵀ dR
         _product(x, R, 1, ct_dr, BR, 1, q_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
                  False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Q
@@ -451,7 +527,7 @@ def readout_matrix_bwd_kernel(
                      True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # dX = Q + X (Cᵀ dR)ᵀ
             _product(x, 1, R, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
                      False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # U = Xᵀ X
-        _product(d_r, R, 1, u_mat, BR, 1, out + 2 * R * R, R, 1, x, 0, 0, P, R, R, 1.0,
+        _product(d_r, dr_stride, 1, u_mat, BR, 1, out + 2 * R * R, R, 1, x, 0, 0, P, R, R, 1.0,
                  False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)  # dC = dR U
         phi = d_x[0]
         _product(d_x[1], BR, 1, x, 1, R, phi, BR, 1, x, 0, 0, R, R, R, 1.0,

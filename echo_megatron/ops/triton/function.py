@@ -8,6 +8,8 @@ Pipeline (SPEC §3), every stage a Triton kernel forward and backward:
          ──ReadoutMatrices──▶ R [B, H, NSLOT, P, r]
     q ───Readout──▶ y = η R_slot(c) q [B, T, H, P]
 
+Where slots are chunks (chunk_causal) the last two are one launch each way (`ChunkReadout`): every dense
+program reads its chunk out from the R it has just written, and keeps dR on chip in the backward.
 Torch only allocates the kernel outputs and sums the partials of dη and dγ̂ over batch and chunks (and,
 in prefix mode's backward, adds the per-chunk dR of each sequence, `index_add_`); the chunk table is
 built once per shape (`ChunkTable.build`), so a warm call spends no torch op on it. For r > 128 or
@@ -47,6 +49,9 @@ DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
 INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
 # Launch tuning, from the sm_90 resource report of `aot.py` (registers, spills, shared memory):
 COLUMN_BLOCK = 32  # output columns per program in readout_bwd_kernel
+# columns of y (forward) or dq (backward) at a time in a dense kernel's read-out (`ChunkReadout`), from the sm_90
+# report: with 32 columns of dq the backward spills 36 bytes at r = 32 and 184 at r = 128, with 16 none
+READ_OUT_COLUMNS = {"fwd": 32, "bwd": 16}
 STATS_COLUMN_BLOCK = 64  # statistics columns per program in the forward (r = 128: two programs per chunk)
 # chunk_stats_bwd_kernel's (columns per program, warps) by tile width max(r, P) padded: the sm_90 report's
 # spill-free choice (16 columns at 4 warps spill 108 bytes at width 64; 32 columns spill 12 at width 32 and
@@ -290,12 +295,28 @@ def _dense_launch(direction: str, device: torch.device, slots: int, block_r: int
     return (programs,), workspace, options
 
 
+NO_READ_OUT = dict(READ_OUT=False, BS=16, BN=16, HALF_TOKENS=False)  # a dense kernel's read-out constexprs, unused
+
+
+def _read_out_options(q: Tensor, value_dim: int, table: ChunkTable, backward: bool) -> dict:
+    """Constexprs of a dense kernel that reads its chunk out (`ChunkReadout`): the token tile of the readout
+    kernel it stands for and READ_OUT_COLUMNS columns of y (forward) or of dq (backward) at a time."""
+    block_r, block_p = _block(q.shape[-1]), _block(value_dim)
+    direction, width = ("bwd", block_r) if backward else ("fwd", block_p)  # dq's columns, or y's
+    return dict(READ_OUT=True, BS=_token_block(f"readout_{direction}", table.chunk_size, block_r, block_p),
+                BN=min(width, READ_OUT_COLUMNS[direction]), HALF_TOKENS=_half(q.dtype))
+
+
 def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, readout: Tensor, *, rank: int,
                             value_dim: int, power: int, eps: float, norm: str, power_iters: int,
-                            listed: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            listed: tuple[Tensor, Tensor, int] | None = None,
+                            read_out: tuple[Tensor, Tensor, Tensor, ChunkTable] | None = None,
+                            ) -> tuple[Tensor, Tensor, Tensor]:
     """One readout_matrix_fwd_kernel launch: R of each slot of stats [B, H, N, D] (raw max norms [B, H, N])
     into readout [B, H, N, P, r]. With listed = (slot list, slot count, at most how many), both on the device,
-    only the listed flat slots (b·H + h)·N + n. Returns (params, L⁻¹, aux) for the backward (unlisted only)."""
+    only the listed flat slots (b·H + h)·N + n. With read_out = (q [B, T, H, r], η [H], y [B, T, H, P], chunk
+    table), slots = chunks, each program also writes its chunk's y = η R q. Returns (params, L⁻¹, aux) for the
+    backward (unlisted only)."""
     batch, heads, slots, _ = stats.shape
     device, work = stats.device, stats.dtype
     params = device_constants((eps, JITTER, NORM_FLOOR, rank ** -0.5), work, device)
@@ -308,12 +329,47 @@ def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, read
     else:  # neither L⁻¹ nor aux is written (the kernel keeps L⁻¹ in its workspace)
         chol_inv = aux = workspace
         slot_list, slot_count = listed[:2]
+    if read_out is None:
+        tokens, read_out_options = [stats] * 5 + [0] * 8, NO_READ_OUT  # placeholders
+    else:
+        q, eta, y, table = read_out
+        tokens = [q, eta, y, table.start, table.end, *_strides(q), *_strides(y)]
+        read_out_options = _read_out_options(q, value_dim, table, backward=False)
     launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
            stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
-           batch * heads * slots, rank, value_dim, slot_list, slot_count,
+           batch * heads * slots, rank, value_dim, slot_list, slot_count, *tokens,
            POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
-           BLOCK=DENSE_BLOCK, LISTED=listed is not None, **options)
+           BLOCK=DENSE_BLOCK, LISTED=listed is not None, **read_out_options, **options)
     return params, chol_inv, aux
+
+
+def _launch_readout_matrices_bwd(saved: tuple[Tensor, ...], d_readout: Tensor | None, *, rank: int, value_dim: int,
+                                 power: int, read_out: tuple[Tensor, ...] | None = None,
+                                 table: ChunkTable | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One readout_matrix_bwd_kernel launch from the forward's saved (stats, max norms, γ̂, params, L⁻¹, aux) and
+    dR [B, H, N, P, r]; or, slots = chunks, with read_out = (q, η, R, dy, dq, dη shares [B, H, N]) and the chunk
+    table instead of dR (the kernel writes dq and dη's shares). Returns (d_stats [B, H, N, D], d_max_norm
+    [B, H, N], dγ̂ shares [B, H, N])."""
+    stats, max_norm, gamma, params, chol_inv, aux = saved
+    batch, heads, slots, width = stats.shape
+    device, work = stats.device, stats.dtype
+    d_stats = empty((batch, heads, slots, width), work, device)
+    d_max_norm = empty((batch, heads, slots), work, device)
+    d_gamma = empty((batch, heads, slots), work, device)
+    grid, workspace, options = _dense_launch("bwd", device, batch * heads * slots, _block(rank), _block(value_dim),
+                                            work)
+    if read_out is None:
+        d_readout, tokens, read_out_options = d_readout.contiguous(), [stats] * 8 + [0] * 12, NO_READ_OUT
+    else:
+        q, _, _, d_y, d_q, _ = read_out
+        d_readout = stats  # unused: dR stays in the workspace
+        tokens = [*read_out, table.start, table.end, *_strides(q), *_strides(d_y), *_strides(d_q)]
+        read_out_options = _read_out_options(q, value_dim, table, backward=True)
+    launch(kernels_for(device).readout_matrix_bwd_kernel, grid,
+           stats, max_norm, gamma, params, chol_inv, aux, d_readout, d_stats, d_max_norm, d_gamma,
+           workspace, heads, slots, batch * heads * slots, rank, value_dim, *tokens, POWER=power,
+           **read_out_options, **options)
+    return d_stats, d_max_norm, d_gamma
 
 
 class ReadoutMatrices(torch.autograd.Function):
@@ -329,24 +385,45 @@ class ReadoutMatrices(torch.autograd.Function):
                                                         value_dim=value_dim, power=power, eps=eps, norm=norm,
                                                         power_iters=power_iters)
         ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux)
-        ctx.options = (rank, value_dim, power, norm)
+        ctx.options = dict(rank=rank, value_dim=value_dim, power=power)
         return readout
 
     @staticmethod
     def backward(ctx, d_readout: Tensor):
-        stats, max_norm, gamma, params, chol_inv, aux = ctx.saved_tensors
-        rank, value_dim, power, norm = ctx.options
-        batch, heads, slots, width = stats.shape
-        device, work = stats.device, stats.dtype
-        d_stats = empty((batch, heads, slots, width), work, device)
-        d_max_norm = empty((batch, heads, slots), work, device)
-        d_gamma = empty((batch, heads, slots), work, device)
-        grid, workspace, options = _dense_launch("bwd", device, batch * heads * slots, _block(rank), _block(value_dim),
-                                                work)
-        launch(kernels_for(device).readout_matrix_bwd_kernel, grid,
-               stats, max_norm, gamma, params, chol_inv, aux, d_readout.contiguous(), d_stats, d_max_norm, d_gamma,
-               workspace, heads, slots, batch * heads * slots, rank, value_dim, POWER=power, **options)
+        d_stats, d_max_norm, d_gamma = _launch_readout_matrices_bwd(ctx.saved_tensors, d_readout, **ctx.options)
         return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), None, None, None, None, None, None
+
+
+class ChunkReadout(torch.autograd.Function):
+    """Visible statistics [B, H, NC, D], raw max norms [B, H, NC], γ̂ [H], q [B, T, H, r], η [H] -> y [B, T, H, P]
+    (chunk_causal: one slot per chunk): R of every chunk (`ReadoutMatrices`) and its tokens' y = η R q
+    (`Readout`) in one launch, and their backward in one: each dense program reads its chunk out from the R it
+    has just written, and takes dR = η Σ dy qᵀ into its workspace, so that dR never reaches memory."""
+
+    @staticmethod
+    def forward(ctx, stats: Tensor, max_norm: Tensor, gamma: Tensor, q: Tensor, eta: Tensor, table: ChunkTable,
+                rank: int, value_dim: int, power: int, eps: float, norm: str, power_iters: int):
+        stats, max_norm = stats.contiguous(), max_norm.contiguous()
+        batch, heads, slots, _ = stats.shape
+        readout = empty((batch, heads, slots, value_dim, rank), stats.dtype, stats.device)
+        y = empty((batch, q.shape[1], heads, value_dim), q.dtype, q.device)
+        params, chol_inv, aux = launch_readout_matrices(
+            stats, max_norm, gamma, readout, rank=rank, value_dim=value_dim, power=power, eps=eps, norm=norm,
+            power_iters=power_iters, read_out=(q, eta, y, table))
+        ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux, readout, q, eta)
+        ctx.table, ctx.options = table, dict(rank=rank, value_dim=value_dim, power=power)
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y: Tensor):
+        *saved, readout, q, eta = ctx.saved_tensors
+        batch, heads, slots = readout.shape[:3]
+        d_q = empty(q.shape, q.dtype, q.device)
+        d_eta = empty((batch, heads, slots), readout.dtype, q.device)
+        d_stats, d_max_norm, d_gamma = _launch_readout_matrices_bwd(
+            tuple(saved), None, read_out=(q, eta, readout, d_y, d_q, d_eta), table=ctx.table, **ctx.options)
+        return (d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), d_q, d_eta.sum(dim=(0, 2)).to(eta.dtype),
+                None, None, None, None, None, None, None)
 
 
 class Readout(torch.autograd.Function):
@@ -424,6 +501,20 @@ def visible_readout_matrices(
     return readout_matrices(stats, gamma.view(1, -1, 1), power=power, eps=eps, norm=norm, power_iters=power_iters)
 
 
+def read_out(visible: Tensor, max_norm: Tensor, gamma: Tensor, q: Tensor, eta: Tensor, table: ChunkTable, *,
+             total: bool, rank: int, value_dim: int, power: int, eps: float, norm: str, power_iters: int) -> Tensor:
+    """y [B, T, H, P] = η R_slot(c) q [B, T, H, r] from the visible statistics [B, H, NSLOT, D] and their raw
+    max norms [B, H, NSLOT] (γ̂ [H] in the work dtype): one launch each way (`ChunkReadout`) when slots are
+    chunks and r, P <= 128; else the readout matrices (`visible_readout_matrices`), then `Readout` (prefix mode's
+    slots are sequences, read out chunk-parallel)."""
+    if not total and rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
+        return ChunkReadout.apply(visible, max_norm, gamma, q, eta, table, rank, value_dim, power, eps, norm,
+                                  power_iters)
+    readout = visible_readout_matrices(visible, max_norm, gamma, rank=rank, value_dim=value_dim, power=power,
+                                       eps=eps, norm=norm, power_iters=power_iters)
+    return Readout.apply(q, readout, eta, table, total)
+
+
 def ska_triton(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, *, chunk_size: int, power: int, eps: float,
     norm: str, mode: str, mask: Tensor | None, cu_seqlens: Tensor | None, power_iters: int,
@@ -449,6 +540,5 @@ def ska_triton(
     stats, chunk_max = ChunkStatistics.apply(k, v, weights, table, NORM_KEYS[norm])
     # the visible keys' max norm (the ridge's scale with causal_max, the jitter's in every norm), or the sequence's
     visible, max_norm = SegmentScan.apply(stats, chunk_max, table, total, norm == "sequence_max")
-    readout = visible_readout_matrices(visible, max_norm, gamma.to(work), rank=rank, value_dim=value_dim,
-                                       power=power, eps=eps, norm=norm, power_iters=power_iters)
-    return Readout.apply(q, readout, eta, table, total)
+    return read_out(visible, max_norm, gamma.to(work), q, eta, table, total=total, rank=rank, value_dim=value_dim,
+                    power=power, eps=eps, norm=norm, power_iters=power_iters)

@@ -440,6 +440,50 @@ def segment_scan_kernel(
 
 
 @triton.jit
+def _readout_tokens(q_base, y_base, rmat, eta, start, end, R, P, stride_qt, stride_qd, stride_yt, stride_yd,
+                    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr):
+    """y_t = η R q_t for the tokens start <= t < end, BN output columns at a time; R [P, r] row-major at rmat."""
+    for p0 in tl.range(0, BP, BN):
+        cols = p0 + tl.arange(0, BN)
+        readout_t = _load_columns(rmat, P, R, cols, BR, True).to(ACC)  # Rᵀ[:, cols]
+        readout_hi, readout_lo = _split_tf32(readout_t, HALF_TOKENS)
+        for t0 in range(start, end, BS):
+            t = t0 + tl.arange(0, BS)
+            ok = t < end
+            query = _load_tokens(q_base, t, ok, stride_qt, R, stride_qd, BR).to(ACC)
+            y = _mm_split(query, readout_hi, readout_lo, ACC, DOT_PRECISION, HALF_TOKENS) * eta
+            tl.store(y_base + t[:, None] * stride_yt + cols[None, :] * stride_yd, y.to(y_base.dtype.element_ty),
+                     mask=ok[:, None] & (cols[None, :] < P))
+
+
+@triton.jit
+def _readout_grad_columns(q_base, dy_base, dq_base, rmat, eta, cols, start, end, R, P,
+                          stride_qt, stride_qd, stride_yt, stride_yd, stride_dqt, stride_dqd,
+                          BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                          ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr):
+    """Columns `cols` [BN] of y = η R q's backward over the tokens start <= t < end: stores dq_t = η Rᵀ dy_t
+    there and returns (Σ_t dy_t q_tᵀ [BP, BN] without η, R[:, cols] [BP, BN]); R [P, r] row-major at rmat."""
+    readout = _load_columns(rmat, P, R, cols, BP, False).to(ACC)
+    readout_hi, readout_lo = _split_tf32(readout, HALF_TOKENS)
+    outer = tl.zeros([BP, BN], dtype=ACC)
+    for t0 in range(start, end, BS):
+        t = t0 + tl.arange(0, BS)
+        ok = t < end
+        query = tl.load(q_base + t[:, None] * stride_qt + cols[None, :] * stride_qd,
+                        mask=ok[:, None] & (cols[None, :] < R), other=0.0)
+        d_y = _load_tokens(dy_base, t, ok, stride_yt, P, stride_yd, BP)
+        d_q = _mm_split(d_y.to(ACC), readout_hi, readout_lo, ACC, DOT_PRECISION, HALF_TOKENS) * eta
+        tl.store(dq_base + t[:, None] * stride_dqt + cols[None, :] * stride_dqd, d_q.to(dq_base.dtype.element_ty),
+                 mask=ok[:, None] & (cols[None, :] < R))
+        if HALF_TOKENS:  # fp16/bf16 operands: exact products, fp32 accumulation
+            outer += _mm(tl.trans(d_y.to(query.dtype)), query, ACC, DOT_PRECISION)
+        else:
+            outer += _mm(tl.trans(d_y.to(ACC)), query.to(ACC), ACC, DOT_PRECISION)
+    return outer, readout
+
+
+@triton.jit
 def readout_fwd_kernel(
     Q, RMAT, ETA, Y, CHUNK_START, CHUNK_END, CHUNK_SLOT, H, NSLOT, R, P,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -449,17 +493,9 @@ def readout_fwd_kernel(
 ):
     """y_t = η R_{CHUNK_SLOT[c]} q_t for the tokens t of chunk c. Grid (NC, B·H)."""
     c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
-    readout = _load_matrix(RMAT + (bh * NSLOT + tl.load(CHUNK_SLOT + c)) * P * R, P, R, BP, BR)
-    readout_hi, readout_lo = _split_tf32(tl.trans(readout), HALF_TOKENS)
-    eta = tl.load(ETA + h).to(ACC)
-    q_base = Q + b * stride_qb + h * stride_qh
-    y_base = Y + b * stride_yb + h * stride_yh
-    for t0 in range(start, end, BS):
-        t = t0 + tl.arange(0, BS)
-        ok = t < end
-        query = _load_tokens(q_base, t, ok, stride_qt, R, stride_qd, BR).to(ACC)
-        y = _mm_split(query, readout_hi, readout_lo, ACC, DOT_PRECISION, HALF_TOKENS) * eta
-        _store_tokens(y_base, y, t, ok, stride_yt, P, stride_yd, BP)
+    _readout_tokens(Q + b * stride_qb + h * stride_qh, Y + b * stride_yb + h * stride_yh,
+                    RMAT + (bh * NSLOT + tl.load(CHUNK_SLOT + c)) * P * R, tl.load(ETA + h).to(ACC), start, end, R, P,
+                    stride_qt, stride_qd, stride_yt, stride_yd, BS, BR, BP, BP, ACC, DOT_PRECISION, HALF_TOKENS)
 
 
 @triton.jit
@@ -475,26 +511,11 @@ def readout_bwd_kernel(
     = ⟨R, Σ_t dy_t q_tᵀ⟩ restricted to those columns. Grid (NC, B·H, ⌈r / BN⌉)."""
     c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
-    readout = _load_columns(RMAT + (bh * NSLOT + tl.load(CHUNK_SLOT + c)) * P * R, P, R, cols, BP, False)
-    readout_hi, readout_lo = _split_tf32(readout, HALF_TOKENS)
     eta = tl.load(ETA + h).to(ACC)
-    q_base = Q + b * stride_qb + h * stride_qh
-    dy_base = DY + b * stride_yb + h * stride_yh
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
-    outer = tl.zeros([BP, BN], dtype=ACC)
-    for t0 in range(start, end, BS):
-        t = t0 + tl.arange(0, BS)
-        ok = t < end
-        query = tl.load(q_base + t[:, None] * stride_qt + cols[None, :] * stride_qd,
-                        mask=ok[:, None] & (cols[None, :] < R), other=0.0)
-        d_y = _load_tokens(dy_base, t, ok, stride_yt, P, stride_yd, BP)
-        d_q = _mm_split(d_y.to(ACC), readout_hi, readout_lo, ACC, DOT_PRECISION, HALF_TOKENS) * eta
-        tl.store(dq_base + t[:, None] * stride_dqt + cols[None, :] * stride_dqd, d_q.to(DQ.dtype.element_ty),
-                 mask=ok[:, None] & (cols[None, :] < R))
-        if HALF_TOKENS:  # fp16/bf16 operands: exact products, fp32 accumulation
-            outer += _mm(tl.trans(d_y.to(query.dtype)), query, ACC, DOT_PRECISION)
-        else:
-            outer += _mm(tl.trans(d_y.to(ACC)), query.to(ACC), ACC, DOT_PRECISION)
+    outer, readout = _readout_grad_columns(
+        Q + b * stride_qb + h * stride_qh, DY + b * stride_yb + h * stride_yh, DQ + b * stride_dqb + h * stride_dqh,
+        RMAT + (bh * NSLOT + tl.load(CHUNK_SLOT + c)) * P * R, eta, cols, start, end, R, P, stride_qt, stride_qd,
+        stride_yt, stride_yd, stride_dqt, stride_dqd, BS, BR, BP, BN, ACC, DOT_PRECISION, HALF_TOKENS)
     pp = tl.arange(0, BP)
     tl.store(DRMAT + (bh * NC + c) * P * R + pp[:, None] * R + cols[None, :], outer * eta,
              mask=(pp[:, None] < P) & (cols[None, :] < R))
