@@ -238,34 +238,44 @@ def test_cpu_preset_meets_the_target(tmp_path):
     check_cpu_preset_results(_results(tmp_path, "cpu"))
 
 
-# The committed MQAR results (docs/results/...) and how each differs from the CPU preset: the README's main job; the
-# same with the state-matched Mamba-2; attention and SKA trained their whole 1,000 steps at the rate the sweep kept;
-# the state-matched Mamba-2 with a 4,000-step cap at the rate its sweep kept.
+# The committed results (docs/results/...) and how each differs from its CPU preset. MQAR: the README's main job;
+# the same with the state-matched Mamba-2; attention and SKA trained their whole 1,000 steps at the rate the sweep
+# kept; the state-matched Mamba-2 and the default one with a 4,000-step cap. NIAH: the preset table; attention and
+# SKA trained their whole 600 steps.
 COMMITTED_MQAR = {
     "mqar_cpu": {},
     "mqar_cpu_matched": {"archs": ["mamba", "mamba_attention", "mamba_ska", "mamba_matched"]},
     "mqar_cpu_full_budget": {"archs": ["mamba_attention", "mamba_ska"], "lrs": [0.001], "early_stop": 0.0},
     "mqar_cpu_matched_cap4000": {"archs": ["mamba_matched"], "lrs": [0.003], "steps": 4000},
+    "mqar_cpu_default_cap4000": {"archs": ["mamba"], "lrs": [0.001], "steps": 4000},
+}
+COMMITTED_NIAH = {
+    "niah_cpu": {},
+    "niah_cpu_full_budget": {"archs": ["mamba_attention", "mamba_ska"], "early_stop": 0.0},
 }
 
 
-@pytest.mark.parametrize("name", sorted(COMMITTED_MQAR))
-def test_committed_cpu_results_are_this_codes_preset_and_meet_the_target(name):
-    """The committed MQAR results (what the README links) were run with the CPU preset as the code defines it
-    now (up to the stated changes), on models of the sizes the code builds now (a change to either makes the
-    committed results stale, and fails here); the main job's satisfies the same checks as a fresh run."""
-    from echo_megatron.tasks.mqar_benchmark import CPU_PRESET, RUNTIME_FIELDS, build_model, count_parameters
+@pytest.mark.parametrize("task,name", [("mqar", name) for name in sorted(COMMITTED_MQAR)]
+                         + [("niah", name) for name in sorted(COMMITTED_NIAH)])
+def test_committed_cpu_results_are_this_codes_preset_and_meet_the_target(task, name):
+    """The committed MQAR and NIAH results (what the README links) were run with the CPU preset as the code
+    defines it now (up to the stated changes), on models of the sizes the code builds now (a change to either
+    makes the committed results stale, and fails here); the main job's satisfies the same checks as a fresh run."""
+    from echo_megatron.tasks.mqar_benchmark import (CPU_PRESET, NIAH_CPU_PRESET, RUNTIME_FIELDS, build_model,
+                                                    count_parameters)
     from tests.megatron.common import single_process_model_parallel
 
+    preset, changes = ((CPU_PRESET, COMMITTED_MQAR[name]) if task == "mqar"
+                       else (NIAH_CPU_PRESET, COMMITTED_NIAH[name]))
     results = json.loads((REPO / "docs" / "results" / name / "results.json").read_text())
-    expected = {**CPU_PRESET.to_json(), **COMMITTED_MQAR[name]}
+    expected = {**preset.to_json(), **changes}
     scheduling = set(RUNTIME_FIELDS)  # 1 or 2 worker processes: the same results (test_benchmark_workers)
     assert {k: v for k, v in results["config"].items() if k not in scheduling} == {
         k: v for k, v in expected.items() if k not in scheduling}
     assert results["commit"] and not results["commit"].endswith("+dirty")
     archs = results["config"]["archs"]
     with single_process_model_parallel():
-        built = {arch: count_parameters(build_model(arch, CPU_PRESET, 64)) for arch in archs}
+        built = {arch: count_parameters(build_model(arch, preset, 64)) for arch in archs}
     assert {cell["arch"]: cell["params"] for cell in results["cells"]} == built
     assert {(c["arch"], c["seed"]) for c in results["cells"]} == {(a, s) for a in archs for s in (0, 1, 2)}
     if name == "mqar_cpu":
