@@ -103,9 +103,10 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
     sequence) moves, kernel by kernel, as the kernels read and write them; the next byte model to the FLOP
     model above. Statistics rows are fp32, D = 2r² + P·r floats per chunk; token tensors (q, k, v, y and
     their gradients) have `element_bytes`; the dense kernels' workspace is assumed to stay in L2 (it is
-    written and read back by the same program, a few hundred KB per SM), and so is the R a dense program
-    reads its chunk out from right after writing it; the per-chunk scalars (max norms, σ, dη and dγ̂ shares)
-    are left out (< 1 %). Per chunk of S tokens:
+    written and read back by the same program), and so is the R a dense program reads its chunk out from
+    right after writing it: a lower bound, since at r = P = 64 the two programs an H100 SM holds have
+    2 × 256 KiB of workspace, 66 MiB over 132 SMs against a 50 MiB L2. The per-chunk scalars (max norms, σ,
+    dη and dγ̂ shares) are left out (< 1 %). Per chunk of S tokens:
 
       forward   statistics: read k, v, write D            scan: read D, write D
                 dense + readout: read D and q, write R (P·r, for the backward), L⁻¹ (r²) and y

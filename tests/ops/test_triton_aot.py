@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from echo_megatron.ops.triton.aot import KernelResources, sm90_report
+from echo_megatron.ops.triton.function import DENSE_PROGRAMS_PER_SM
 
 H100_SHARED_MEMORY = 227 * 1024  # bytes one program may use on sm_90
 KERNELS = {"chunk_stats_fwd_kernel", "chunk_stats_bwd_kernel", "segment_scan_kernel", "readout_matrix_fwd_kernel",
@@ -37,3 +38,5 @@ def test_every_kernel_fits_hopper_at_every_rank(decode):
     for rank, _, res in rows:
         if res.name in DENSE and rank <= 64:
             assert res.num_warps == 4 and res.programs_per_sm >= 2, res
+        if res.name in DENSE:  # the persistent grid's programs per SM are all resident at once
+            assert res.programs_per_sm >= DENSE_PROGRAMS_PER_SM, res

@@ -44,8 +44,9 @@ DENSE_TILE_DEFAULT = 16
 # under the interpreter: tiles of up to 64 (4-16x fewer interpreted ops; the tiling itself is tested at
 # 16-tiles on awkward sizes by tests/ops/test_triton_dense.py)
 INTERPRETED_DENSE_TILE = 64
-# Persistent dense programs per SM: a program's workspace is (14 r² + 2 P r) floats, so fewer at r = 128.
-DENSE_PROGRAMS_PER_SM = {64: 4, 128: 2}
+# Persistent dense programs per SM: what the sm_90 report fits at every width (the chunk_causal kernels, which read
+# out, hold 2 at r <= 64 and at r = 128); more would only wait, each with its (14 r² + 2 P r)-float workspace.
+DENSE_PROGRAMS_PER_SM = 2
 INTERPRETED_DENSE_PROGRAMS = 3  # CPU: a few programs, so that each walks several slots (as on a GPU)
 # Launch tuning, from the sm_90 resource report of `aot.py` (registers, spills, shared memory):
 COLUMN_BLOCK = 32  # output columns per program in readout_bwd_kernel
@@ -284,7 +285,7 @@ def _dense_launch(direction: str, device: torch.device, slots: int, block_r: int
     if interpreted(device):
         programs = min(slots, INTERPRETED_DENSE_PROGRAMS)
     else:
-        programs = min(slots, _multiprocessors(device) * DENSE_PROGRAMS_PER_SM[max(64, block_r)])
+        programs = min(slots, _multiprocessors(device) * DENSE_PROGRAMS_PER_SM)
     if interpreted(device) and launches_run():  # not when recording launches to compile them for a GPU
         tile = min(block_r, INTERPRETED_DENSE_TILE)
     else:
