@@ -270,10 +270,11 @@ def _square(ws, i: tl.constexpr, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr):
 
 @triton.jit
 def _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END):
-    """(batch row, first token, one past the last token) of flat slot idx = (b·H + h)·NSLOT + c when the
-    slots are chunks (chunk_causal)."""
+    """(batch row b, head h, first token, one past the last token) of flat slot idx = (b·H + h)·NSLOT + c when
+    the slots are chunks (chunk_causal)."""
     c = idx % NSLOT
-    return idx // (H * NSLOT), tl.load(CHUNK_START + c).to(tl.int64), tl.load(CHUNK_END + c).to(tl.int64)
+    return (idx // (H * NSLOT), (idx // NSLOT) % H, tl.load(CHUNK_START + c).to(tl.int64),
+            tl.load(CHUNK_END + c).to(tl.int64))
 
 
 @triton.jit(noinline=True)
@@ -282,8 +283,7 @@ def _read_out(Q, Y, RMAT, ETA, CHUNK_START, CHUNK_END, idx, H, NSLOT, R, P,
               BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
               DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr):
     """`_readout_tokens` (kernels.py) of chunk slot idx from the R this program has just written (L2-resident)."""
-    b, start, end = _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END)
-    h = (idx // NSLOT) % H
+    b, h, start, end = _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END)
     _readout_tokens(Q + b * stride_qb + h * stride_qh, Y + b * stride_yb + h * stride_yh, RMAT + idx * P * R,
                     tl.load(ETA + h).to(ACC), start, end, R, P, stride_qt, stride_qd, stride_yt, stride_yd,
                     BS, BR, BP, BN, ACC, DOT_PRECISION, HALF_TOKENS)
@@ -298,8 +298,7 @@ def _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_rmat, idx, H,
     """y = η R q's backward over chunk slot idx (`_readout_grad_columns`, BN columns of r at a time): writes dq
     and dR = η Σ_t dy_t q_tᵀ to `d_rmat` ([P, r], row stride BR); returns ⟨R, Σ_t dy_t q_tᵀ⟩ (dη's share).
     Ends with a barrier."""
-    b, start, end = _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END)
-    h = (idx // NSLOT) % H
+    b, h, start, end = _chunk_tokens(idx, H, NSLOT, CHUNK_START, CHUNK_END)
     eta = tl.load(ETA + h).to(ACC)
     d_eta = tl.zeros([], dtype=ACC)
     for n0 in tl.range(0, BR, BN, disable_licm=True):

@@ -311,11 +311,11 @@ def _read_out_options(q: Tensor, value_dim: int, table: ChunkTable, backward: bo
 def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, readout: Tensor, *, rank: int,
                             value_dim: int, power: int, eps: float, norm: str, power_iters: int,
                             listed: tuple[Tensor, Tensor, int] | None = None,
-                            read_out: tuple[Tensor, Tensor, Tensor, ChunkTable] | None = None,
+                            chunk_tokens: tuple[Tensor, Tensor, Tensor, ChunkTable] | None = None,
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """One readout_matrix_fwd_kernel launch: R of each slot of stats [B, H, N, D] (raw max norms [B, H, N])
     into readout [B, H, N, P, r]. With listed = (slot list, slot count, at most how many), both on the device,
-    only the listed flat slots (b·H + h)·N + n. With read_out = (q [B, T, H, r], η [H], y [B, T, H, P], chunk
+    only the listed flat slots (b·H + h)·N + n. With chunk_tokens = (q [B, T, H, r], η [H], y [B, T, H, P], chunk
     table), slots = chunks, each program also writes its chunk's y = η R q. Returns (params, L⁻¹, aux) for the
     backward (unlisted only)."""
     batch, heads, slots, _ = stats.shape
@@ -330,25 +330,25 @@ def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, read
     else:  # neither L⁻¹ nor aux is written (the kernel keeps L⁻¹ in its workspace)
         chol_inv = aux = workspace
         slot_list, slot_count = listed[:2]
-    if read_out is None:
-        tokens, read_out_options = [stats] * 5 + [0] * 8, NO_READ_OUT  # placeholders
+    if chunk_tokens is None:  # placeholders for Q, ETA, Y, CHUNK_START, CHUNK_END and the q, y strides
+        token_args, read_out_options = [stats] * 5 + [0] * 8, NO_READ_OUT
     else:
-        q, eta, y, table = read_out
-        tokens = [q, eta, y, table.start, table.end, *_strides(q), *_strides(y)]
+        q, eta, y, table = chunk_tokens
+        token_args = [q, eta, y, table.start, table.end, *_strides(q), *_strides(y)]
         read_out_options = _read_out_options(q, value_dim, table, backward=False)
     launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
            stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
-           batch * heads * slots, rank, value_dim, slot_list, slot_count, *tokens,
+           batch * heads * slots, rank, value_dim, slot_list, slot_count, *token_args,
            POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
            BLOCK=DENSE_BLOCK, LISTED=listed is not None, **read_out_options, **options)
     return params, chol_inv, aux
 
 
 def _launch_readout_matrices_bwd(saved: tuple[Tensor, ...], d_readout: Tensor | None, *, rank: int, value_dim: int,
-                                 power: int, read_out: tuple[Tensor, ...] | None = None,
+                                 power: int, chunk_tokens: tuple[Tensor, ...] | None = None,
                                  table: ChunkTable | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One readout_matrix_bwd_kernel launch from the forward's saved (stats, max norms, γ̂, params, L⁻¹, aux) and
-    dR [B, H, N, P, r]; or, slots = chunks, with read_out = (q, η, R, dy, dq, dη shares [B, H, N]) and the chunk
+    dR [B, H, N, P, r]; or, slots = chunks, with chunk_tokens = (q, η, R, dy, dq, dη shares [B, H, N]) and the chunk
     table instead of dR (the kernel writes dq and dη's shares). Returns (d_stats [B, H, N, D], d_max_norm
     [B, H, N], dγ̂ shares [B, H, N])."""
     stats, max_norm, gamma, params, chol_inv, aux = saved
@@ -359,16 +359,16 @@ def _launch_readout_matrices_bwd(saved: tuple[Tensor, ...], d_readout: Tensor | 
     d_gamma = empty((batch, heads, slots), work, device)
     grid, workspace, options = _dense_launch("bwd", device, batch * heads * slots, _block(rank), _block(value_dim),
                                             work)
-    if read_out is None:
-        d_readout, tokens, read_out_options = d_readout.contiguous(), [stats] * 8 + [0] * 12, NO_READ_OUT
+    if chunk_tokens is None:  # placeholders for Q, ETA, RMAT, DY, DQ, DETA, CHUNK_START, CHUNK_END and 3 × 4 strides
+        d_readout, token_args, read_out_options = d_readout.contiguous(), [stats] * 8 + [0] * 12, NO_READ_OUT
     else:
-        q, _, _, d_y, d_q, _ = read_out
+        q, _, _, d_y, d_q, _ = chunk_tokens
         d_readout = stats  # unused: dR stays in the workspace
-        tokens = [*read_out, table.start, table.end, *_strides(q), *_strides(d_y), *_strides(d_q)]
+        token_args = [*chunk_tokens, table.start, table.end, *_strides(q), *_strides(d_y), *_strides(d_q)]
         read_out_options = _read_out_options(q, value_dim, table, backward=True)
     launch(kernels_for(device).readout_matrix_bwd_kernel, grid,
            stats, max_norm, gamma, params, chol_inv, aux, d_readout, d_stats, d_max_norm, d_gamma,
-           workspace, heads, slots, batch * heads * slots, rank, value_dim, *tokens, POWER=power,
+           workspace, heads, slots, batch * heads * slots, rank, value_dim, *token_args, POWER=power,
            **read_out_options, **options)
     return d_stats, d_max_norm, d_gamma
 
@@ -410,7 +410,7 @@ class ChunkReadout(torch.autograd.Function):
         y = empty((batch, q.shape[1], heads, value_dim), q.dtype, q.device)
         params, chol_inv, aux = launch_readout_matrices(
             stats, max_norm, gamma, readout, rank=rank, value_dim=value_dim, power=power, eps=eps, norm=norm,
-            power_iters=power_iters, read_out=(q, eta, y, table))
+            power_iters=power_iters, chunk_tokens=(q, eta, y, table))
         ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux, readout, q, eta)
         ctx.table, ctx.options = table, dict(rank=rank, value_dim=value_dim, power=power)
         return y
@@ -422,7 +422,7 @@ class ChunkReadout(torch.autograd.Function):
         d_q = empty(q.shape, q.dtype, q.device)
         d_eta = empty((batch, heads, slots), readout.dtype, q.device)
         d_stats, d_max_norm, d_gamma = _launch_readout_matrices_bwd(
-            tuple(saved), None, read_out=(q, eta, readout, d_y, d_q, d_eta), table=ctx.table, **ctx.options)
+            tuple(saved), None, chunk_tokens=(q, eta, readout, d_y, d_q, d_eta), table=ctx.table, **ctx.options)
         return (d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), d_q, d_eta.sum(dim=(0, 2)).to(eta.dtype),
                 None, None, None, None, None, None, None)
 
