@@ -102,24 +102,29 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
     """HBM bytes per token and head that the Triton path (`echo_megatron.ops.triton`, chunk_causal, one long
     sequence) moves, kernel by kernel, as the kernels read and write them; the next byte model to the FLOP
     model above. Statistics rows are fp32, D = 2r² + P·r floats per chunk; token tensors (q, k, v, y and
-    their gradients) have `element_bytes`; the dense kernels' workspace is assumed to stay in L2 (it is
-    written and read back by the same program), and so is the R a dense program reads its chunk out from
-    right after writing it: a lower bound, since at r = P = 64 the two programs an H100 SM holds have
-    2 × 256 KiB of workspace, 66 MiB over 132 SMs against a 50 MiB L2. The per-chunk scalars (max norms, σ,
-    dη and dγ̂ shares) are left out (< 1 %). Per chunk of S tokens:
+    their gradients) have `element_bytes`. Assumed to stay in L2, so a lower bound: the dense kernels'
+    workspace and the walk's scratch (each written and read back by the same program), the R a dense program
+    reads its chunk out from right after writing it, and what the column programs of one walk read in common
+    (a chunk's k and v tiles, and the gradient rows, which two of them read in part); at r = P = 64 the two
+    dense programs an H100 SM holds have 2 × 256 KiB of workspace, 66 MiB over 132 SMs against a 50 MiB L2.
+    The per-chunk scalars (max norms, σ, dη and dγ̂ shares) are left out (< 1 %). Per chunk of S tokens:
 
-      forward   statistics: read k, v, write D            scan: read D, write D
+      forward   walk (statistics and scan): read k, v, write the visible statistics D
                 dense + readout: read D and q, write R (P·r, for the backward), L⁻¹ (r²) and y
       backward  dense + readout: read D, L⁻¹, R, q, dy, write dD and dq (dR stays in the workspace)
-                scan: read dD, write dD                   statistics: read k, v, dD and the next chunk's dM (r²),
-                                                          write dk, dv
+                walk: read dD, k, v, write dk, dv — for r and P padded to <= 64 (`walks_backward`); wider, the
+                two stages': scan, read dD, write the chunk rows' gradient; statistics, read it, k, v and the
+                next chunk's dM (r²), write dk, dv
     """
+    from ..ops.triton.function import walks_backward
+
     r, p, e = rank, value_dim, element_bytes
     row, square, readout = 4 * (2 * r * r + p * r), 4 * r * r, 4 * p * r
     key, value = e * r, e * p  # one token's key (or query) and value (or output)
+    statistics_backward = row if walks_backward(r, p) else 2 * row + row + square
     per_chunk = ForwardBackward(
-        forward=(row + 2 * row + row + readout + square),
-        backward=(row + square + readout + row + 2 * row + row + square),
+        forward=(row + row + readout + square),
+        backward=(row + square + readout + row + statistics_backward),
     )
     per_token = ForwardBackward(forward=(key + value) + (key + value),  # k, v read; q read, y written
                                 backward=(key + value + key) + (key + value + key + value))  # q, dy, dq; k, v, dk, dv

@@ -141,6 +141,35 @@ def test_segment_scans_match_torch(cu_seqlens, total, sequence_max):
     _assert_close(_grads(got, [rows, maxima]), _grads(expected, [rows, maxima]), ["d_sum", "d_max"], 1e-14)
 
 
+# the last: P padded to 128, where the backward is the two stages' (`WALK_BWD_TILING`)
+@pytest.mark.parametrize("case", STAT_CASES + [(1, 40, 1, 5, 80, 16, [0, 23, 40], True)],
+                         ids=lambda c: "B{}T{}H{}r{}P{}S{}-cu{}-mask{}".format(*c[:6], c[6] is not None, c[7]))
+@pytest.mark.parametrize("total, sequence_max", [(False, False), (True, False), (False, True)],
+                         ids=["exclusive", "totals", "exclusive_sums_sequence_max"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_visible_statistics_walk_equals_statistics_then_scan(case, total, sequence_max, dtype):
+    """The fused walk (stages a and a' in one launch each way) writes what the two stages write, bit for bit (the
+    same sums in the same order), and its gradients equal theirs to round-off, ties of chunk maxima included."""
+    batch, seq_len, heads, rank, value_dim, chunk, cu_seqlens, masked = case
+    inputs = make_inputs(batch, seq_len, heads, rank, value_dim, dtype=dtype, requires_grad=True, seed=seq_len)
+    k, v = inputs["k"].detach().clone(), inputs["v"]
+    k[:, seq_len - 1] = k[:, 0] = 4 * k[:, 0]  # the largest key twice, in the first and the last chunk: tied maxima
+    k.requires_grad_()
+    mask = (torch.rand(batch, seq_len, generator=torch.Generator().manual_seed(1)) > 0.3) if masked else None
+    if mask is not None:
+        mask[:, [0, seq_len - 1]] = True
+    table, _ = _table_and_layout(seq_len, chunk, cu_seqlens)
+    weights = None if mask is None else mask.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    norm_keys = 2 if sequence_max else 1
+    got = list(tfn.VisibleStatistics.apply(k, v, weights, table, norm_keys, total, sequence_max))
+    expected = list(tfn.SegmentScan.apply(*tfn.ChunkStatistics.apply(k, v, weights, table, norm_keys), table, total,
+                                          sequence_max))
+    for name, a, b in zip(["sums", "max"], got, expected):
+        assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max():.2e}"
+    _assert_close(_grads(got, [k, v]), _grads(expected, [k, v]), ["dk", "dv"],
+                  1e-14 if dtype == torch.float64 else 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # stage (b): dense per-slot algebra
 # ---------------------------------------------------------------------------------------------------------

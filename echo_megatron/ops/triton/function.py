@@ -2,14 +2,16 @@
 
 Pipeline (SPEC §3), every stage a Triton kernel forward and backward:
 
-    k, v ──ChunkStatistics──▶ (G_j, M_j, C_j) [B, H, NC, D], max ‖z‖ per chunk [B, H, NC]
-         ──SegmentScan──▶ visible statistics and their max key norm per slot (slot = chunk for
-                          chunk_causal, sequence for prefix)
+    k, v ──VisibleStatistics──▶ visible statistics (sums of the chunk statistics (G_j, M_j, C_j) before each
+                                slot) [B, H, NSLOT, D] and their max key norm per slot (slot = chunk for
+                                chunk_causal, sequence for prefix): one walk over the chunks each way
          ──ReadoutMatrices──▶ R [B, H, NSLOT, P, r]
     q ───Readout──▶ y = η R_slot(c) q [B, T, H, P]
 
-Where slots are chunks (chunk_causal) the last two are one launch each way (`ChunkReadout`): every dense
-program reads its chunk out from the R it has just written, and keeps dR on chip in the backward.
+The walk is what `SegmentScan` makes of `ChunkStatistics`' per-chunk rows [B, H, NC, D], without those rows
+(or their gradients, for r and P <= 64) reaching memory; context parallelism, which joins chunk rows across
+ranks, runs the two stages. Where slots are chunks the last two are one launch each way (`ChunkReadout`):
+every dense program reads its chunk out from the R it has just written, and keeps dR on chip in the backward.
 Torch only allocates the kernel outputs and sums the partials of dη and dγ̂ over batch and chunks (and,
 in prefix mode's backward, adds the per-chunk dR of each sequence, `index_add_`); the chunk table is
 built once per shape (`ChunkTable.build`), so a warm call spends no torch op on it. For r > 128 or
@@ -54,6 +56,11 @@ COLUMN_BLOCK = 32  # output columns per program in readout_bwd_kernel
 # report: with 32 columns of dq the backward spills 36 bytes at r = 32 and 184 at r = 128, with 16 none
 READ_OUT_COLUMNS = {"fwd": 32, "bwd": 16}
 STATS_COLUMN_BLOCK = 64  # statistics columns per program in the forward (r = 128: two programs per chunk)
+WALK_COLUMNS = 32  # statistics columns per program of visible_stats_fwd_kernel
+# visible_stats_bwd_kernel's (columns per program, warps) by its widest tile max(r, P) padded, from the sm_90 report;
+# at 128 every tiling tried spills (12-804 bytes: 16 or 32 columns at 4, 8 or 16 warps), so there the backward is
+# the two stages' (segment_scan_kernel's reverse, chunk_stats_bwd_kernel)
+WALK_BWD_TILING = {16: (16, 4), 32: (16, 4), 64: (16, 4)}
 # chunk_stats_bwd_kernel's (columns per program, warps) by tile width max(r, P) padded: the sm_90 report's
 # spill-free choice (16 columns at 4 warps spill 108 bytes at width 64; 32 columns spill 12 at width 32 and
 # 4-8 at width 128)
@@ -182,6 +189,13 @@ def _strides(x: Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
 
 
+def _token_args(k: Tensor, v: Tensor, weights: Tensor | None) -> tuple:
+    """(k, v, mask pointer, their strides) as the statistics kernels take them (any pointer when there is no
+    mask: it is never read)."""
+    w_strides = (0, 0) if weights is None else _strides(weights)
+    return (k, v, k if weights is None else weights), (*_strides(k), *_strides(v), *w_strides)
+
+
 class ChunkStatistics(torch.autograd.Function):
     """k [B, T, H, r], v [B, T, H, P] -> per-chunk (G, M, C) rows [B, H, NC, 2r² + P·r] and max ‖z‖ [B, H, NC]."""
 
@@ -192,14 +206,13 @@ class ChunkStatistics(torch.autograd.Function):
         work = work_dtype(k.dtype)
         stats = empty((batch, heads, table.num_chunks, 2 * rank * rank + value_dim * rank), work, k.device)
         max_norm = empty((batch, heads, table.num_chunks), work, k.device)
-        w = k if weights is None else weights  # any pointer when there is no mask
-        w_strides = (0, 0) if weights is None else _strides(weights)
         block_r, block_p = _block(rank), _block(value_dim)
         column_block = min(block_r, STATS_COLUMN_BLOCK)
+        tokens, strides = _token_args(k, v, weights)
         launch(kernels_for(k.device).chunk_stats_fwd_kernel,
                (table.num_chunks, batch * heads, triton.cdiv(rank, column_block)),
-               k, v, w, stats, max_norm, table.start, table.end, table.seg_begin,
-               heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
+               *tokens, stats, max_norm, table.start, table.end, table.seg_begin,
+               heads, table.num_chunks, rank, value_dim, *strides,
                HAS_MASK=weights is not None, NORM_KEYS=norm_keys,
                BS=_token_block("stats_fwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p, BN=column_block,
                ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
@@ -211,26 +224,29 @@ class ChunkStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_stats: Tensor, d_max_norm: Tensor):
         k, v, weights = ctx.saved_tensors
-        table = ctx.table
-        batch, _, heads, rank = k.shape
-        value_dim = v.shape[-1]
-        d_stats, d_max_norm = d_stats.contiguous(), d_max_norm.contiguous()
-        dk = empty(k.shape, k.dtype, k.device)
-        dv = empty(v.shape, v.dtype, v.device)
-        w = k if weights is None else weights
-        w_strides = (0, 0) if weights is None else _strides(weights)
-        block_r, block_p = _block(rank), _block(value_dim)
-        columns, warps = _stats_bwd_tiling(block_r, block_p)
-        grid = (table.num_chunks, batch * heads, triton.cdiv(max(rank, value_dim), columns))
-        tokens = _token_block("stats_bwd", table.chunk_size, block_r, block_p)
-        launch(kernels_for(k.device).chunk_stats_bwd_kernel, grid,
-               k, v, w, d_stats, d_max_norm, dk, dv, table.start, table.end, table.seg_begin, table.seg_end,
-               heads, table.num_chunks, rank, value_dim, *_strides(k), *_strides(v), *w_strides,
-               *_strides(dk), *_strides(dv),
-               HAS_MASK=weights is not None, NORM_KEYS=ctx.norm_keys, BS=tokens, TILES=_block_count(table.chunk_size, tokens),
-               BR=block_r, BP=block_p, BN=columns, ACC=_tl_dtype(d_stats.dtype),
-               DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype), num_warps=warps)
-        return dk, dv, None, None, None
+        return *_launch_stats_bwd(k, v, weights, ctx.table, ctx.norm_keys, d_stats, d_max_norm), None, None, None
+
+
+def _launch_stats_bwd(k: Tensor, v: Tensor, weights: Tensor | None, table: ChunkTable, norm_keys: int,
+                      d_stats: Tensor, d_max_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk_stats_bwd_kernel launch: (dk, dv) from the gradients of the chunk statistics rows [B, H, NC, D]
+    and of the chunk max key norms [B, H, NC]."""
+    batch, _, heads, rank = k.shape
+    value_dim = v.shape[-1]
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    block_r, block_p = _block(rank), _block(value_dim)
+    columns, warps = _stats_bwd_tiling(block_r, block_p)
+    grid = (table.num_chunks, batch * heads, triton.cdiv(max(rank, value_dim), columns))
+    tokens, strides = _token_args(k, v, weights)
+    step = _token_block("stats_bwd", table.chunk_size, block_r, block_p)
+    launch(kernels_for(k.device).chunk_stats_bwd_kernel, grid,
+           *tokens, d_stats.contiguous(), d_max_norm.contiguous(), dk, dv, table.start, table.end, table.seg_begin,
+           table.seg_end, heads, table.num_chunks, rank, value_dim, *strides, *_strides(dk), *_strides(dv),
+           HAS_MASK=weights is not None, NORM_KEYS=norm_keys, BS=step, TILES=_block_count(table.chunk_size, step),
+           BR=block_r, BP=block_p, BN=columns, ACC=_tl_dtype(d_stats.dtype), DOT_PRECISION=_dot_precision(d_stats.dtype),
+           HALF_TOKENS=_half(k.dtype), num_warps=warps)
+    return dk, dv
 
 
 def _scan(rows: Tensor, chunk_max: Tensor, table: ChunkTable, *, total: bool, sequence_max: bool,
@@ -272,6 +288,72 @@ class SegmentScan(torch.autograd.Function):
         (maxima,) = ctx.saved_tensors
         d_rows, d_maxima = _scan(d_sums, maxima, ctx.table, d_slot_max=d_slot_max, **ctx.options)
         return d_rows, d_maxima, None, None, None
+
+
+def walks_backward(rank: int, value_dim: int) -> bool:
+    """Whether `VisibleStatistics`' backward is one walk (visible_stats_bwd_kernel: r and P padded to <= 64) or the
+    two stages' backward (`WALK_BWD_TILING`)."""
+    return max(_block(rank), _block(value_dim)) in WALK_BWD_TILING
+
+
+class VisibleStatistics(torch.autograd.Function):
+    """k [B, T, H, r], v [B, T, H, P] -> what `SegmentScan` makes of `ChunkStatistics`' output, in one launch each
+    way (`visible_stats_fwd_kernel`, `visible_stats_bwd_kernel`): visible statistics [B, H, NSLOT, D] and their
+    max key norms [B, H, NSLOT], without the chunk rows or their gradients ever reaching memory."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, weights: Tensor | None, table: ChunkTable, norm_keys: int, total: bool,
+                sequence_max: bool):
+        batch, _, heads, rank = k.shape
+        value_dim = v.shape[-1]
+        work = work_dtype(k.dtype)
+        slots = table.num_slots(total)
+        visible = empty((batch, heads, slots, 2 * rank * rank + value_dim * rank), work, k.device)
+        slot_max = empty((batch, heads, slots), work, k.device)
+        chunk_max = empty((batch, heads, table.num_chunks), work, k.device)
+        block_r, block_p = _block(rank), _block(value_dim)
+        column_block = min(block_r, WALK_COLUMNS)
+        tokens, strides = _token_args(k, v, weights)
+        launch(kernels_for(k.device).visible_stats_fwd_kernel, (batch * heads, triton.cdiv(rank, column_block)),
+               *tokens, visible, chunk_max, slot_max, table.start, table.end, table.seg_begin, table.seg_chunks,
+               heads, table.num_segments, table.num_chunks, slots, rank, value_dim, *strides,
+               HAS_MASK=weights is not None, NORM_KEYS=norm_keys, TOTAL=total, MAX_TOTAL=sequence_max,
+               BS=_token_block("stats_fwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p,
+               BN=column_block, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
+               num_warps=_num_warps("stats_fwd", block_r, block_p))
+        ctx.save_for_backward(k, v, weights, chunk_max)
+        ctx.table = table
+        ctx.options = dict(HAS_MASK=weights is not None, NORM_KEYS=norm_keys, TOTAL=total, MAX_TOTAL=sequence_max)
+        return visible, slot_max
+
+    @staticmethod
+    def backward(ctx, d_visible: Tensor, d_slot_max: Tensor):
+        k, v, weights, chunk_max = ctx.saved_tensors
+        table = ctx.table
+        batch, _, heads, rank = k.shape
+        value_dim = v.shape[-1]
+        block_r, block_p = _block(rank), _block(value_dim)
+        if not walks_backward(rank, value_dim):  # the walk would spill: the two stages' backward instead
+            d_rows, d_chunk_max = _scan(d_visible, chunk_max, table, total=ctx.options["TOTAL"],
+                                        sequence_max=ctx.options["MAX_TOTAL"], d_slot_max=d_slot_max)
+            dk, dv = _launch_stats_bwd(k, v, weights, table, ctx.options["NORM_KEYS"], d_rows, d_chunk_max)
+            return dk, dv, None, None, None, None, None
+        columns, warps = WALK_BWD_TILING[max(block_r, block_p)]
+        column_programs = triton.cdiv(max(rank, value_dim), columns)
+        dk = empty(k.shape, k.dtype, k.device)
+        dv = empty(v.shape, v.dtype, v.device)
+        scratch = empty((batch * heads * column_programs * ((4 * block_r + block_p) * columns + table.num_chunks),),
+                        chunk_max.dtype, k.device)
+        tokens, strides = _token_args(k, v, weights)
+        step = _token_block("stats_bwd", table.chunk_size, block_r, block_p)
+        launch(kernels_for(k.device).visible_stats_bwd_kernel, (batch * heads, column_programs),
+               *tokens, d_visible.contiguous(), chunk_max, d_slot_max.contiguous(), scratch, dk, dv, table.start,
+               table.end, table.seg_begin, table.seg_chunks, heads, table.num_segments, table.num_chunks,
+               table.num_slots(ctx.options["TOTAL"]), rank, value_dim, *strides, *_strides(dk), *_strides(dv),
+               **ctx.options, BS=step, TILES=_block_count(table.chunk_size, step), BR=block_r, BP=block_p,
+               BN=columns, ACC=_tl_dtype(chunk_max.dtype), DOT_PRECISION=_dot_precision(chunk_max.dtype),
+               HALF_TOKENS=_half(k.dtype), num_warps=warps)
+        return dk, dv, None, None, None, None, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -538,8 +620,7 @@ def ska_triton(
     table = ChunkTable.build(seq_len, chunk_size, cu_seqlens, q.device)
     total = mode == "prefix"
     weights = None if mask is None else mask.to(q.device)  # read through its strides, cast in the kernel
-    stats, chunk_max = ChunkStatistics.apply(k, v, weights, table, NORM_KEYS[norm])
     # the visible keys' max norm (the ridge's scale with causal_max, the jitter's in every norm), or the sequence's
-    visible, max_norm = SegmentScan.apply(stats, chunk_max, table, total, norm == "sequence_max")
+    visible, max_norm = VisibleStatistics.apply(k, v, weights, table, NORM_KEYS[norm], total, norm == "sequence_max")
     return read_out(visible, max_norm, gamma.to(work), q, eta, table, total=total, rank=rank, value_dim=value_dim,
                     power=power, eps=eps, norm=norm, power_iters=power_iters)

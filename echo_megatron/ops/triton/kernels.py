@@ -3,8 +3,9 @@
 Do not import this module directly: `echo_megatron.ops.triton.runtime.kernels_for(device)` loads it
 compiled (CUDA tensors) or under the Triton interpreter (CPU tensors). Conventions:
 
-* grids are (chunk or slot, batch·head) — one program per (chunk, B·H) — except the scan, which
-  walks the chunks of each sequence in order, one program per (B·H, column tile);
+* grids are (chunk or slot, batch·head) — one program per (chunk, B·H) — except the scan and the walks
+  (statistics and scan in one pass), which go through the chunks of each sequence in order, one program
+  per (B·H, column tile);
 * tokens are read in place from [B, T, H, ·] tensors through strides and a chunk table
   (CHUNK_START/CHUNK_END: token range of each chunk; SEG_BEGIN/SEG_END: token range of its sequence);
 * statistics are flat rows of width D = 2r² + P·r holding G (r×r), M (r×r), C (P×r), row-major, in
@@ -141,29 +142,13 @@ def _chunk_program(H, CHUNK_START, CHUNK_END):
 
 
 @triton.jit
-def chunk_stats_fwd_kernel(
-    K, V, WMASK, STATS, MNORM, CHUNK_START, CHUNK_END, SEG_BEGIN,
-    H, NC, R, P,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_wb, stride_wt,
-    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr,
-    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Columns n of G_j = Σ z̃ z̃ᵀ, M_j = Σ z̃_t z̃_{t-1}ᵀ (the lag pair into the chunk included), C_j = Σ ṽ z̃ᵀ
-    and the chunk's max key norm, with z̃ = w·z, ṽ = w·v.
-
-    NORM_KEYS: 0 no norm, 1 max ‖z̃‖ (causal_max), 2 max ‖z‖ over every token (sequence_max).
-    Each program owns BN columns (accumulators [BR, BN], [BR, BN], [BP, BN], so r = 128 fits on chip).
-    Writes STATS[bh, j, :D] and MNORM[bh, j]. Grid (NC, B·H, ⌈r / BN⌉).
-    """
-    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
-    seg_begin = tl.load(SEG_BEGIN + c)
-    cols = tl.program_id(2) * BN + tl.arange(0, BN)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    w_base = WMASK + b * stride_wb
+def _chunk_stats_columns(k_base, v_base, w_base, start, end, seg_begin, cols, R, P, stride_kt, stride_kd,
+                         stride_vt, stride_vd, stride_wt, HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr,
+                         BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Columns `cols` [BN] of one chunk's G = Σ z̃ z̃ᵀ [BR, BN], M = Σ z̃_t z̃_{t-1}ᵀ [BR, BN] (the lag pair into the
+    chunk included) and C = Σ ṽ z̃ᵀ [BP, BN] over its tokens start <= t < end (z̃ = w·z, ṽ = w·v), and its max key
+    norm (NORM_KEYS: 0 none, 0 returned; 1 max ‖z̃‖, causal_max; 2 max ‖z‖ over every token, sequence_max)."""
     gram = tl.zeros([BR, BN], dtype=ACC)
     lag = tl.zeros([BR, BN], dtype=ACC)
     cross = tl.zeros([BP, BN], dtype=ACC)
@@ -191,15 +176,44 @@ def chunk_stats_fwd_kernel(
         cross += _mm(tl.trans(val), z_cols, ACC, DOT_PRECISION)
         if NORM_KEYS != 0:
             max_norm = tl.maximum(max_norm, _row_norms(z.to(ACC), w, HAS_MASK and NORM_KEYS == 1))
-    row = STATS + (bh * NC + c) * (2 * R * R + P * R)
+    return gram, lag, cross, tl.max(max_norm, axis=0)
+
+
+@triton.jit
+def _store_row_columns(row, gram, lag, cross, cols, R, P, BR: tl.constexpr, BP: tl.constexpr):
+    """Store columns `cols` of G, M [BR, BN] and C [BP, BN] into the flat statistics row at `row`."""
     rr = tl.arange(0, BR)
     pp = tl.arange(0, BP)
     col_ok = cols[None, :] < R
     tl.store(row + rr[:, None] * R + cols[None, :], gram, mask=(rr[:, None] < R) & col_ok)
     tl.store(row + R * R + rr[:, None] * R + cols[None, :], lag, mask=(rr[:, None] < R) & col_ok)
     tl.store(row + 2 * R * R + pp[:, None] * R + cols[None, :], cross, mask=(pp[:, None] < P) & col_ok)
+
+
+@triton.jit
+def chunk_stats_fwd_kernel(
+    K, V, WMASK, STATS, MNORM, CHUNK_START, CHUNK_END, SEG_BEGIN,
+    H, NC, R, P,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
+    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Columns n of chunk j's (G_j, M_j, C_j) and its max key norm (`_chunk_stats_columns`) into STATS[bh, j, :D]
+    and MNORM[bh, j]. Each program owns BN columns (accumulators [BR, BN], [BR, BN], [BP, BN], so r = 128 fits
+    on chip). Grid (NC, B·H, ⌈r / BN⌉).
+    """
+    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    gram, lag, cross, chunk_max = _chunk_stats_columns(
+        K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, WMASK + b * stride_wb, start, end,
+        tl.load(SEG_BEGIN + c), cols, R, P, stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, HAS_MASK,
+        NORM_KEYS, BS, BR, BP, BN, ACC, DOT_PRECISION)
+    _store_row_columns(STATS + (bh * NC + c) * (2 * R * R + P * R), gram, lag, cross, cols, R, P, BR, BP)
     if tl.program_id(2) == 0:
-        tl.store(MNORM + bh * NC + c, tl.max(max_norm, axis=0))  # 0 with NORM_KEYS=0
+        tl.store(MNORM + bh * NC + c, chunk_max)
 
 
 @triton.jit
@@ -217,50 +231,86 @@ def _load_columns(ptr, n_rows, n_cols, cols, BROWS: tl.constexpr, TRANSPOSED: tl
 
 
 @triton.jit
-def chunk_stats_bwd_kernel(
-    K, V, WMASK, DSTATS, DMNORM, DK, DV, CHUNK_START, CHUNK_END, SEG_BEGIN, SEG_END,
-    H, NC, R, P,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_wb, stride_wt,
-    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
-    BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr,
-    TILES: tl.constexpr,
-):
-    """Columns n of dk and dv for the tokens of chunk j, from the gradients of the chunk statistics.
+def _scratch_tile(which: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Offsets of tile `which` (`_grad_tile`) in a program's scratch of the five: [4·BR + BP, BN] row-major."""
+    if which == 3:
+        rows = tl.arange(0, BP)
+    else:
+        rows = tl.arange(0, BR)
+    return which * BR * BN + (which == 4) * (BP - BR) * BN + rows[:, None] * BN + tl.arange(0, BN)[None, :]
 
-    DSTATS[bh, j] holds (dG_j, dM_j, dC_j); DMNORM[bh, j] the gradient of the chunk's max key norm,
-    split evenly over the tokens attaining it (torch's amax rule). The lag pair joining token end-1 to
-    the next chunk of the same sequence belongs to that chunk (row j+1). Rows of dL/dz̃:
-    z̃ (dG + dGᵀ) + ṽ dC + z̃_{t-1} dMᵀ + z̃_{t+1} dM; dṽ = z̃ dCᵀ. Each program owns BN columns, so the
-    gradient matrices it keeps on chip are [·, BN] slices. Grid (NC, B·H, ⌈max(r, P) / BN⌉).
-    """
-    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
-    cols = tl.program_id(2) * BN + tl.arange(0, BN)
-    seg_begin = tl.load(SEG_BEGIN + c)
-    has_next = end < tl.load(SEG_END + c)
-    width = 2 * R * R + P * R
-    row = DSTATS + (bh * NC + c) * width
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    w_base = WMASK + b * stride_wb
+
+@triton.jit
+def _grad_tile(src, which: tl.constexpr, cols, R, P, IN_ROW: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+               BN: tl.constexpr):
+    """Tile `which` of what columns `cols` of dk and dv need of a gradient (dG, dM, dC) of chunk statistics:
+    0 (dG + dGᵀ)[:, cols], 1 dM[:, cols], 2 dMᵀ[:, cols] [BR, BN], 3 dC[:, cols] [BP, BN], 4 dCᵀ[:, cols] [BR, BN];
+    read from the flat row at src (IN_ROW) or from a program's scratch of the five tiles (`_scratch_tile`)."""
+    if not IN_ROW:
+        tile = tl.load(src + _scratch_tile(which, BR, BP, BN))
+    elif which == 0:
+        tile = _load_columns(src, R, R, cols, BR, False) + _load_columns(src, R, R, cols, BR, True)
+    elif which == 1:
+        tile = _load_columns(src + R * R, R, R, cols, BR, False)
+    elif which == 2:
+        tile = _load_columns(src + R * R, R, R, cols, BR, True)
+    elif which == 3:
+        tile = _load_columns(src + 2 * R * R, P, R, cols, BP, False)
+    else:
+        tile = _load_columns(src + 2 * R * R, P, R, cols, BR, True)
+    return tile
+
+
+@triton.jit
+def _boundary(k_base, w_base, t, ok, d_lag, R, stride_kt, stride_kd, stride_wt, HAS_MASK: tl.constexpr,
+              BR: tl.constexpr, ACC: tl.constexpr):
+    """z̃_tᵀ dM [BN] (0 unless ok) for dM[:, cols] [BR, BN] of the chunk whose first lag pair is (z_t, z_{t-1}):
+    what that pair adds to row t-1 of dz̃, the last token of the chunk before."""
+    rr = tl.arange(0, BR)
+    z = tl.load(k_base + t * stride_kt + rr * stride_kd, mask=ok & (rr < R), other=0.0).to(ACC)
+    if HAS_MASK:
+        z = z * tl.load(w_base + t * stride_wt, mask=ok, other=0.0).to(ACC)
+    return tl.sum(z[:, None] * d_lag, axis=0)
+
+
+@triton.jit
+def _grad_product(a, grads, which: tl.constexpr, held_hi, held_lo, cols, R, P, IN_ROW: tl.constexpr,
+                  BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  HALF_TOKENS: tl.constexpr):
+    """a @ `_grad_tile` `which` of grads: the tile held, split, when read from a row (IN_ROW: row-layout reads cost
+    registers at every step), else read from the program's scratch now."""
+    if IN_ROW:
+        out = _mm_split(a, held_hi, held_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+    else:
+        tile_hi, tile_lo = _split_tf32(_grad_tile(grads, which, cols, R, P, False, BR, BP, BN), HALF_TOKENS)
+        out = _mm_split(a, tile_hi, tile_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+    return out
+
+
+@triton.jit
+def _chunk_stats_grad(k_base, v_base, w_base, dk_base, dv_base, start, end, seg_begin, col0, grads,
+                      IN_ROW: tl.constexpr, boundary, d_chunk_max, R, P,
+                      stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, stride_dkt, stride_dkd, stride_dvt,
+                      stride_dvd, HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, BS: tl.constexpr,
+                      BR: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      HALF_TOKENS: tl.constexpr, TILES: tl.constexpr, BP: tl.constexpr):
+    """Store columns col0 … col0 + BN - 1 of dk and dv for the tokens start <= t < end of one chunk, from the
+    gradient of its statistics (`_grad_tile`s of grads, IN_ROW or not), the next chunk's first lag pair's share of
+    its last row (`_boundary`) and the gradient of its max key norm, split evenly over the tokens attaining it
+    (torch's amax rule). Rows of dL/dz̃: z̃ (dG + dGᵀ) + ṽ dC + z̃_{t-1} dMᵀ + z̃_{t+1} dM; dṽ = z̃ dCᵀ. The tiles
+    of dk are held through the token loop when read from a row (IN_ROW), else read from the scratch at every
+    step (`_grad_product`: held, with the walk's state, they spill)."""
     weighted_norms: tl.constexpr = HAS_MASK and NORM_KEYS == 1
-    if tl.program_id(2) * BN < R:
-        gram_hi, gram_lo = _split_tf32(_load_columns(row, R, R, cols, BR, False)
-                                       + _load_columns(row, R, R, cols, BR, True), HALF_TOKENS)
-        lag_hi, lag_lo = _split_tf32(_load_columns(row + R * R, R, R, cols, BR, False), HALF_TOKENS)
-        lag_t_hi, lag_t_lo = _split_tf32(_load_columns(row + R * R, R, R, cols, BR, True), HALF_TOKENS)
-        cross_hi, cross_lo = _split_tf32(_load_columns(row + 2 * R * R, P, R, cols, BP, False), HALF_TOKENS)
-        # first lag pair of the next chunk, (z_end, z_{end-1}): adds z̃_endᵀ dM_next to row end-1
-        rr = tl.arange(0, BR)
-        d_lag_next = tl.load(row + width + R * R + rr[:, None] * R + cols[None, :],
-                             mask=has_next & (rr[:, None] < R) & (cols[None, :] < R), other=0.0)
-        z_end = tl.load(k_base + end * stride_kt + rr * stride_kd, mask=has_next & (rr < R), other=0.0).to(ACC)
-        if HAS_MASK:
-            z_end = z_end * tl.load(w_base + end * stride_wt, mask=has_next, other=0.0).to(ACC)
-        boundary = tl.sum(z_end[:, None] * d_lag_next, axis=0)
+    cols = col0 + tl.arange(0, BN)
+    if col0 < R:
+        if IN_ROW:
+            gram_hi, gram_lo = _split_tf32(_grad_tile(grads, 0, cols, R, P, True, BR, BP, BN), HALF_TOKENS)
+            lag_hi, lag_lo = _split_tf32(_grad_tile(grads, 1, cols, R, P, True, BR, BP, BN), HALF_TOKENS)
+            lag_t_hi, lag_t_lo = _split_tf32(_grad_tile(grads, 2, cols, R, P, True, BR, BP, BN), HALF_TOKENS)
+            cross_hi, cross_lo = _split_tf32(_grad_tile(grads, 3, cols, R, P, True, BR, BP, BN), HALF_TOKENS)
+        else:  # read at every step (`_grad_product` ignores these)
+            gram_hi, gram_lo, lag_hi, lag_lo, lag_t_hi, lag_t_lo, cross_hi, cross_lo = (grads, grads, grads, grads,
+                                                                                        grads, grads, grads, grads)
         if NORM_KEYS != 0:
             # the chunk max, then the tokens attaining it as one bit word per token tile (`hits`), so that the
             # loop below needs no norm of its own: norms recomputed there could differ in the last bit
@@ -280,8 +330,8 @@ def chunk_stats_bwd_kernel(
                 hit = (t < end) & (norms == chunk_max) & (norms > 0)
                 hits = tl.where(tiles == (t0 - start) // BS, tl.sum(tl.where(hit, _bits(BS), 0), axis=0), hits)
                 ties += tl.sum(hit.to(ACC), axis=0)
-            d_norm = tl.load(DMNORM + bh * NC + c).to(ACC) / tl.maximum(ties, 1.0)
-        for t0 in range(start, end, BS):
+            d_norm = d_chunk_max.to(ACC) / tl.maximum(ties, 1.0)
+        for t0 in tl.range(start, end, BS, disable_licm=True):  # tiles read in the loop stay there
             t = t0 + tl.arange(0, BS)
             ok = t < end
             prev_ok = ok & (t - 1 >= seg_begin)
@@ -293,10 +343,14 @@ def chunk_stats_bwd_kernel(
             z_next = _load_tokens(k_base, t + 1, next_ok, stride_kt, R, stride_kd, BR).to(ACC)
             z_next = z_next * _load_weights(w_base, t + 1, next_ok, stride_wt, HAS_MASK, ACC)[:, None]
             v_vis = _load_tokens(v_base, t, ok, stride_vt, P, stride_vd, BP).to(ACC) * w[:, None]
-            dz = _mm_split(z * w[:, None], gram_hi, gram_lo, ACC, DOT_PRECISION, HALF_TOKENS)
-            dz += _mm_split(v_vis, cross_hi, cross_lo, ACC, DOT_PRECISION, HALF_TOKENS)
-            dz += _mm_split(z_prev, lag_t_hi, lag_t_lo, ACC, DOT_PRECISION, HALF_TOKENS)
-            dz += _mm_split(z_next, lag_hi, lag_lo, ACC, DOT_PRECISION, HALF_TOKENS)
+            dz = _grad_product(z * w[:, None], grads, 0, gram_hi, gram_lo, cols, R, P, IN_ROW, BR, BP, BN, ACC,
+                               DOT_PRECISION, HALF_TOKENS)
+            dz += _grad_product(v_vis, grads, 3, cross_hi, cross_lo, cols, R, P, IN_ROW, BR, BP, BN, ACC, DOT_PRECISION,
+                                HALF_TOKENS)
+            dz += _grad_product(z_prev, grads, 2, lag_t_hi, lag_t_lo, cols, R, P, IN_ROW, BR, BP, BN, ACC,
+                                DOT_PRECISION, HALF_TOKENS)
+            dz += _grad_product(z_next, grads, 1, lag_hi, lag_lo, cols, R, P, IN_ROW, BR, BP, BN, ACC, DOT_PRECISION,
+                                HALF_TOKENS)
             dz += tl.where((t == end - 1)[:, None], boundary[None, :], 0.0)
             dk = dz * w[:, None]
             if NORM_KEYS != 0:  # d_norm · z/‖z‖ on the tokens attaining the chunk max (w = 1, ‖z‖ = max there)
@@ -305,18 +359,54 @@ def chunk_stats_bwd_kernel(
                 z_cols = tl.load(k_base + t[:, None] * stride_kt + cols[None, :] * stride_kd,
                                  mask=ok[:, None] & (cols[None, :] < R), other=0.0).to(ACC)
                 dk += tl.where(hit, d_norm / chunk_max, 0.0)[:, None] * z_cols
-            tl.store(DK + b * stride_dkb + h * stride_dkh + t[:, None] * stride_dkt + cols[None, :] * stride_dkd,
-                     dk.to(DK.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < R))
-    if tl.program_id(2) * BN < P:
-        cross_t_hi, cross_t_lo = _split_tf32(_load_columns(row + 2 * R * R, P, R, cols, BR, True), HALF_TOKENS)
+            tl.store(dk_base + t[:, None] * stride_dkt + cols[None, :] * stride_dkd, dk.to(dk_base.dtype.element_ty),
+                     mask=ok[:, None] & (cols[None, :] < R))
+    if col0 < P:
+        cross_t_hi, cross_t_lo = _split_tf32(_grad_tile(grads, 4, cols, R, P, IN_ROW, BR, BP, BN), HALF_TOKENS)
         for t0 in range(start, end, BS):
             t = t0 + tl.arange(0, BS)
             ok = t < end
             w = _load_weights(w_base, t, ok, stride_wt, HAS_MASK, ACC)
             z_vis = _load_tokens(k_base, t, ok, stride_kt, R, stride_kd, BR).to(ACC) * w[:, None]
             dv = _mm_split(z_vis, cross_t_hi, cross_t_lo, ACC, DOT_PRECISION, HALF_TOKENS) * w[:, None]
-            tl.store(DV + b * stride_dvb + h * stride_dvh + t[:, None] * stride_dvt + cols[None, :] * stride_dvd,
-                     dv.to(DV.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < P))
+            tl.store(dv_base + t[:, None] * stride_dvt + cols[None, :] * stride_dvd, dv.to(dv_base.dtype.element_ty),
+                     mask=ok[:, None] & (cols[None, :] < P))
+
+
+@triton.jit
+def chunk_stats_bwd_kernel(
+    K, V, WMASK, DSTATS, DMNORM, DK, DV, CHUNK_START, CHUNK_END, SEG_BEGIN, SEG_END,
+    H, NC, R, P,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+    BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    """Columns n of dk and dv for the tokens of chunk j (`_chunk_stats_grad`), from DSTATS[bh, j] = (dG_j, dM_j,
+    dC_j) and DMNORM[bh, j], the gradient of the chunk's max key norm. The lag pair joining token end-1 to the
+    next chunk of the same sequence belongs to that chunk (row j+1). Each program owns BN columns, so the
+    gradient matrices it keeps on chip are [·, BN] slices. Grid (NC, B·H, ⌈max(r, P) / BN⌉).
+    """
+    c, bh, b, h, start, end = _chunk_program(H, CHUNK_START, CHUNK_END)
+    cols = tl.program_id(2) * BN + tl.arange(0, BN)
+    has_next = end < tl.load(SEG_END + c)
+    row = DSTATS + (bh * NC + c) * (2 * R * R + P * R)
+    k_base = K + b * stride_kb + h * stride_kh
+    w_base = WMASK + b * stride_wb
+    rr = tl.arange(0, BR)
+    lag_next = tl.load(row + 2 * R * R + P * R + R * R + rr[:, None] * R + cols[None, :],
+                       mask=has_next & (rr[:, None] < R) & (cols[None, :] < R), other=0.0)
+    boundary = _boundary(k_base, w_base, end, has_next, lag_next, R, stride_kt, stride_kd, stride_wt, HAS_MASK, BR,
+                         ACC)
+    _chunk_stats_grad(k_base, V + b * stride_vb + h * stride_vh, w_base, DK + b * stride_dkb + h * stride_dkh,
+                      DV + b * stride_dvb + h * stride_dvh, start, end, tl.load(SEG_BEGIN + c), tl.program_id(2) * BN,
+                      row, True, boundary, tl.load(DMNORM + bh * NC + c), R, P,
+                      stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, stride_dkt, stride_dkd, stride_dvt,
+                      stride_dvd, HAS_MASK, NORM_KEYS, BS, BR, BN, ACC, DOT_PRECISION, HALF_TOKENS, TILES, BP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,19 +415,31 @@ def chunk_stats_bwd_kernel(
 
 
 @triton.jit
-def _segment_max_fwd(CMAX, SMAX, s, c0, c1, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr, ACC: tl.constexpr):
-    """The maxima of one sequence (chunks c0 ≤ c < c1) in the rows CMAX, SMAX of one B·H (segment_scan_kernel)."""
-    top = tl.zeros([], dtype=ACC)
-    for c in range(c0, c1):
-        if not MAX_TOTAL:
-            tl.store(SMAX + c, top)
-        x = tl.load(CMAX + c).to(ACC)
-        top = tl.where(x >= top, x, top)  # a chunk that ties the max takes it over (cummax: the later one)
+def _running_max_step(SMAX, c, x, top, MAX_TOTAL: tl.constexpr):
+    """One chunk c of a sequence's maxima (`_segment_max_fwd`): without MAX_TOTAL stores the running max before c
+    at SMAX + c; returns the running max after c (a chunk that ties the max takes it over: cummax's later one)."""
+    if not MAX_TOTAL:
+        tl.store(SMAX + c, top)
+    return tl.where(x >= top, x, top)
+
+
+@triton.jit
+def _segment_max_finish(SMAX, s, c0, c1, top, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr):
+    """The sequence max `top` at slot s (TOTAL), or repeated for each of its chunks c0 ≤ c < c1 (MAX_TOTAL)."""
     if TOTAL:
         tl.store(SMAX + s, top)
     elif MAX_TOTAL:
         for c in range(c0, c1):
             tl.store(SMAX + c, top)
+
+
+@triton.jit
+def _segment_max_fwd(CMAX, SMAX, s, c0, c1, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr, ACC: tl.constexpr):
+    """The maxima of one sequence (chunks c0 ≤ c < c1) in the rows CMAX, SMAX of one B·H (segment_scan_kernel)."""
+    top = tl.zeros([], dtype=ACC)
+    for c in range(c0, c1):
+        top = _running_max_step(SMAX, c, tl.load(CMAX + c).to(ACC), top, MAX_TOTAL)
+    _segment_max_finish(SMAX, s, c0, c1, top, TOTAL, MAX_TOTAL)
 
 
 @triton.jit
@@ -429,6 +531,140 @@ def segment_scan_kernel(
                                  MAX_TOTAL or TOTAL, ACC)
             else:
                 _segment_max_fwd(CMAX + bh * NC, MOUT + bh * NOUT, s, c0, c1, TOTAL, MAX_TOTAL or TOTAL, ACC)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a'') statistics and scan in one walk over the chunks (the two stages above fused)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh, stride_wb):
+    """(batch·head bh in int64, b, h, and the bases of its keys, values and mask) of a walk program (grid
+    (B·H, column tile))."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    return bh, b, h, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, WMASK + b * stride_wb
+
+
+@triton.jit
+def visible_stats_fwd_kernel(
+    K, V, WMASK, OUT, CMAX, SMAX, CHUNK_START, CHUNK_END, SEG_BEGIN, SEG_CHUNKS,
+    H, NSEG, NC, NOUT, R, P,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
+    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """chunk_stats_fwd_kernel, then segment_scan_kernel's forward, in one pass: each program walks the chunks of
+    every sequence in order, computes their statistics' columns n (`_chunk_stats_columns`) and keeps the running
+    sums on chip, so that chunk rows never reach memory. Writes OUT [B·H, NOUT, D] and SMAX [B·H, NOUT] exactly
+    as segment_scan_kernel (the same sums in the same order), and the chunk max key norms CMAX [B·H, NC] (for
+    the backward). Grid (B·H, ⌈r / BN⌉): the sequential part is parallel over batch, head and column tile.
+    """
+    bh, b, h, k_base, v_base, w_base = _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh,
+                                                     stride_wb)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    keeps_maxima = tl.program_id(1) == 0
+    width = 2 * R * R + P * R
+    out_base = OUT + bh * NOUT * width
+    for s in range(NSEG):
+        c0 = tl.load(SEG_CHUNKS + s).to(tl.int64)
+        c1 = tl.load(SEG_CHUNKS + s + 1).to(tl.int64)
+        gram = tl.zeros([BR, BN], dtype=ACC)
+        lag = tl.zeros([BR, BN], dtype=ACC)
+        cross = tl.zeros([BP, BN], dtype=ACC)
+        top = tl.zeros([], dtype=ACC)
+        for c in range(c0, c1):
+            if not TOTAL:
+                _store_row_columns(out_base + c * width, gram, lag, cross, cols, R, P, BR, BP)
+            chunk_gram, chunk_lag, chunk_cross, chunk_max = _chunk_stats_columns(
+                k_base, v_base, w_base, tl.load(CHUNK_START + c).to(tl.int64), tl.load(CHUNK_END + c).to(tl.int64),
+                tl.load(SEG_BEGIN + c), cols, R, P, stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, HAS_MASK,
+                NORM_KEYS, BS, BR, BP, BN, ACC, DOT_PRECISION)
+            gram += chunk_gram
+            lag += chunk_lag
+            cross += chunk_cross
+            if keeps_maxima:
+                tl.store(CMAX + bh * NC + c, chunk_max)
+                top = _running_max_step(SMAX + bh * NOUT, c, chunk_max, top, MAX_TOTAL or TOTAL)
+        if TOTAL:
+            _store_row_columns(out_base + s * width, gram, lag, cross, cols, R, P, BR, BP)
+        if keeps_maxima:
+            _segment_max_finish(SMAX + bh * NOUT, s, c0, c1, top, TOTAL, MAX_TOTAL or TOTAL)
+
+
+@triton.jit
+def _add_grad_tiles(ws, row, cols, R, P, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
+    """A program's scratch of the five `_grad_tile`s (ws) += those of the flat gradient row at `row` (or := 0 if
+    row is None), between barriers: the scratch is read and written by every thread of the program."""
+    tl.debug_barrier()
+    for which in tl.static_range(5):
+        offsets = _scratch_tile(which, BR, BP, BN)
+        if row is None:
+            tile = tl.zeros(offsets.shape, dtype=ACC)
+        else:
+            tile = tl.load(ws + offsets) + _grad_tile(row, which, cols, R, P, True, BR, BP, BN)
+        tl.store(ws + offsets, tile)
+    tl.debug_barrier()
+
+
+@triton.jit
+def visible_stats_bwd_kernel(
+    K, V, WMASK, DOUT, CMAX, DSMAX, WS, DK, DV, CHUNK_START, CHUNK_END, SEG_BEGIN, SEG_CHUNKS,
+    H, NSEG, NC, NOUT, R, P,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, TOTAL: tl.constexpr, MAX_TOTAL: tl.constexpr,
+    BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr, TILES: tl.constexpr,
+):
+    """visible_stats_fwd_kernel's backward, segment_scan_kernel's reverse and chunk_stats_bwd_kernel in one pass:
+    from DOUT = dOUT [B·H, NOUT, D] and DSMAX = dSMAX [B·H, NOUT], columns n of dk and dv. Each program walks the
+    chunks of every sequence last to first and keeps what its columns need of the gradient of each chunk's
+    statistics — the suffix sum of dOUT after the chunk (`_grad_tile`s of it), or with TOTAL the sequence's dOUT
+    — in its scratch WS [(4·BR + BP)·BN + NC] (L2: written and read by the program alone; held in registers
+    across the token loops, the tiles spill), so that chunk rows of gradients never reach memory. The scratch's last NC
+    entries hold the chunk max gradients (`_segment_max_bwd`, from CMAX as the forward wrote it).
+    Grid (B·H, ⌈max(r, P) / BN⌉).
+    """
+    bh, b, h, k_base, v_base, w_base = _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh,
+                                                     stride_wb)
+    col0 = tl.program_id(1) * BN
+    cols = col0 + tl.arange(0, BN)
+    width = 2 * R * R + P * R
+    d_out = DOUT + bh * NOUT * width
+    suffix = WS + (bh * tl.num_programs(1) + tl.program_id(1)) * ((4 * BR + BP) * BN + NC)
+    d_chunk_max = suffix + (4 * BR + BP) * BN
+    for s in range(NSEG):
+        c0 = tl.load(SEG_CHUNKS + s).to(tl.int64)
+        c1 = tl.load(SEG_CHUNKS + s + 1).to(tl.int64)
+        _segment_max_bwd(CMAX + bh * NC, DSMAX + bh * NOUT, d_chunk_max, s, c0, c1, TOTAL, MAX_TOTAL or TOTAL, ACC)
+        _add_grad_tiles(suffix, None, cols, R, P, BR, BP, BN, ACC)  # also a barrier: the chunk max gradients
+        if TOTAL:  # every chunk of the sequence receives the gradient of its sum
+            _add_grad_tiles(suffix, d_out + s * width, cols, R, P, BR, BP, BN, ACC)
+        boundary = tl.zeros([BN], dtype=ACC)
+        for i in tl.range(0, c1 - c0, disable_licm=True):
+            c = c1 - 1 - i
+            start = tl.load(CHUNK_START + c).to(tl.int64)
+            # this chunk's first lag pair, for the last token of the one before (0 for the first chunk)
+            next_boundary = _boundary(k_base, w_base, start, c > c0, _grad_tile(suffix, 1, cols, R, P, False, BR, BP, BN),
+                                      R, stride_kt, stride_kd, stride_wt, HAS_MASK, BR, ACC)
+            _chunk_stats_grad(k_base, v_base, w_base, DK + b * stride_dkb + h * stride_dkh,
+                              DV + b * stride_dvb + h * stride_dvh, start, tl.load(CHUNK_END + c).to(tl.int64),
+                              tl.load(SEG_BEGIN + c), col0, suffix, False, boundary, tl.load(d_chunk_max + c), R, P,
+                              stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, stride_dkt, stride_dkd,
+                              stride_dvt, stride_dvd, HAS_MASK, NORM_KEYS, BS, BR, BN, ACC, DOT_PRECISION, HALF_TOKENS,
+                              TILES, BP)
+            boundary = next_boundary
+            if not TOTAL:
+                _add_grad_tiles(suffix, d_out + c * width, cols, R, P, BR, BP, BN, ACC)
 
 
 # (b) the per-slot dense algebra lives in dense.py (loaded into this namespace by runtime.py)
