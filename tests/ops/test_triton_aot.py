@@ -11,9 +11,11 @@ from echo_megatron.ops.triton.aot import KernelResources, sm90_report
 from echo_megatron.ops.triton.function import DENSE_PROGRAMS_PER_SM
 
 H100_SHARED_MEMORY = 227 * 1024  # bytes one program may use on sm_90
-# the walk's backward at r <= 64, the two stages' at 128 (`function.WALK_BWD_TILING`)
-KERNELS = {"visible_stats_fwd_kernel", "visible_stats_bwd_kernel", "segment_scan_kernel", "chunk_stats_bwd_kernel",
-           "readout_matrix_fwd_kernel", "readout_matrix_bwd_kernel", "readout_fwd_kernel", "readout_bwd_kernel"}
+# the walks (backward at r <= 64; at 128 the two stages'), the dense and readout kernels, and the two stages that
+# context parallelism runs
+KERNELS = {"visible_stats_fwd_kernel", "visible_stats_bwd_kernel", "segment_scan_kernel", "chunk_stats_fwd_kernel",
+           "chunk_stats_bwd_kernel", "readout_matrix_fwd_kernel", "readout_matrix_bwd_kernel", "readout_fwd_kernel",
+           "readout_bwd_kernel"}
 DENSE = {"readout_matrix_fwd_kernel", "readout_matrix_bwd_kernel"}
 DECODE_KERNELS = {"decode_step_kernel", "readout_matrix_fwd_kernel"}  # the step; the listed recompute
 

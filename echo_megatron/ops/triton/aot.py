@@ -131,13 +131,15 @@ REPORT_SHAPES = ((32, 32), (48, 64), (64, 64), (128, 128))
 def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int = 64, power: int = 2,
                 decode: bool = False) -> list[tuple[int, int, KernelResources]]:
     """(r, P, resources) of every kernel a bf16 forward+backward of `ska()` launches (S = chunk, K = power) in
-    chunk_causal mode and in prefix mode (whose slots are sequences: R, then a chunk-parallel readout),
-    compiled for sm_90; with `decode`, of decoding instead (two heads): `ska_step`'s kernel and
+    chunk_causal mode and in prefix mode (whose slots are sequences: R, then a chunk-parallel readout), and of
+    the separate statistics and scan stages that context parallelism runs (`context_parallel.py`: chunk rows
+    joined across ranks), compiled for sm_90; with `decode`, of decoding instead (two heads): `ska_step`'s kernel and
     `ska_step_slots`' kernel with its recompute of the listed chunk completions (the dense forward, listed).
     The launches are recorded without running them (bf16 is recorded as fp16, see `compile_launches`)."""
     import torch
 
     from .. import StateSlots, ska, ska_prefill, ska_step, ska_step_slots
+    from .function import NORM_KEYS, ChunkStatistics, ChunkTable, SegmentScan
 
     rows = []
     for rank, value_dim in shapes:
@@ -158,5 +160,10 @@ def sm90_report(shapes: tuple[tuple[int, int], ...] = REPORT_SHAPES, chunk: int 
                 for mode in ("chunk_causal", "prefix"):
                     y = ska(q, k, v, eta=eta, gamma=gamma, chunk_size=chunk, power=power, mode=mode, backend="triton")
                     y.float().sum().backward()
+                table = ChunkTable.build(2 * chunk, chunk, None, q.device)
+                chunk_rows, chunk_max = ChunkStatistics.apply(k, v, None, table, NORM_KEYS["causal_max"])
+                for total in (True, False):  # context parallelism: the local totals, then the visible statistics
+                    sums, maxima = SegmentScan.apply(chunk_rows, chunk_max, table, total, total)
+                    (sums.sum() + maxima.sum()).backward(retain_graph=True)
         rows += [(rank, value_dim, res) for res in compile_launches(launches, arch=90, fp16_as="bf16")]
     return rows
