@@ -144,10 +144,11 @@ def test_segment_scans_match_torch(cu_seqlens, total, sequence_max):
 # the last: P padded to 128, where the backward is the two stages' (`WALK_BWD_TILING`)
 @pytest.mark.parametrize("case", STAT_CASES + [(1, 40, 1, 5, 80, 16, [0, 23, 40], True)],
                          ids=lambda c: "B{}T{}H{}r{}P{}S{}-cu{}-mask{}".format(*c[:6], c[6] is not None, c[7]))
-@pytest.mark.parametrize("total, sequence_max", [(False, False), (True, False), (False, True)],
-                         ids=["exclusive", "totals", "exclusive_sums_sequence_max"])
+@pytest.mark.parametrize("total, sequence_max, norm_keys", [(False, False, 1), (False, False, 0), (True, False, 1),
+                                                         (False, True, 2)],
+                         ids=["exclusive", "exclusive_no_norm", "totals", "exclusive_sums_sequence_max"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_visible_statistics_walk_equals_statistics_then_scan(case, total, sequence_max, dtype):
+def test_visible_statistics_walk_equals_statistics_then_scan(case, total, sequence_max, norm_keys, dtype):
     """The fused walk (stages a and a' in one launch each way) writes what the two stages write, bit for bit (the
     same sums in the same order), and its gradients equal theirs to round-off, ties of chunk maxima included."""
     batch, seq_len, heads, rank, value_dim, chunk, cu_seqlens, masked = case
@@ -160,7 +161,6 @@ def test_visible_statistics_walk_equals_statistics_then_scan(case, total, sequen
         mask[:, [0, seq_len - 1]] = True
     table, _ = _table_and_layout(seq_len, chunk, cu_seqlens)
     weights = None if mask is None else mask.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    norm_keys = 2 if sequence_max else 1
     got = list(tfn.VisibleStatistics.apply(k, v, weights, table, norm_keys, total, sequence_max))
     expected = list(tfn.SegmentScan.apply(*tfn.ChunkStatistics.apply(k, v, weights, table, norm_keys), table, total,
                                           sequence_max))
