@@ -111,7 +111,8 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
 
       forward   walk (statistics and scan): read k, v, write the visible statistics D
                 dense + readout: read D and q, write R (P·r, for the backward), L⁻¹ (r²) and y
-      backward  dense + readout: read D, L⁻¹, R, q, dy, write dD and dq (dR stays in the workspace)
+      backward  dense + readout: read M and C of D (not G: the Cholesky backward works from L⁻¹), L⁻¹, R, q,
+                dy, write dD and dq (dR stays in the workspace)
                 walk: read dD, k, v, write dk, dv — for r and P padded to <= 64 (`walks_backward`); wider, the
                 two stages': scan, read dD, write the chunk rows' gradient; statistics, read it, k, v and the
                 next chunk's dM (r²), write dk, dv
@@ -124,7 +125,7 @@ def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_
     statistics_backward = row if walks_backward(r, p) else 2 * row + row + square
     per_chunk = ForwardBackward(
         forward=(row + row + readout + square),
-        backward=(row + square + readout + row + statistics_backward),
+        backward=((row - square) + square + readout + row + statistics_backward),
     )
     per_token = ForwardBackward(forward=(key + value) + (key + value),  # k, v read; q read, y written
                                 backward=(key + value + key) + (key + value + key + value))  # q, dy, dq; k, v, dk, dv

@@ -236,16 +236,17 @@ def test_small_model_matches_flop_counter(ffn):
 def test_triton_byte_model_matches_a_hand_count():
     """r = P = S = 64, bf16 tokens: a statistics row is 4·(2·64² + 64²) = 49,152 B per chunk, R and L⁻¹
     16,384 B each. Forward per chunk 2 rows + R + L⁻¹ = 131,072 B, i.e. 2,048 B per token, plus 4 token
-    vectors of 128 B; backward 3 rows + R + L⁻¹ = 180,224 B → 2,816 B per token, plus 7 token vectors. At
-    r = P = 128 the backward is the two stages' (5 rows + R + 2 r²): 4·(3·128²) = 196,608 B a row."""
+    vectors of 128 B; backward 3 rows less G (the dense backward reads M and C only) + R + L⁻¹ = 163,840 B →
+    2,560 B per token, plus 7 token vectors. At r = P = 128 the backward is the two stages' (5 rows less G,
+    R, L⁻¹ and the next chunk's dM): 4·(3·128²) = 196,608 B a row, 65,536 B a square."""
     from echo_megatron.megatron.flops import ska_triton_hbm_bytes
 
     bytes_ = ska_triton_hbm_bytes(rank=64, value_dim=64, chunk_size=64)
-    assert (bytes_.forward, bytes_.backward) == (2048 + 4 * 128, 2816 + 7 * 128)
+    assert (bytes_.forward, bytes_.backward) == (2048 + 4 * 128, 2560 + 7 * 128)
     halved = ska_triton_hbm_bytes(rank=64, value_dim=64, chunk_size=128)  # per-chunk traffic halves with S
     assert halved.forward == 2048 / 2 + 4 * 128
     wide = ska_triton_hbm_bytes(rank=128, value_dim=128, chunk_size=64)
-    assert wide.backward == (5 * 196_608 + 3 * 65_536) / 64 + 7 * 256
+    assert wide.backward == (5 * 196_608 - 65_536 + 3 * 65_536) / 64 + 7 * 256
 
 
 def _saved_bytes(tokens: int, rank: int, value_dim: int, chunk: int) -> int:
