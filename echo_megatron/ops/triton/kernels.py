@@ -292,8 +292,8 @@ def _chunk_stats_grad(k_base, v_base, w_base, dk_base, dv_base, start, end, seg_
                       IN_ROW: tl.constexpr, boundary, d_chunk_max, R, P,
                       stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, stride_dkt, stride_dkd, stride_dvt,
                       stride_dvd, HAS_MASK: tl.constexpr, NORM_KEYS: tl.constexpr, BS: tl.constexpr,
-                      BR: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      HALF_TOKENS: tl.constexpr, TILES: tl.constexpr, BP: tl.constexpr):
+                      TILES: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, HALF_TOKENS: tl.constexpr):
     """Store columns col0 … col0 + BN - 1 of dk and dv for the tokens start <= t < end of one chunk, from the
     gradient of its statistics (`_grad_tile`s of grads, IN_ROW or not), the next chunk's first lag pair's share of
     its last row (`_boundary`) and the gradient of its max key norm, split evenly over the tokens attaining it
@@ -406,7 +406,7 @@ def chunk_stats_bwd_kernel(
                       DV + b * stride_dvb + h * stride_dvh, start, end, tl.load(SEG_BEGIN + c), tl.program_id(2) * BN,
                       row, True, boundary, tl.load(DMNORM + bh * NC + c), R, P,
                       stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, stride_dkt, stride_dkd, stride_dvt,
-                      stride_dvd, HAS_MASK, NORM_KEYS, BS, BR, BN, ACC, DOT_PRECISION, HALF_TOKENS, TILES, BP)
+                      stride_dvd, HAS_MASK, NORM_KEYS, BS, TILES, BR, BP, BN, ACC, DOT_PRECISION, HALF_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,8 +660,8 @@ def visible_stats_bwd_kernel(
                               DV + b * stride_dvb + h * stride_dvh, start, tl.load(CHUNK_END + c).to(tl.int64),
                               tl.load(SEG_BEGIN + c), col0, suffix, False, boundary, tl.load(d_chunk_max + c), R, P,
                               stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, stride_dkt, stride_dkd,
-                              stride_dvt, stride_dvd, HAS_MASK, NORM_KEYS, BS, BR, BN, ACC, DOT_PRECISION, HALF_TOKENS,
-                              TILES, BP)
+                              stride_dvt, stride_dvd, HAS_MASK, NORM_KEYS, BS, TILES, BR, BP, BN, ACC, DOT_PRECISION,
+                              HALF_TOKENS)
             boundary = next_boundary
             if not TOTAL:
                 _add_grad_tiles(suffix, d_out + c * width, cols, R, P, BR, BP, BN, ACC)
