@@ -244,8 +244,8 @@ def _launch_stats_bwd(k: Tensor, v: Tensor, weights: Tensor | None, table: Chunk
            *tokens, d_stats.contiguous(), d_max_norm.contiguous(), dk, dv, table.start, table.end, table.seg_begin,
            table.seg_end, heads, table.num_chunks, rank, value_dim, *strides, *_strides(dk), *_strides(dv),
            HAS_MASK=weights is not None, NORM_KEYS=norm_keys, BS=step, TILES=_block_count(table.chunk_size, step),
-           BR=block_r, BP=block_p, BN=columns, ACC=_tl_dtype(d_stats.dtype), DOT_PRECISION=_dot_precision(d_stats.dtype),
-           HALF_TOKENS=_half(k.dtype), num_warps=warps)
+           BR=block_r, BP=block_p, BN=columns, ACC=_tl_dtype(d_stats.dtype),
+           DOT_PRECISION=_dot_precision(d_stats.dtype), HALF_TOKENS=_half(k.dtype), num_warps=warps)
     return dk, dv
 
 

@@ -565,7 +565,7 @@ def visible_stats_fwd_kernel(
     as segment_scan_kernel (the same sums in the same order), and the chunk max key norms CMAX [B·H, NC] (for
     the backward). Grid (B·H, ⌈r / BN⌉): the sequential part is parallel over batch, head and column tile.
     """
-    bh, b, h, k_base, v_base, w_base = _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh,
+    bh, _, _, k_base, v_base, w_base = _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh,
                                                      stride_wb)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     keeps_maxima = tl.program_id(1) == 0
@@ -630,8 +630,8 @@ def visible_stats_bwd_kernel(
     chunks of every sequence last to first and keeps what its columns need of the gradient of each chunk's
     statistics — the suffix sum of dOUT after the chunk (`_grad_tile`s of it), or with TOTAL the sequence's dOUT
     — in its scratch WS [(4·BR + BP)·BN + NC] (L2: written and read by the program alone; held in registers
-    across the token loops, the tiles spill), so that chunk rows of gradients never reach memory. The scratch's last NC
-    entries hold the chunk max gradients (`_segment_max_bwd`, from CMAX as the forward wrote it).
+    across the token loops, the tiles spill), so that chunk rows of gradients never reach memory. The scratch's
+    last NC entries hold the chunk max gradients (`_segment_max_bwd`, from CMAX as the forward wrote it).
     Grid (B·H, ⌈max(r, P) / BN⌉).
     """
     bh, b, h, k_base, v_base, w_base = _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -654,8 +654,9 @@ def visible_stats_bwd_kernel(
             c = c1 - 1 - i
             start = tl.load(CHUNK_START + c).to(tl.int64)
             # this chunk's first lag pair, for the last token of the one before (0 for the first chunk)
-            next_boundary = _boundary(k_base, w_base, start, c > c0, _grad_tile(suffix, 1, cols, R, P, False, BR, BP, BN),
-                                      R, stride_kt, stride_kd, stride_wt, HAS_MASK, BR, ACC)
+            d_lag = _grad_tile(suffix, 1, cols, R, P, False, BR, BP, BN)
+            next_boundary = _boundary(k_base, w_base, start, c > c0, d_lag, R, stride_kt, stride_kd, stride_wt,
+                                      HAS_MASK, BR, ACC)
             _chunk_stats_grad(k_base, v_base, w_base, DK + b * stride_dkb + h * stride_dkh,
                               DV + b * stride_dvb + h * stride_dvh, start, tl.load(CHUNK_END + c).to(tl.int64),
                               tl.load(SEG_BEGIN + c), col0, suffix, False, boundary, tl.load(d_chunk_max + c), R, P,
