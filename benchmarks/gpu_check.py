@@ -16,7 +16,8 @@ catching its own exceptions (recorded with a traceback summary) so one failure n
      sizes, packed sequences), decode (prefill + steps) vs the parallel forward.
   c  The Megatron SKA layer (local spec, TP = 1, one-rank nccl/gloo group): forward/backward, Triton vs torch.
   b  Timings (CUDA events, warm-up, median; B = 1) of SKA Triton fwd and fwd+bwd at T = 2K … 128K, bf16,
-     H = 16, r = P = 64, next to the same with the two-stage statistics the walk replaced (issue 18: the walk's
+     H = 16, r = P = 64, next to the same with every chunk's visible statistics written (G = 1: the A/B of the
+     dense kernels' recomputation, issue 18), with the two-stage statistics the walk replaced (the walk's
      parallelism at B = 1) and SKA at r = P = 128 (issue 18: it did not launch before), SDPA (flash and
      cuDNN backends, forced) and fla's `chunk_gated_delta_rule`; decode step vs context; peak memory.
   k  Per-kernel profile (`torch.profiler`, CUDA time by kernel) of one SKA forward+backward at 8K and 32K
@@ -149,7 +150,8 @@ DRY = Profile(
     profile_lengths=(8,),
     limits=dict(p=120.0, a=240.0, c=120.0, b=120.0, k=60.0, d=60.0),
     prewarm_jobs=1,
-    cpu_prewarm=("case:0:0", "decode:0", "bench:ska", "bench:ska_two_stage", "bench:ska_wide", "layer"),
+    cpu_prewarm=("case:0:0", "decode:0", "bench:ska", "bench:ska_every_chunk", "bench:ska_two_stage", "bench:ska_wide",
+                 "layer"),
 )
 
 
@@ -684,7 +686,8 @@ def section_timings(report: Report, section: Section, profile: Profile, device: 
             report.add(section, dict(table=table, T=seq_len, error="not run: section time limit"))
             continue
         row = dict(table=table, T=seq_len)
-        for name, make in [("SKA triton", _ska_bench), ("SKA triton two-stage statistics", _ska_two_stage_bench),
+        for name, make in [("SKA triton", _ska_bench), ("SKA triton G=1", _ska_every_chunk_bench),
+                           ("SKA triton two-stage statistics", _ska_two_stage_bench),
                            ("SKA triton r=P=2w", _ska_wide_bench), *peers]:
             for phase in ("fwd", "fwd+bwd"):
                 row[f"{name} {phase}"] = _bench_cell(make, seq_len, profile, device, phase, section)
@@ -781,23 +784,44 @@ def _ska_wide_bench(seq_len: int, profile: Profile, device: torch.device):
     return _ska_bench(seq_len, profile, device, width=2 * profile.bench_width)
 
 
-def _ska_two_stage_bench(seq_len: int, profile: Profile, device: torch.device):
-    """SKA with its statistics and scan as the two chunk-parallel stages the walk replaced (issue 18): the walk
-    is parallel over B·H and column tiles only, so this A/B says whether that costs time at B = 1."""
+def _ska_patched_bench(seq_len: int, profile: Profile, device: torch.device, **patches):
+    """`_ska_bench` with attributes of `echo_megatron.ops.triton.function` replaced while the forward runs (the
+    autograd graph it builds decides the backward)."""
     from unittest import mock
 
     from echo_megatron.ops.triton import function as tfn
 
     forward, tensors = _ska_bench(seq_len, profile, device)
 
-    def two_stages(k, v, weights, table, norm_keys, total, sequence_max):
-        rows, chunk_max = tfn.ChunkStatistics.apply(k, v, weights, table, norm_keys)
-        return tfn.SegmentScan.apply(rows, chunk_max, table, total, sequence_max)
-
     def patched():
-        with mock.patch.object(tfn.VisibleStatistics, "apply", two_stages):
+        with mock.patch.multiple(tfn, **patches):
             return forward()
     return patched, tensors
+
+
+def _ska_every_chunk_bench(seq_len: int, profile: Profile, device: torch.device):
+    """SKA with the walk writing every chunk's visible statistics and the dense kernels reading them (G = 1), where
+    `chunks_per_block` lets the dense kernels recompute all but one chunk's in G: the A/B of that choice."""
+    return _ska_patched_bench(seq_len, profile, device, chunks_per_block=lambda *args: 1)
+
+
+def _ska_two_stage_bench(seq_len: int, profile: Profile, device: torch.device):
+    """SKA with its statistics and scan as the two chunk-parallel stages the walk replaced (issue 18), every chunk's
+    row written (as G = 1): the walk is parallel over B·H and column tiles only, so this A/B (against the G = 1
+    column) says whether that costs time at B = 1."""
+    from echo_megatron.ops.triton import function as tfn
+
+    def staged(q, k, v, eta, gamma, weights, table, norm_keys, sequence_max, every, *dense):
+        rows, chunk_max = tfn.ChunkStatistics.apply(k, v, weights, table, norm_keys)
+        visible, max_norm = tfn.SegmentScan.apply(rows, chunk_max, table, False, sequence_max)
+        return tfn.ChunkReadout.apply(visible, max_norm, gamma, q, eta, table, *dense)
+
+    return _ska_patched_bench(seq_len, profile, device, ChunkCausal=_autograd_stand_in(staged))
+
+
+def _autograd_stand_in(function):
+    """A stand-in for an autograd Function whose `apply` is `function`."""
+    return type("Patched", (), {"apply": staticmethod(function)})
 
 
 def _ska_bench(seq_len: int, profile: Profile, device: torch.device, width: int | None = None):
@@ -875,7 +899,7 @@ def prewarm_tasks(profile: Profile) -> list[str]:
     tasks = [f"case:{d}:{i}" for d in range(len(profile.dtypes)) for i in range(len(profile.cases))]
     tasks += [f"extra:{i}" for i in range(len(profile.extra_fp32_cases))]
     tasks += [f"decode:{d}" for d in range(len(profile.dtypes))]
-    tasks += ["bench:ska", "bench:ska_two_stage", "bench:ska_wide", "layer"]
+    tasks += ["bench:ska", "bench:ska_every_chunk", "bench:ska_two_stage", "bench:ska_wide", "layer"]
     return tasks + (["bench:fla"] if profile is GPU else [])
 
 
@@ -903,9 +927,9 @@ def run_prewarm_task(task: str, profile: Profile, device: torch.device) -> None:
         seq, batch = profile.layer_tokens
         hidden = torch.randn(seq, batch, config.hidden_size, device=device, dtype=layer_dtype(device))
         layer_output(layer, hidden.requires_grad_()).float().sum().backward()
-    elif task in ("bench:ska", "bench:ska_two_stage", "bench:ska_wide", "bench:fla"):
-        make = dict(ska=_ska_bench, ska_two_stage=_ska_two_stage_bench, ska_wide=_ska_wide_bench,
-                    fla=_fla_bench)[task.split(":")[1]]
+    elif task in ("bench:ska", "bench:ska_every_chunk", "bench:ska_two_stage", "bench:ska_wide", "bench:fla"):
+        make = dict(ska=_ska_bench, ska_every_chunk=_ska_every_chunk_bench, ska_two_stage=_ska_two_stage_bench,
+                    ska_wide=_ska_wide_bench, fla=_fla_bench)[task.split(":")[1]]
         forward, _ = make(profile.bench_lengths[0], profile, device)
         forward().float().sum().backward()
     else:

@@ -48,7 +48,8 @@ def _assert_every_section_and_check_passed(out: Path, stdout: str, profile: gpu_
     assert [row["T"] for row in timings] == list(profile.bench_lengths)
     for row in timings:
         cells = {k: v for k, v in row.items() if k not in ("table", "T")}
-        assert set(cells) == {"SKA triton fwd", "SKA triton fwd+bwd", "SKA triton two-stage statistics fwd",
+        assert set(cells) == {"SKA triton fwd", "SKA triton fwd+bwd", "SKA triton G=1 fwd", "SKA triton G=1 fwd+bwd",
+                              "SKA triton two-stage statistics fwd",
                               "SKA triton two-stage statistics fwd+bwd", "SKA triton r=P=2w fwd",
                               "SKA triton r=P=2w fwd+bwd", "SDPA flash fwd", "SDPA flash fwd+bwd"}
         assert not any(v.startswith(("error", "not run")) for v in cells.values()), row

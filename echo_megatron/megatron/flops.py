@@ -98,48 +98,55 @@ def ska_operator_flops(
     return (tokens + prefix + factorisation + chain + power_iteration) * (batch_size * num_heads)
 
 
-def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_bytes: int = 2) -> ForwardBackward:
+def ska_triton_hbm_bytes(*, rank: int, value_dim: int, chunk_size: int, element_bytes: int = 2,
+                         chunks_per_block: int = 1) -> ForwardBackward:
     """HBM bytes per token and head that the Triton path (`echo_megatron.ops.triton`, chunk_causal, one long
     sequence) moves, kernel by kernel, as the kernels read and write them; the next byte model to the FLOP
     model above. Statistics rows are fp32, D = 2r² + P·r floats per chunk; token tensors (q, k, v, y and
     their gradients) have `element_bytes`. Assumed to stay in L2, so a lower bound: the dense kernels'
-    workspace and the walk's scratch (each written and read back by the same program), the R a dense program
-    reads its chunk out from right after writing it, and what the column programs of one walk read in common
-    (a chunk's k and v tiles, and the gradient rows, which two of them read in part); at r = P = 64 the two
-    dense programs an H100 SM holds have 2 × 256 KiB of workspace, 66 MiB over 132 SMs against a 50 MiB L2.
-    The per-chunk scalars (max norms, σ, dη and dγ̂ shares) are left out (< 1 %). Per chunk of S tokens:
+    workspace and the walk's scratch (each written and read by the same program), the R a dense program
+    reads its chunk out from right after writing it, the block's first row a dense program reads again to
+    advance it, and what the column programs of one walk read in common (a chunk's k and v tiles, and the
+    gradient rows, which two of them read in part); at r = P = 64 the two dense programs an H100 SM holds have
+    2 × 304 KiB of workspace, 78 MiB over 132 SMs against a 50 MiB L2. The per-chunk scalars (max norms, σ, dη
+    and dγ̂ shares) are left out (< 1 %). Per chunk of S tokens, G = chunks_per_block
+    (`function.chunks_per_block`: what the launch picks for the shape and GPU):
 
-      forward   walk (statistics and scan): read k, v, write the visible statistics D
-                dense + readout: read D and q, write R (P·r, for the backward), L⁻¹ (r²) and y
-      backward  dense + readout: read M and C of D (not G: the Cholesky backward works from L⁻¹), L⁻¹, R, q,
-                dy, write dD and dq (dR stays in the workspace)
+      forward   walk (statistics and scan): read k, v, write the visible statistics D of one chunk in G
+                dense + readout: read those D, and for the other chunks k and v of the chunk before (the
+                statistics recomputed), q; write R (P·r, for the backward), L⁻¹ (r²) and y
+      backward  dense + readout: read M and C of the block's first D (not G: the Cholesky backward works from
+                L⁻¹), k and v again as the forward, L⁻¹, R, q, dy; write dD of every chunk and dq (dR stays in
+                the workspace)
                 walk: read dD, k, v, write dk, dv — for r and P padded to <= 64 (`walks_backward`); wider, the
                 two stages': scan, read dD, write the chunk rows' gradient; statistics, read it, k, v and the
                 next chunk's dM (r²), write dk, dv
     """
     from ..ops.triton.function import walks_backward
 
-    r, p, e = rank, value_dim, element_bytes
+    r, p, e, g = rank, value_dim, element_bytes, chunks_per_block
     row, square, readout = 4 * (2 * r * r + p * r), 4 * r * r, 4 * p * r
     key, value = e * r, e * p  # one token's key (or query) and value (or output)
+    recomputed = (g - 1) / g * (key + value)  # k, v read again per token to recompute statistics
     statistics_backward = row if walks_backward(r, p) else 2 * row + row + square
     per_chunk = ForwardBackward(
-        forward=(row + row + readout + square),
-        backward=((row - square) + square + readout + row + statistics_backward),
+        forward=(row / g + row / g + readout + square),
+        backward=((row - square) / g + square + readout + row + statistics_backward),
     )
-    per_token = ForwardBackward(forward=(key + value) + (key + value),  # k, v read; q read, y written
-                                backward=(key + value + key) + (key + value + key + value))  # q, dy, dq; k, v, dk, dv
+    per_token = ForwardBackward(forward=(key + value) + (key + value) + recomputed,  # k, v read; q read, y written
+                                backward=(key + value + key) + recomputed + (key + value + key + value))
     return ForwardBackward(per_chunk.forward / chunk_size + per_token.forward,
                            per_chunk.backward / chunk_size + per_token.backward)
 
 
-def ska_triton_saved_bytes(*, rank: int, value_dim: int, chunk_size: int) -> float:
+def ska_triton_saved_bytes(*, rank: int, value_dim: int, chunk_size: int, chunks_per_block: int = 1) -> float:
     """Bytes per token and head that the Triton path's autograd keeps for the backward beyond its inputs
     (q, k, v) and output, chunk_causal, one long sequence, r and P ≤ 128 (the dense kernels). Per chunk,
-    fp32: the visible statistics (2r² + P·r), L⁻¹ (r²), R (P·r) and four scalars (the chunk's and the
-    visible max key norm, max(1, σ), the ridge coefficient)."""
+    fp32: the visible statistics (2r² + P·r) of one chunk in G = chunks_per_block (the backward recomputes the
+    others, as the forward does), L⁻¹ (r²), R (P·r) and four scalars (the chunk's and the visible max key
+    norm, max(1, σ), the ridge coefficient)."""
     r, p = rank, value_dim
-    return 4 * (3 * r * r + 2 * p * r + 4) / chunk_size
+    return 4 * ((2 * r * r + p * r) / chunks_per_block + r * r + p * r + 4) / chunk_size
 
 
 def ska_layer_flops(config: TransformerConfig, seq_length: int, batch_size: int = 1) -> FlopCount:

@@ -247,6 +247,12 @@ def test_triton_byte_model_matches_a_hand_count():
     assert halved.forward == 2048 / 2 + 4 * 128
     wide = ska_triton_hbm_bytes(rank=128, value_dim=128, chunk_size=64)
     assert wide.backward == (5 * 196_608 - 65_536 + 3 * 65_536) / 64 + 7 * 256
+    # blocks of 8 chunks: the visible statistics written and read by the forward once in 8 chunks (2 rows / 8), M
+    # and C of them read by the backward once in 8; k and v (256 B per token) read again for 7 chunks in 8
+    blocks = ska_triton_hbm_bytes(rank=64, value_dim=64, chunk_size=64, chunks_per_block=8)
+    assert blocks.forward == (2 * 49_152 / 8 + 2 * 16_384) / 64 + 4 * 128 + 7 / 8 * 256
+    assert blocks.backward == ((49_152 - 16_384) / 8 + 2 * 16_384 + 2 * 49_152) / 64 + 7 * 128 + 7 / 8 * 256
+    assert blocks.forward + blocks.backward < 5_000  # issue 18's target: 4,672 B
 
 
 def _saved_bytes(tokens: int, rank: int, value_dim: int, chunk: int) -> int:
@@ -270,12 +276,14 @@ def _saved_bytes(tokens: int, rank: int, value_dim: int, chunk: int) -> int:
 
 
 def test_triton_saved_bytes_model_counts_what_autograd_saves():
-    """The model's bytes per token are what one more chunk adds to the tensors saved for the backward
-    (fp32, r = 16, P = 8, S = 16, Triton interpreter): what depends on T, not the few per-head constants."""
+    """The model's bytes per token are what one more block of chunks adds to the tensors saved for the backward
+    (fp32, r = 16, P = 8, S = 16, Triton interpreter, blocks of `INTERPRETED_BLOCK_CHUNKS` = G chunks: 1 chunk
+    and 1 block, then 1 + G chunks and 2 blocks): what depends on T, not the few per-head constants."""
     from echo_megatron.megatron.flops import ska_triton_saved_bytes
+    from echo_megatron.ops.triton.function import INTERPRETED_BLOCK_CHUNKS as every
 
-    added = _saved_bytes(32, 16, 8, 16) - _saved_bytes(16, 16, 8, 16)
-    assert added / 16 == ska_triton_saved_bytes(rank=16, value_dim=8, chunk_size=16)
+    added = _saved_bytes(16 * (1 + every), 16, 8, 16) - _saved_bytes(16, 16, 8, 16)
+    assert added / (16 * every) == ska_triton_saved_bytes(rank=16, value_dim=8, chunk_size=16, chunks_per_block=every)
 
 
 def test_triton_saved_bytes_model_matches_the_h200_measurement():

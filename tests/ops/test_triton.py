@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from echo_megatron.ops import ska
-from echo_megatron.ops.chunked import ChunkLayout, Statistics, chunk_statistics, readout_matrices
+from echo_megatron.ops.chunked import ChunkLayout, Statistics, chunk_statistics, readout_matrices, work_dtype
 from echo_megatron.ops.triton import function as tfn
 from echo_megatron.ops.triton import runtime
 
@@ -296,6 +296,43 @@ def test_chunk_readout_equals_readout_matrices_then_readout(dtype):
     for name, a, b in zip(["d_stats", "d_max_norm", "d_gamma", "dq"], got, expected):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     _assert_close(got[4:], expected[4:], ["d_eta"], 1e-6)
+
+
+RECOMPUTE_CASES = [  # (case, every, norm, dtype)
+    # 8 chunks in blocks of 3: blocks ending inside a sequence, sequences (one empty) starting inside a block, a last
+    # block of one chunk
+    (STAT_CASES[2], 3, "causal_max", torch.float64),
+    (STAT_CASES[2], 3, "sequence_max", torch.float64),
+    (STAT_CASES[2], 3, "none", torch.float16),
+    (STAT_CASES[1], 5, "causal_max", torch.float64),  # 5 chunks, B = 2: one block per (b, h); r = 24, P = 33
+    (STAT_CASES[3], 2, "causal_max", torch.float16),  # r = 64; the last chunk starts a sequence and a block
+    ((1, 40, 1, 5, 80, 16, [0, 23, 40], True), 2, "none", torch.float64),  # P padded to 128
+]
+
+
+@pytest.mark.parametrize("case, every, norm, dtype", RECOMPUTE_CASES,
+                         ids=lambda c: "B{}T{}H{}r{}P{}S{}-cu{}-mask{}".format(*c[:6], c[6] is not None, c[7])
+                         if isinstance(c, tuple) else str(c))
+def test_chunk_causal_recomputes_visible_statistics(case, every, norm, dtype):
+    """`ChunkCausal` (the walk writes every `every`-th chunk's visible statistics, the dense kernels recompute the
+    others from k and v) equals `ChunkReadout` after `VisibleStatistics` (every chunk's row written and read): y
+    and every gradient, to rounding (the recomputation adds the chunks in the walk's order, its token steps may
+    be shorter: bit for bit here where chunks are <= 16 tokens)."""
+    batch, seq_len, heads, rank, value_dim, chunk, cu_seqlens, masked = case
+    inputs = make_inputs(batch, seq_len, heads, rank, value_dim, dtype=dtype, requires_grad=True, seed=seq_len)
+    mask = (torch.rand(batch, seq_len, generator=torch.Generator().manual_seed(1)) > 0.3) if masked else None
+    weights = None if mask is None else mask.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    table, _ = _table_and_layout(seq_len, chunk, cu_seqlens)
+    q, k, v, eta = inputs["q"], inputs["k"], inputs["v"], inputs["eta"]
+    gamma = inputs["gamma"].to(work_dtype(dtype))
+    norm_keys, sequence_max = tfn.NORM_KEYS[norm], norm == "sequence_max"
+    options = (rank, value_dim, 2, 1e-3, norm, 6)
+    got = tfn.ChunkCausal.apply(q, k, v, eta, gamma, weights, table, norm_keys, sequence_max, every, *options)
+    visible, max_norm = tfn.VisibleStatistics.apply(k, v, weights, table, norm_keys, False, sequence_max)
+    expected = tfn.ChunkReadout.apply(visible, max_norm, gamma, q, eta, table, *options)
+    wrt = [inputs[name] for name in GRAD_NAMES]
+    tol = 1e-12 if dtype == torch.float64 else 1e-3  # fp16 outputs: an ulp is 5e-4
+    _assert_close([got, *_grads([got], wrt)], [expected, *_grads([expected], wrt)], ["y", *GRAD_NAMES], tol)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Loaded by `runtime.py` in the namespace of `kernels.py` (it uses that file's hel
 do not import it directly. Design:
 
 * **Persistent programs with a workspace.** A program owns a slice of a scratch buffer (WS: SQUARE_SLOTS
-  [BR, BR] matrices and two [BP, BR] ones) and walks slots `pid, pid + num_programs, …`. Every r×r
+  [BR, BR] matrices, two [BP, BR] ones and a statistics row) and walks slots `pid, pid + num_programs, …` — in
+  chunk_causal mode (READ_OUT) blocks of EVERY consecutive chunks, whose visible statistics after the first it
+  recomputes in the workspace's row from k and v (`_visible_row`), so that the walk need not write them. Every r×r
   matrix lives there or in an output, never whole in registers: the building blocks work on tiles of
   at most [TILE, TILE] (products) or [BR, BLOCK] (Cholesky panels), so r = 128 needs no more registers
   than r = 32 and a few programs share an SM. The scratch is written and read by the same program
@@ -257,8 +259,86 @@ def _cholesky_inverse_blocked(gram, shift, lower, inverse, diag_inv, n, BR: tl.c
 
 @triton.jit
 def _workspace(WS, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
-    """This program's workspace: SQUARE_SLOTS [BR, BR] matrices, then two [BP, BR] ones (row stride BR)."""
-    return WS + tl.program_id(0).to(tl.int64) * (SQUARE_SLOTS * BR * BR + 2 * BP * BR)
+    """This program's workspace: SQUARE_SLOTS [BR, BR] matrices, then two [BP, BR] ones (row stride BR), then a
+    statistics row (`_running_row`)."""
+    return WS + tl.program_id(0).to(tl.int64) * ((SQUARE_SLOTS + 2) * BR * BR + 3 * BP * BR)
+
+
+@triton.jit
+def _running_row(ws, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """The workspace's flat statistics row (2 r² + P·r of its 2 BR² + BP·BR floats): the visible statistics of
+    the chunk in hand when they are recomputed (`_visible_row`)."""
+    return ws + SQUARE_SLOTS * BR * BR + 2 * BP * BR
+
+
+@triton.jit
+def _units(NTOTAL, NSLOT, EVERY, READ_OUT: tl.constexpr):
+    """(units of work of a dense kernel, blocks per (b, h)): its slots, or with READ_OUT (slots = chunks) the
+    blocks of EVERY consecutive chunks of one (b, h), ⌈NSLOT / EVERY⌉ of them."""
+    if READ_OUT:
+        blocks = tl.cdiv(NSLOT, EVERY)
+        units = (NTOTAL // NSLOT) * blocks
+    else:
+        blocks = NSLOT
+        units = NTOTAL
+    return units, blocks
+
+
+@triton.jit
+def _walk_range(total, EVERY, READ_OUT: tl.constexpr):
+    """(start, stop, stride) of a dense program's one loop over its units of work (units pid, pid + num_programs, …
+    of the `_units`): over the units themselves, or with READ_OUT over the EVERY slots of each in turn (one flat
+    loop: nested ones made ptxas spill)."""
+    if READ_OUT:
+        bounds = (0, tl.cdiv(total - tl.program_id(0), tl.num_programs(0)) * EVERY, 1)
+    else:
+        bounds = (tl.program_id(0), total, tl.num_programs(0))
+    return bounds
+
+
+@triton.jit
+def _unit_step(walk_step, blocks, NSLOT, EVERY, READ_OUT: tl.constexpr):
+    """(unit, step within it, flat slot, whether the unit has that slot) at `walk_step` of `_walk_range`'s loop."""
+    if READ_OUT:
+        unit = tl.program_id(0) + (walk_step // EVERY) * tl.num_programs(0) + tl.zeros([], dtype=tl.int64)
+        step = walk_step % EVERY
+        chunk = (unit % blocks) * EVERY + step
+        idx = (unit // blocks) * NSLOT + chunk
+        valid = chunk < NSLOT
+    else:
+        unit = walk_step + tl.zeros([], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
+        step = 0
+        idx = unit
+        valid = True
+    return unit, step, idx, valid
+
+
+@triton.jit(noinline=True)
+def _visible_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V, WMASK, R, P,
+                 stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_wb,
+                 stride_wt, HAS_MASK: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+                 BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The visible statistics (flat row) of chunk slot idx = (b·H + h)·NSLOT + c, the step-th of its block (unit
+    `unit`, `_unit_step`): at step 0 the block's row of STATS, as the walk wrote it; after that the workspace's
+    running row, advanced from the chunk before (`_advance_visible`: k, v and mask read again, the sum in the
+    walk's order), so that the walk writes one row in EVERY."""
+    block_start = STATS + unit * (2 * R * R + P * R)
+    row = block_start
+    if step > 0:
+        bh = idx // NSLOT
+        b = bh // H
+        h = bh % H
+        c = idx % NSLOT
+        src = running
+        if step == 1:
+            src = block_start
+        fresh = tl.load(CHUNK_START + c) == tl.load(SEG_BEGIN + c)  # the exclusive sum restarts with a sequence
+        _advance_visible(src, running, fresh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                         WMASK + b * stride_wb, tl.load(CHUNK_START + c - 1).to(tl.int64),
+                         tl.load(CHUNK_END + c - 1).to(tl.int64), tl.load(SEG_BEGIN + c - 1), R, P, stride_kt,
+                         stride_kd, stride_vt, stride_vd, stride_wt, HAS_MASK, BS, BR, BP, BN, ACC, DOT_PRECISION)
+        row = running
+    return row
 
 
 @triton.jit
@@ -312,16 +392,21 @@ def _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_rmat, idx, H,
     return d_eta
 
 
-@triton.jit(do_not_specialize=["NSLOT", "NTOTAL"])
+@triton.jit(do_not_specialize=["NSLOT", "NTOTAL", "EVERY"])
 def readout_matrix_fwd_kernel(
     STATS, MSLOT, GAMMA, PARAMS, RMAT, LINV, AUX, WS, H, NSLOT, NTOTAL, R, P, SLOT_LIST, SLOT_COUNT,
     Q, ETA, Y, CHUNK_START, CHUNK_END,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_yb, stride_yt, stride_yh, stride_yd,
+    K, V, WMASK, SEG_BEGIN, EVERY,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
     POWER: tl.constexpr, POWER_ITERS: tl.constexpr, NORM_SCALED: tl.constexpr, JITTER_ROUNDS: tl.constexpr,
     SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, LISTED: tl.constexpr, READ_OUT: tl.constexpr,
     BS: tl.constexpr, BN: tl.constexpr, HALF_TOKENS: tl.constexpr,
+    HAS_MASK: tl.constexpr, STATS_BS: tl.constexpr, STATS_BN: tl.constexpr,
 ):
     """R = C L⁻ᵀ (a W)^K L⁻¹ of each slot (SPEC §2), W = L⁻¹ M L⁻ᵀ, L Lᵀ = G̃ = sym(G) + λI with λ = eps·s
     (NORM_SCALED) or eps (norm="none"), s = m².
@@ -338,7 +423,9 @@ def readout_matrix_fwd_kernel(
     computed; their L⁻¹ stays in the workspace and AUX is not written (nobody reads them then).
     With READ_OUT (slots = chunks, chunk_causal) the program also reads its chunk out, y_t = η R q_t for q, y
     [B, T, H, ·] (strided, token ranges CHUNK_START/END; BS tokens and BN outputs at a time), from the R it
-    has just written.
+    has just written; and its units of work are blocks of EVERY consecutive chunks of one (b, h), STATS holding
+    only each block's first visible statistics [B·H, ⌈NSLOT / EVERY⌉, D] (`_visible_row`: the others are
+    recomputed from k, v and the mask, strided [B, T, H, ·] and [B, T]).
     """
     ws = _workspace(WS, SQUARE_SLOTS, BR, BP)
     lower = _square(ws, 0, SQUARE_SLOTS, BR)
@@ -348,86 +435,99 @@ def readout_matrix_fwd_kernel(
     vec_v = _square(ws, 4, SQUARE_SLOTS, BR)
     vec_u = vec_v + BR
     filtered = (ws + SQUARE_SLOTS * BR * BR, ws + SQUARE_SLOTS * BR * BR + BP * BR)  # C Xᵀ (aW)^k, ping-pong
+    running = _running_row(ws, SQUARE_SLOTS, BR, BP)
     inside = tl.arange(0, BR) < R
-    total = NTOTAL
+    total, blocks = _units(NTOTAL, NSLOT, EVERY, READ_OUT)
     if LISTED:
         total = tl.load(SLOT_COUNT)
-    for program_slot in range(tl.program_id(0), total, tl.num_programs(0)):
-        idx = program_slot + tl.zeros([], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
-        if LISTED:
-            idx = tl.load(SLOT_LIST + program_slot).to(tl.int64)
-            chol_inv = _square(ws, 5, SQUARE_SLOTS, BR)  # L⁻¹ (row stride R) stays in the workspace
-        else:
-            chol_inv = LINV + idx * R * R
-        h = (idx // NSLOT) % H
-        row = STATS + idx * (2 * R * R + P * R)
-        s = _norm_scale(MSLOT, idx, PARAMS, ACC)
-        eps = tl.load(PARAMS).to(ACC)
-        if NORM_SCALED:  # coef: the coefficient of s in the diagonal shift (saved for the max-norm gradient)
-            coef = eps
-            ridge = eps * s
-        else:
-            coef = tl.zeros([], dtype=ACC)
-            ridge = eps
-        # attempt 0: G̃; attempts 1…JITTER_ROUNDS: + jitter·s·I, jitter ×10 each; then the last resort
-        jitter = tl.load(PARAMS + 1)
-        added = tl.zeros([], dtype=ACC)
-        shift = ridge
-        bad = tl.full([], 1, dtype=tl.int32)
-        for attempt in range(JITTER_ROUNDS + 2):
+    start, stop, stride = _walk_range(total, EVERY, READ_OUT)
+    for walk_step in range(start, stop, stride):
+        unit, step, idx, valid = _unit_step(walk_step, blocks, NSLOT, EVERY, READ_OUT)
+        if valid:
+            if LISTED:
+                idx = tl.load(SLOT_LIST + unit).to(tl.int64)
+                chol_inv = _square(ws, 5, SQUARE_SLOTS, BR)  # L⁻¹ (row stride R) stays in the workspace
+            else:
+                chol_inv = LINV + idx * R * R
+            h = (idx // NSLOT) % H
+            if READ_OUT:
+                row = _visible_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V,
+                                   WMASK, R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt,
+                                   stride_vh, stride_vd, stride_wb, stride_wt, HAS_MASK, STATS_BS, BR, BP, STATS_BN,
+                                   ACC, DOT_PRECISION)
+            else:
+                row = STATS + idx * (2 * R * R + P * R)
+            s = _norm_scale(MSLOT, idx, PARAMS, ACC)
+            eps = tl.load(PARAMS).to(ACC)
+            if NORM_SCALED:  # coef: the coefficient of s in the diagonal shift (saved for the max-norm gradient)
+                coef = eps
+                ridge = eps * s
+            else:
+                coef = tl.zeros([], dtype=ACC)
+                ridge = eps
+            # attempt 0: G̃; attempts 1…JITTER_ROUNDS: + jitter·s·I, jitter ×10 each; then the last resort
+            jitter = tl.load(PARAMS + 1)
+            added = tl.zeros([], dtype=ACC)
+            shift = ridge
+            bad = tl.full([], 1, dtype=tl.int32)
+            for attempt in range(JITTER_ROUNDS + 2):
+                if bad > 0:
+                    if attempt == JITTER_ROUNDS + 1:  # last resort where the torch path raises: relative to max G̃_ii
+                        i = tl.arange(0, BR)
+                        largest = tl.max(tl.load(row + i * (R + 1), mask=inside, other=0.0).to(ACC), axis=0) + ridge
+                        shift = ridge + added * s + tl.load(PARAMS + 1) * largest
+                    elif attempt > 0:
+                        added = jitter
+                        shift = ridge + jitter * s
+                        jitter = jitter * 10.0
+                    bad = _cholesky_inverse_blocked(row, shift, lower, chol_inv, diag_inv, R, BR, BLOCK, ACC,
+                                                    DOT_PRECISION)
+            coef += added
             if bad > 0:
-                if attempt == JITTER_ROUNDS + 1:  # last resort where the torch path raises: relative to max G̃_ii
-                    i = tl.arange(0, BR)
-                    largest = tl.max(tl.load(row + i * (R + 1), mask=inside, other=0.0).to(ACC), axis=0) + ridge
-                    shift = ridge + added * s + tl.load(PARAMS + 1) * largest
-                elif attempt > 0:
-                    added = jitter
-                    shift = ridge + jitter * s
-                    jitter = jitter * 10.0
-                bad = _cholesky_inverse_blocked(row, shift, lower, chol_inv, diag_inv, R, BR, BLOCK, ACC,
-                                                DOT_PRECISION)
-        coef += added
-        if bad > 0:
-            _fill(chol_inv, R, R, R, float("nan"), BR, BR, TILE)
-        # W = X M Xᵀ
-        _product(chol_inv, R, 1, row + R * R, R, 1, lag_x, BR, 1, lag_x, 0, 0, R, R, R, 1.0,
-                 False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-        _product(lag_x, BR, 1, chol_inv, 1, R, whitened, BR, 1, lag_x, 0, 0, R, R, R, 1.0,
-                 False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-        # σ_max(W) by power iteration from 1/√r·(1, …, 1), no gradient (SPEC §2 step 4)
-        tl.store(vec_v + tl.arange(0, BR), tl.where(inside, tl.load(PARAMS + 3), 0.0))
-        tl.debug_barrier()
-        for _ in tl.range(POWER_ITERS):
-            _power_step(whitened, BR, 1, vec_v, vec_u, R, BR, TILE, ACC)  # u = W v / ‖W v‖
-            _power_step(whitened, 1, BR, vec_u, vec_v, R, BR, TILE, ACC)  # v = Wᵀ u / ‖Wᵀ u‖
-        sigma = tl.maximum(_power_step(whitened, BR, 1, vec_v, vec_u, R, BR, TILE, ACC), 1.0)
-        a = tl.load(GAMMA + h).to(ACC) / sigma
-        _product(row + 2 * R * R, R, 1, chol_inv, 1, R, filtered[0], BR, 1, lag_x, 0, 0, P, R, R, 1.0,
-                 False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)  # C Xᵀ
-        for k in tl.static_range(POWER):
-            _product(filtered[k % 2], BR, 1, whitened, BR, 1, filtered[1 - k % 2], BR, 1, lag_x, 0, 0, P, R, R, a,
+                _fill(chol_inv, R, R, R, float("nan"), BR, BR, TILE)
+            # W = X M Xᵀ
+            _product(chol_inv, R, 1, row + R * R, R, 1, lag_x, BR, 1, lag_x, 0, 0, R, R, R, 1.0,
+                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+            _product(lag_x, BR, 1, chol_inv, 1, R, whitened, BR, 1, lag_x, 0, 0, R, R, R, 1.0,
+                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+            # σ_max(W) by power iteration from 1/√r·(1, …, 1), no gradient (SPEC §2 step 4)
+            tl.store(vec_v + tl.arange(0, BR), tl.where(inside, tl.load(PARAMS + 3), 0.0))
+            tl.debug_barrier()
+            for _ in tl.range(POWER_ITERS):
+                _power_step(whitened, BR, 1, vec_v, vec_u, R, BR, TILE, ACC)  # u = W v / ‖W v‖
+                _power_step(whitened, 1, BR, vec_u, vec_v, R, BR, TILE, ACC)  # v = Wᵀ u / ‖Wᵀ u‖
+            sigma = tl.maximum(_power_step(whitened, BR, 1, vec_v, vec_u, R, BR, TILE, ACC), 1.0)
+            a = tl.load(GAMMA + h).to(ACC) / sigma
+            _product(row + 2 * R * R, R, 1, chol_inv, 1, R, filtered[0], BR, 1, lag_x, 0, 0, P, R, R, 1.0,
+                     False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)  # C Xᵀ
+            for k in tl.static_range(POWER):
+                _product(filtered[k % 2], BR, 1, whitened, BR, 1, filtered[1 - k % 2], BR, 1, lag_x, 0, 0, P, R, R, a,
+                         False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
+            _product(filtered[POWER % 2], BR, 1, chol_inv, R, 1, RMAT + idx * P * R, R, 1, lag_x, 0, 0, P, R, R, 1.0,
                      False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
-        _product(filtered[POWER % 2], BR, 1, chol_inv, R, 1, RMAT + idx * P * R, R, 1, lag_x, 0, 0, P, R, R, 1.0,
-                 False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)
-        if READ_OUT:
-            _read_out(Q, Y, RMAT, ETA, CHUNK_START, CHUNK_END, idx, H, NSLOT, R, P, stride_qb, stride_qt, stride_qh,
-                      stride_qd, stride_yb, stride_yt, stride_yh, stride_yd, BS, BR, BP, BN, ACC, DOT_PRECISION,
-                      HALF_TOKENS)
-        if not LISTED:
-            tl.store(AUX + idx * 2, sigma)
-            tl.store(AUX + idx * 2 + 1, coef)
+            if READ_OUT:
+                _read_out(Q, Y, RMAT, ETA, CHUNK_START, CHUNK_END, idx, H, NSLOT, R, P, stride_qb, stride_qt, stride_qh,
+                          stride_qd, stride_yb, stride_yt, stride_yh, stride_yd, BS, BR, BP, BN, ACC, DOT_PRECISION,
+                          HALF_TOKENS)
+            if not LISTED:
+                tl.store(AUX + idx * 2, sigma)
+                tl.store(AUX + idx * 2 + 1, coef)
 
 
-@triton.jit(do_not_specialize=["NSLOT", "NTOTAL"])
+@triton.jit(do_not_specialize=["NSLOT", "NTOTAL", "EVERY"])
 def readout_matrix_bwd_kernel(
     STATS, MSLOT, GAMMA, PARAMS, LINV, AUX, DRMAT, DSTATS, DMSLOT, DGAMMA, WS, H, NSLOT, NTOTAL, R, P,
     Q, ETA, RMAT, DY, DQ, DETA, CHUNK_START, CHUNK_END,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_yb, stride_yt, stride_yh, stride_yd,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    K, V, WMASK, SEG_BEGIN, EVERY,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_wb, stride_wt,
     POWER: tl.constexpr, SQUARE_SLOTS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, TILE: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, READ_OUT: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
-    HALF_TOKENS: tl.constexpr,
+    HALF_TOKENS: tl.constexpr, HAS_MASK: tl.constexpr, STATS_BS: tl.constexpr, STATS_BN: tl.constexpr,
 ):
     """Gradients of each slot's R = T_K X in the whitened form of the forward: X = L⁻¹, A = a W with
     W = X M Xᵀ, T_0 = C Xᵀ, T_k = T_{k-1} A — every intermediate stays O(1) (σ(W) <= 1).
@@ -439,7 +539,8 @@ def readout_matrix_bwd_kernel(
       dG = dG̃,  d(raw max norm) = tr(dG̃)·coef·2m (0 below the floor)
     (σ is a constant). Writes DSTATS = (dG, dM, dC), DMSLOT and DGAMMA. Persistent, as the forward.
     dR is DRMAT's row, or with READ_OUT (slots = chunks) the program first takes the readout's backward of its
-    chunk (`_read_out_grad`: dq into DQ, dR into its workspace, ⟨R, dR⟩/η into DETA) from q, R = RMAT and dy.
+    chunk (`_read_out_grad`: dq into DQ, dR into its workspace, ⟨R, dR⟩/η into DETA) from q, R = RMAT and dy,
+    and takes blocks of EVERY chunks from their first visible statistics, as the forward.
     """
     ws = _workspace(WS, SQUARE_SLOTS, BR, BP)
     ct_dr = _square(ws, 0, SQUARE_SLOTS, BR)
@@ -454,90 +555,100 @@ def readout_matrix_bwd_kernel(
     d_x = (_square(ws, 11, SQUARE_SLOTS, BR), _square(ws, 12, SQUARE_SLOTS, BR))
     u_mat = _square(ws, 13, SQUARE_SLOTS, BR)
     d_readout = ws + SQUARE_SLOTS * BR * BR  # dR with READ_OUT ([BP, BR])
-    for program_slot in range(tl.program_id(0), NTOTAL, tl.num_programs(0)):
-        idx = program_slot + tl.zeros([], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
-        h = (idx // NSLOT) % H
-        row = STATS + idx * (2 * R * R + P * R)
-        out = DSTATS + idx * (2 * R * R + P * R)
-        x = LINV + idx * R * R
-        if READ_OUT:
-            d_eta = _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_readout, idx, H, NSLOT, R, P,
-                                   stride_qb, stride_qt, stride_qh, stride_qd, stride_yb, stride_yt, stride_yh,
-                                   stride_yd, stride_dqb, stride_dqt, stride_dqh, stride_dqd, BS, BR, BP, BN, ACC,
-                                   DOT_PRECISION, HALF_TOKENS)
-            tl.store(DETA + idx, d_eta)
-            d_r = d_readout
-            dr_stride = BR
-        else:
-            d_r = DRMAT + idx * P * R
-            dr_stride = R
-        sigma = tl.load(AUX + idx * 2)
-        a = tl.load(GAMMA + h).to(ACC) / sigma
-        _product(row + 2 * R * R, 1, R, d_r, dr_stride, 1, ct_dr, BR, 1, x, 0, 0, R, R, P, 1.0,
-                 False, False, BR, BR, BP, TILE, ACC, DOT_PRECISION)  # Cᵀ dR
-        _product(x, R, 1, ct_dr, BR, 1, q_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
-                 False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Q
-        if POWER > 0:
-            _product(x, R, 1, row + R * R, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(scratch, BR, 1, x, 1, R, whitened, BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # W
-            _product(q_mat, BR, 1, x, 1, R, e_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # E
-            _transpose_add(whitened, BR, v_mat, BR, R, 0.0, a, BR, TILE)  # V = a Wᵀ
-            h_cur = e_mat
-            p_cur = v_mat
-            for j in tl.static_range(POWER - 1):
-                _product(e_mat, BR, 1, p_cur, BR, 1, e_v_pow, BR, 1, x, 0, 0, R, R, R, 1.0,
+    running = _running_row(ws, SQUARE_SLOTS, BR, BP)
+    total, blocks = _units(NTOTAL, NSLOT, EVERY, READ_OUT)
+    start, stop, stride = _walk_range(total, EVERY, READ_OUT)
+    for walk_step in range(start, stop, stride):
+        unit, step, idx, valid = _unit_step(walk_step, blocks, NSLOT, EVERY, READ_OUT)
+        if valid:
+            h = (idx // NSLOT) % H
+            if READ_OUT:
+                row = _visible_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V,
+                                   WMASK, R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt,
+                                   stride_vh, stride_vd, stride_wb, stride_wt, HAS_MASK, STATS_BS, BR, BP, STATS_BN,
+                                   ACC, DOT_PRECISION)
+            else:
+                row = STATS + idx * (2 * R * R + P * R)
+            out = DSTATS + idx * (2 * R * R + P * R)
+            x = LINV + idx * R * R
+            if READ_OUT:
+                d_eta = _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_readout, idx, H, NSLOT, R, P,
+                                       stride_qb, stride_qt, stride_qh, stride_qd, stride_yb, stride_yt, stride_yh,
+                                       stride_yd, stride_dqb, stride_dqt, stride_dqh, stride_dqd, BS, BR, BP, BN, ACC,
+                                       DOT_PRECISION, HALF_TOKENS)
+                tl.store(DETA + idx, d_eta)
+                d_r = d_readout
+                dr_stride = BR
+            else:
+                d_r = DRMAT + idx * P * R
+                dr_stride = R
+            sigma = tl.load(AUX + idx * 2)
+            a = tl.load(GAMMA + h).to(ACC) / sigma
+            _product(row + 2 * R * R, 1, R, d_r, dr_stride, 1, ct_dr, BR, 1, x, 0, 0, R, R, P, 1.0,
+                     False, False, BR, BR, BP, TILE, ACC, DOT_PRECISION)  # Cᵀ dR
+            _product(x, R, 1, ct_dr, BR, 1, q_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
+                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Q
+            if POWER > 0:
+                _product(x, R, 1, row + R * R, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, 1.0,
                          False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-                _product(v_mat, BR, 1, h_cur, BR, 1, horner[j % 2], BR, 1, e_v_pow, BR, 1, R, R, R, 1.0,
-                         True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # H ← V H + E P
-                _product(p_cur, BR, 1, v_mat, BR, 1, v_pow[j % 2], BR, 1, x, 0, 0, R, R, R, 1.0,
-                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # P ← P V
-                h_cur = horner[j % 2]
-                p_cur = v_pow[j % 2]
-            d_gamma = _inner(h_cur, BR, whitened, BR, R, BR, TILE, ACC) / sigma
-            # dM = Xᵀ dW X with dW = a H
-            _product(x, 1, R, h_cur, BR, 1, scratch, BR, 1, x, 0, 0, R, R, R, a,
+                _product(scratch, BR, 1, x, 1, R, whitened, BR, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # W
+                _product(q_mat, BR, 1, x, 1, R, e_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # E
+                _transpose_add(whitened, BR, v_mat, BR, R, 0.0, a, BR, TILE)  # V = a Wᵀ
+                h_cur = e_mat
+                p_cur = v_mat
+                for j in tl.static_range(POWER - 1):
+                    _product(e_mat, BR, 1, p_cur, BR, 1, e_v_pow, BR, 1, x, 0, 0, R, R, R, 1.0,
+                             False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                    _product(v_mat, BR, 1, h_cur, BR, 1, horner[j % 2], BR, 1, e_v_pow, BR, 1, R, R, R, 1.0,
+                             True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # H ← V H + E P
+                    _product(p_cur, BR, 1, v_mat, BR, 1, v_pow[j % 2], BR, 1, x, 0, 0, R, R, R, 1.0,
+                             False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # P ← P V
+                    h_cur = horner[j % 2]
+                    p_cur = v_pow[j % 2]
+                d_gamma = _inner(h_cur, BR, whitened, BR, R, BR, TILE, ACC) / sigma
+                # dM = Xᵀ dW X with dW = a H
+                _product(x, 1, R, h_cur, BR, 1, scratch, BR, 1, x, 0, 0, R, R, R, a,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(scratch, BR, 1, x, R, 1, out + R * R, R, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                # dX = V^K Q + dW X Mᵀ + dWᵀ X M + (V^K)ᵀ X (Cᵀ dR)ᵀ, accumulated in d_x[0] / d_x[1] in turn
+                _product(p_cur, BR, 1, q_mat, BR, 1, d_x[0], BR, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(h_cur, BR, 1, x, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, a,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(scratch, BR, 1, row + R * R, 1, R, d_x[1], BR, 1, d_x[0], BR, 1, R, R, R, 1.0,
+                         True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(h_cur, 1, BR, x, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, a,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(scratch, BR, 1, row + R * R, R, 1, d_x[0], BR, 1, d_x[1], BR, 1, R, R, R, 1.0,
+                         True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(p_cur, 1, BR, x, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # (V^K)ᵀ X
+                _product(scratch, BR, 1, ct_dr, 1, BR, d_x[1], BR, 1, d_x[0], BR, 1, R, R, R, 1.0,
+                         True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
+                _product(scratch, 1, BR, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # U = Xᵀ V^K X
+            else:
+                d_gamma = tl.zeros([], dtype=ACC)
+                _fill(out + R * R, R, R, R, 0.0, BR, BR, TILE)
+                _product(x, R, 1, ct_dr, 1, BR, d_x[1], BR, 1, q_mat, BR, 1, R, R, R, 1.0,
+                         True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # dX = Q + X (Cᵀ dR)ᵀ
+                _product(x, 1, R, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
+                         False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # U = Xᵀ X
+            _product(d_r, dr_stride, 1, u_mat, BR, 1, out + 2 * R * R, R, 1, x, 0, 0, P, R, R, 1.0,
+                     False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)  # dC = dR U
+            phi = d_x[0]
+            _product(d_x[1], BR, 1, x, 1, R, phi, BR, 1, x, 0, 0, R, R, R, 1.0,
+                     False, True, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Φ(dX Xᵀ)
+            _product(x, 1, R, phi, BR, 1, scratch, BR, 1, x, 0, 0, R, R, R, 1.0,
                      False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(scratch, BR, 1, x, R, 1, out + R * R, R, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            # dX = V^K Q + dW X Mᵀ + dWᵀ X M + (V^K)ᵀ X (Cᵀ dR)ᵀ, accumulated in d_x[0] / d_x[1] in turn
-            _product(p_cur, BR, 1, q_mat, BR, 1, d_x[0], BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(h_cur, BR, 1, x, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, a,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(scratch, BR, 1, row + R * R, 1, R, d_x[1], BR, 1, d_x[0], BR, 1, R, R, R, 1.0,
-                     True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(h_cur, 1, BR, x, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, a,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(scratch, BR, 1, row + R * R, R, 1, d_x[0], BR, 1, d_x[1], BR, 1, R, R, R, 1.0,
-                     True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(p_cur, 1, BR, x, R, 1, scratch, BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # (V^K)ᵀ X
-            _product(scratch, BR, 1, ct_dr, 1, BR, d_x[1], BR, 1, d_x[0], BR, 1, R, R, R, 1.0,
-                     True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-            _product(scratch, 1, BR, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # U = Xᵀ V^K X
-        else:
-            d_gamma = tl.zeros([], dtype=ACC)
-            _fill(out + R * R, R, R, R, 0.0, BR, BR, TILE)
-            _product(x, R, 1, ct_dr, 1, BR, d_x[1], BR, 1, q_mat, BR, 1, R, R, R, 1.0,
-                     True, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # dX = Q + X (Cᵀ dR)ᵀ
-            _product(x, 1, R, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
-                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # U = Xᵀ X
-        _product(d_r, dr_stride, 1, u_mat, BR, 1, out + 2 * R * R, R, 1, x, 0, 0, P, R, R, 1.0,
-                 False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)  # dC = dR U
-        phi = d_x[0]
-        _product(d_x[1], BR, 1, x, 1, R, phi, BR, 1, x, 0, 0, R, R, R, 1.0,
-                 False, True, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Φ(dX Xᵀ)
-        _product(x, 1, R, phi, BR, 1, scratch, BR, 1, x, 0, 0, R, R, R, 1.0,
-                 False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
-        _product(scratch, BR, 1, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
-                 False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Xᵀ Φ X
-        _transpose_add(u_mat, BR, out, R, R, -0.5, -0.5, BR, TILE)  # dG = dG̃ = -sym(Xᵀ Φ X)
-        tl.store(DGAMMA + idx, d_gamma)
-        trace = -_trace(u_mat, BR, R, BR, ACC)
-        m_raw = tl.load(MSLOT + idx).to(ACC)
-        coef = tl.load(AUX + idx * 2 + 1)
-        tl.store(DMSLOT + idx, tl.where(m_raw >= tl.load(PARAMS + 2), trace * coef * 2.0 * m_raw, 0.0))
+            _product(scratch, BR, 1, x, R, 1, u_mat, BR, 1, x, 0, 0, R, R, R, 1.0,
+                     False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)  # Xᵀ Φ X
+            _transpose_add(u_mat, BR, out, R, R, -0.5, -0.5, BR, TILE)  # dG = dG̃ = -sym(Xᵀ Φ X)
+            tl.store(DGAMMA + idx, d_gamma)
+            trace = -_trace(u_mat, BR, R, BR, ACC)
+            m_raw = tl.load(MSLOT + idx).to(ACC)
+            coef = tl.load(AUX + idx * 2 + 1)
+            tl.store(DMSLOT + idx, tl.where(m_raw >= tl.load(PARAMS + 2), trace * coef * 2.0 * m_raw, 0.0))

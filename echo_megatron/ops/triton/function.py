@@ -12,6 +12,9 @@ The walk is what `SegmentScan` makes of `ChunkStatistics`' per-chunk rows [B, H,
 (or their gradients, for r and P <= 64) reaching memory; context parallelism, which joins chunk rows across
 ranks, runs the two stages. Where slots are chunks the last two are one launch each way (`ChunkReadout`):
 every dense program reads its chunk out from the R it has just written, and keeps dR on chip in the backward.
+Without context parallelism the chunk_causal path is one autograd node (`ChunkCausal`), two launches each way:
+the walk writes the visible statistics of one chunk in G only (`chunks_per_block`), and each dense program,
+taking G consecutive chunks in turn, recomputes the others' from k and v on chip, forward and backward.
 Torch only allocates the kernel outputs and sums the partials of dη and dγ̂ over batch and chunks (and,
 in prefix mode's backward, adds the per-chunk dR of each sequence, `index_add_`); the chunk table is
 built once per shape (`ChunkTable.build`), so a warm call spends no torch op on it. For r > 128 or
@@ -57,6 +60,15 @@ COLUMN_BLOCK = 32  # output columns per program in readout_bwd_kernel
 READ_OUT_COLUMNS = {"fwd": 32, "bwd": 16}
 STATS_COLUMN_BLOCK = 64  # statistics columns per program in the forward (r = 128: two programs per chunk)
 WALK_COLUMNS = 32  # statistics columns per program of visible_stats_fwd_kernel
+# chunk_causal: consecutive chunks a dense program takes in turn, the walk writing the first one's visible statistics
+# and the program recomputing the others' from k and v (`chunks_per_block`): at most this many, and under the
+# interpreter this many (so that the operator tests cover blocks, partial ones and sequences starting inside them)
+MAX_BLOCK_CHUNKS = 8
+INTERPRETED_BLOCK_CHUNKS = 3
+# (tokens, statistics columns) at a time when a dense program recomputes visible statistics (`_advance_visible`), by
+# the widest tile max(r, P) padded: the sm_90 report's spill-free choice (the dense kernels sit at 255 registers; at
+# width 64, 32 tokens or 16 columns spill 32-680 bytes). tl.dot takes 8 columns (only its inner size must be >= 16).
+RECOMPUTE_TILING = {32: (16, 16), 64: (16, 8), 128: (16, 8)}
 # visible_stats_bwd_kernel's (columns per program, warps) by its widest tile max(r, P) padded, from the sm_90 report;
 # at 128 every tiling tried spills (12-804 bytes: 16 or 32 columns at 4, 8 or 16 warps), so there the backward is
 # the two stages' (segment_scan_kernel's reverse, chunk_stats_bwd_kernel)
@@ -296,6 +308,64 @@ def walks_backward(rank: int, value_dim: int) -> bool:
     return max(_block(rank), _block(value_dim)) in WALK_BWD_TILING
 
 
+def _walk_forward(k: Tensor, v: Tensor, weights: Tensor | None, table: ChunkTable, norm_keys: int, total: bool,
+                  sequence_max: bool, every: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """One visible_stats_fwd_kernel launch: (visible statistics [B, H, NSLOT, D] — with every > 1 (chunk_causal)
+    only every `every`-th chunk's, [B, H, ⌈NC / every⌉, D] —, their max key norms [B, H, NSLOT], the chunk max
+    key norms [B, H, NC])."""
+    batch, _, heads, rank = k.shape
+    value_dim = v.shape[-1]
+    work = work_dtype(k.dtype)
+    slots = table.num_slots(total)
+    rows = slots if total else triton.cdiv(slots, every)
+    visible = empty((batch, heads, rows, 2 * rank * rank + value_dim * rank), work, k.device)
+    slot_max = empty((batch, heads, slots), work, k.device)
+    chunk_max = empty((batch, heads, table.num_chunks), work, k.device)
+    block_r, block_p = _block(rank), _block(value_dim)
+    column_block = min(block_r, WALK_COLUMNS)
+    tokens, strides = _token_args(k, v, weights)
+    launch(kernels_for(k.device).visible_stats_fwd_kernel, (batch * heads, triton.cdiv(rank, column_block)),
+           *tokens, visible, chunk_max, slot_max, table.start, table.end, table.seg_begin, table.seg_chunks,
+           heads, table.num_segments, table.num_chunks, slots, every, rank, value_dim, *strides,
+           HAS_MASK=weights is not None, NORM_KEYS=norm_keys, TOTAL=total, MAX_TOTAL=sequence_max,
+           BS=_token_block("stats_fwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p,
+           BN=column_block, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
+           num_warps=_num_warps("stats_fwd", block_r, block_p))
+    return visible, slot_max, chunk_max
+
+
+def _walk_backward(k: Tensor, v: Tensor, weights: Tensor | None, chunk_max: Tensor, table: ChunkTable,
+                   norm_keys: int, total: bool, sequence_max: bool, d_visible: Tensor, d_slot_max: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """(dk, dv) from the gradients of every slot's visible statistics [B, H, NSLOT, D] and max key norm
+    [B, H, NSLOT]: one visible_stats_bwd_kernel launch, or the two stages' where that walk would spill
+    (`walks_backward`)."""
+    batch, _, heads, rank = k.shape
+    value_dim = v.shape[-1]
+    block_r, block_p = _block(rank), _block(value_dim)
+    if not walks_backward(rank, value_dim):
+        d_rows, d_chunk_max = _scan(d_visible, chunk_max, table, total=total, sequence_max=sequence_max,
+                                    d_slot_max=d_slot_max)
+        return _launch_stats_bwd(k, v, weights, table, norm_keys, d_rows, d_chunk_max)
+    columns, warps = WALK_BWD_TILING[max(block_r, block_p)]
+    column_programs = triton.cdiv(max(rank, value_dim), columns)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    scratch = empty((batch * heads * column_programs * ((4 * block_r + block_p) * columns + table.num_chunks),),
+                    chunk_max.dtype, k.device)
+    tokens, strides = _token_args(k, v, weights)
+    step = _token_block("stats_bwd", table.chunk_size, block_r, block_p)
+    launch(kernels_for(k.device).visible_stats_bwd_kernel, (batch * heads, column_programs),
+           *tokens, d_visible.contiguous(), chunk_max, d_slot_max.contiguous(), scratch, dk, dv, table.start,
+           table.end, table.seg_begin, table.seg_chunks, heads, table.num_segments, table.num_chunks,
+           table.num_slots(total), rank, value_dim, *strides, *_strides(dk), *_strides(dv),
+           HAS_MASK=weights is not None, NORM_KEYS=norm_keys, TOTAL=total, MAX_TOTAL=sequence_max, BS=step,
+           TILES=_block_count(table.chunk_size, step), BR=block_r, BP=block_p, BN=columns,
+           ACC=_tl_dtype(chunk_max.dtype), DOT_PRECISION=_dot_precision(chunk_max.dtype), HALF_TOKENS=_half(k.dtype),
+           num_warps=warps)
+    return dk, dv
+
+
 class VisibleStatistics(torch.autograd.Function):
     """k [B, T, H, r], v [B, T, H, P] -> what `SegmentScan` makes of `ChunkStatistics`' output, in one launch each
     way (`visible_stats_fwd_kernel`, `visible_stats_bwd_kernel`): visible statistics [B, H, NSLOT, D] and their
@@ -304,55 +374,15 @@ class VisibleStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k: Tensor, v: Tensor, weights: Tensor | None, table: ChunkTable, norm_keys: int, total: bool,
                 sequence_max: bool):
-        batch, _, heads, rank = k.shape
-        value_dim = v.shape[-1]
-        work = work_dtype(k.dtype)
-        slots = table.num_slots(total)
-        visible = empty((batch, heads, slots, 2 * rank * rank + value_dim * rank), work, k.device)
-        slot_max = empty((batch, heads, slots), work, k.device)
-        chunk_max = empty((batch, heads, table.num_chunks), work, k.device)
-        block_r, block_p = _block(rank), _block(value_dim)
-        column_block = min(block_r, WALK_COLUMNS)
-        tokens, strides = _token_args(k, v, weights)
-        launch(kernels_for(k.device).visible_stats_fwd_kernel, (batch * heads, triton.cdiv(rank, column_block)),
-               *tokens, visible, chunk_max, slot_max, table.start, table.end, table.seg_begin, table.seg_chunks,
-               heads, table.num_segments, table.num_chunks, slots, rank, value_dim, *strides,
-               HAS_MASK=weights is not None, NORM_KEYS=norm_keys, TOTAL=total, MAX_TOTAL=sequence_max,
-               BS=_token_block("stats_fwd", table.chunk_size, block_r, block_p), BR=block_r, BP=block_p,
-               BN=column_block, ACC=_tl_dtype(work), DOT_PRECISION=_dot_precision(work),
-               num_warps=_num_warps("stats_fwd", block_r, block_p))
+        visible, slot_max, chunk_max = _walk_forward(k, v, weights, table, norm_keys, total, sequence_max)
         ctx.save_for_backward(k, v, weights, chunk_max)
-        ctx.table = table
-        ctx.options = dict(HAS_MASK=weights is not None, NORM_KEYS=norm_keys, TOTAL=total, MAX_TOTAL=sequence_max)
+        ctx.table, ctx.options = table, (norm_keys, total, sequence_max)
         return visible, slot_max
 
     @staticmethod
     def backward(ctx, d_visible: Tensor, d_slot_max: Tensor):
         k, v, weights, chunk_max = ctx.saved_tensors
-        table = ctx.table
-        batch, _, heads, rank = k.shape
-        value_dim = v.shape[-1]
-        block_r, block_p = _block(rank), _block(value_dim)
-        if not walks_backward(rank, value_dim):  # the walk would spill: the two stages' backward instead
-            d_rows, d_chunk_max = _scan(d_visible, chunk_max, table, total=ctx.options["TOTAL"],
-                                        sequence_max=ctx.options["MAX_TOTAL"], d_slot_max=d_slot_max)
-            dk, dv = _launch_stats_bwd(k, v, weights, table, ctx.options["NORM_KEYS"], d_rows, d_chunk_max)
-            return dk, dv, None, None, None, None, None
-        columns, warps = WALK_BWD_TILING[max(block_r, block_p)]
-        column_programs = triton.cdiv(max(rank, value_dim), columns)
-        dk = empty(k.shape, k.dtype, k.device)
-        dv = empty(v.shape, v.dtype, v.device)
-        scratch = empty((batch * heads * column_programs * ((4 * block_r + block_p) * columns + table.num_chunks),),
-                        chunk_max.dtype, k.device)
-        tokens, strides = _token_args(k, v, weights)
-        step = _token_block("stats_bwd", table.chunk_size, block_r, block_p)
-        launch(kernels_for(k.device).visible_stats_bwd_kernel, (batch * heads, column_programs),
-               *tokens, d_visible.contiguous(), chunk_max, d_slot_max.contiguous(), scratch, dk, dv, table.start,
-               table.end, table.seg_begin, table.seg_chunks, heads, table.num_segments, table.num_chunks,
-               table.num_slots(ctx.options["TOTAL"]), rank, value_dim, *strides, *_strides(dk), *_strides(dv),
-               **ctx.options, BS=step, TILES=_block_count(table.chunk_size, step), BR=block_r, BP=block_p,
-               BN=columns, ACC=_tl_dtype(chunk_max.dtype), DOT_PRECISION=_dot_precision(chunk_max.dtype),
-               HALF_TOKENS=_half(k.dtype), num_warps=warps)
+        dk, dv = _walk_backward(k, v, weights, chunk_max, ctx.table, *ctx.options, d_visible, d_slot_max)
         return dk, dv, None, None, None, None, None
 
 
@@ -372,13 +402,48 @@ def _dense_launch(direction: str, device: torch.device, slots: int, block_r: int
         tile = min(block_r, INTERPRETED_DENSE_TILE)
     else:
         tile = DENSE_TILE.get((direction, block_r), DENSE_TILE_DEFAULT)
-    workspace = empty((programs * (DENSE_SQUARE_SLOTS * block_r + 2 * block_p) * block_r,), work, device)
+    workspace = empty((programs * ((DENSE_SQUARE_SLOTS + 2) * block_r + 3 * block_p) * block_r,), work, device)
     options = dict(SQUARE_SLOTS=DENSE_SQUARE_SLOTS, BR=block_r, BP=block_p, TILE=tile, ACC=_tl_dtype(work),
                    DOT_PRECISION=_dot_precision(work), num_warps=WARPS["dense"], num_stages=1)
     return (programs,), workspace, options
 
 
 NO_READ_OUT = dict(READ_OUT=False, BS=16, BN=16, HALF_TOKENS=False)  # a dense kernel's read-out constexprs, unused
+
+
+@dataclass(frozen=True)
+class BlockKeys:
+    """What a chunk_causal dense kernel needs to recompute visible statistics (`_visible_row` in dense.py): the
+    keys, values and mask it reads them from and `every`, the chunks per block (the stats it is given hold each
+    block's first chunk's row only)."""
+
+    k: Tensor
+    v: Tensor
+    weights: Tensor | None
+    every: int
+
+
+def chunks_per_block(batch_heads: int, num_chunks: int, device: torch.device) -> int:
+    """Chunks per block of the chunk_causal dense kernels: as many as leave every resident dense program a block
+    (B·H·⌈NC / G⌉ >= programs), at most MAX_BLOCK_CHUNKS; 1 (no recomputation) where chunks are too few.
+    INTERPRETED_BLOCK_CHUNKS under the interpreter."""
+    if interpreted(device):
+        return INTERPRETED_BLOCK_CHUNKS
+    programs = _multiprocessors(device) * DENSE_PROGRAMS_PER_SM
+    return max(1, min(MAX_BLOCK_CHUNKS, batch_heads * num_chunks // programs))
+
+
+def _block_keys_args(stats: Tensor, table: ChunkTable | None, keys: BlockKeys | None, rank: int, value_dim: int
+                     ) -> tuple[list, dict]:
+    """A dense kernel's K, V, WMASK, SEG_BEGIN, EVERY and token strides (placeholders, never read, and EVERY = 1
+    without keys) and its recomputation constexprs (`RECOMPUTE_TILING`; the same without keys, so that context
+    parallelism's launch is the compiled kernel of the compile report)."""
+    step, columns = RECOMPUTE_TILING[min(128, max(32, _block(rank), _block(value_dim)))]
+    options = dict(HAS_MASK=keys is not None and keys.weights is not None, STATS_BS=step, STATS_BN=columns)
+    if keys is None:
+        return [stats] * 4 + [1] + [0] * 10, options
+    tokens, strides = _token_args(keys.k, keys.v, keys.weights)
+    return [*tokens, table.seg_begin, keys.every, *strides], options
 
 
 def _read_out_options(q: Tensor, value_dim: int, table: ChunkTable, backward: bool) -> dict:
@@ -394,17 +459,19 @@ def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, read
                             value_dim: int, power: int, eps: float, norm: str, power_iters: int,
                             listed: tuple[Tensor, Tensor, int] | None = None,
                             chunk_tokens: tuple[Tensor, Tensor, Tensor, ChunkTable] | None = None,
-                            ) -> tuple[Tensor, Tensor, Tensor]:
+                            keys: BlockKeys | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One readout_matrix_fwd_kernel launch: R of each slot of stats [B, H, N, D] (raw max norms [B, H, N])
     into readout [B, H, N, P, r]. With listed = (slot list, slot count, at most how many), both on the device,
     only the listed flat slots (b·H + h)·N + n. With chunk_tokens = (q [B, T, H, r], η [H], y [B, T, H, P], chunk
-    table), slots = chunks, each program also writes its chunk's y = η R q. Returns (params, L⁻¹, aux) for the
-    backward (unlisted only)."""
-    batch, heads, slots, _ = stats.shape
+    table), slots = chunks, each program also writes its chunk's y = η R q; with keys too, stats holds only every
+    keys.every-th chunk's row [B, H, ⌈N / every⌉, D] (`BlockKeys`). Returns (params, L⁻¹, aux) for the backward
+    (unlisted only)."""
+    batch, heads, slots = max_norm.shape
     device, work = stats.device, stats.dtype
     params = device_constants((eps, JITTER, NORM_FLOOR, rank ** -0.5), work, device)
-    grid, workspace, options = _dense_launch("fwd", device, batch * heads * slots if listed is None else listed[2],
-                                            _block(rank), _block(value_dim), work)
+    every = 1 if keys is None else keys.every
+    units = batch * heads * triton.cdiv(slots, every) if listed is None else listed[2]
+    grid, workspace, options = _dense_launch("fwd", device, units, _block(rank), _block(value_dim), work)
     if listed is None:
         chol_inv = empty((batch, heads, slots, rank, rank), work, device)
         aux = empty((batch, heads, slots, 2), work, device)
@@ -412,35 +479,39 @@ def launch_readout_matrices(stats: Tensor, max_norm: Tensor, gamma: Tensor, read
     else:  # neither L⁻¹ nor aux is written (the kernel keeps L⁻¹ in its workspace)
         chol_inv = aux = workspace
         slot_list, slot_count = listed[:2]
+    table = None
     if chunk_tokens is None:  # placeholders for Q, ETA, Y, CHUNK_START, CHUNK_END and the q, y strides
         token_args, read_out_options = [stats] * 5 + [0] * 8, NO_READ_OUT
     else:
         q, eta, y, table = chunk_tokens
         token_args = [q, eta, y, table.start, table.end, *_strides(q), *_strides(y)]
         read_out_options = _read_out_options(q, value_dim, table, backward=False)
+    key_args, key_options = _block_keys_args(stats, table, keys, rank, value_dim)
     launch(kernels_for(device).readout_matrix_fwd_kernel, grid,
            stats, max_norm, gamma, params, readout, chol_inv, aux, workspace, heads, slots,
-           batch * heads * slots, rank, value_dim, slot_list, slot_count, *token_args,
+           batch * heads * slots, rank, value_dim, slot_list, slot_count, *token_args, *key_args,
            POWER=power, POWER_ITERS=power_iters, NORM_SCALED=norm != "none", JITTER_ROUNDS=MAX_JITTER_ROUNDS,
-           BLOCK=DENSE_BLOCK, LISTED=listed is not None, **read_out_options, **options)
+           BLOCK=DENSE_BLOCK, LISTED=listed is not None, **read_out_options, **key_options, **options)
     return params, chol_inv, aux
 
 
 def _launch_readout_matrices_bwd(saved: tuple[Tensor, ...], d_readout: Tensor | None, *, rank: int, value_dim: int,
                                  power: int, chunk_tokens: tuple[Tensor, ...] | None = None,
-                                 table: ChunkTable | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                 table: ChunkTable | None = None, keys: BlockKeys | None = None
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
     """One readout_matrix_bwd_kernel launch from the forward's saved (stats, max norms, γ̂, params, L⁻¹, aux) and
     dR [B, H, N, P, r]; or, slots = chunks, with chunk_tokens = (q, η, R, dy, dq, dη shares [B, H, N]) and the chunk
-    table instead of dR (the kernel writes dq and dη's shares). Returns (d_stats [B, H, N, D], d_max_norm
-    [B, H, N], dγ̂ shares [B, H, N])."""
+    table instead of dR (the kernel writes dq and dη's shares), and keys as the forward's. Returns (d_stats
+    [B, H, N, D] — every slot's, keys or not —, d_max_norm [B, H, N], dγ̂ shares [B, H, N])."""
     stats, max_norm, gamma, params, chol_inv, aux = saved
-    batch, heads, slots, width = stats.shape
+    batch, heads, slots = max_norm.shape
     device, work = stats.device, stats.dtype
-    d_stats = empty((batch, heads, slots, width), work, device)
+    d_stats = empty((batch, heads, slots, stats.shape[-1]), work, device)
     d_max_norm = empty((batch, heads, slots), work, device)
     d_gamma = empty((batch, heads, slots), work, device)
-    grid, workspace, options = _dense_launch("bwd", device, batch * heads * slots, _block(rank), _block(value_dim),
-                                            work)
+    every = 1 if keys is None else keys.every
+    grid, workspace, options = _dense_launch("bwd", device, batch * heads * triton.cdiv(slots, every), _block(rank),
+                                            _block(value_dim), work)
     if chunk_tokens is None:  # placeholders for Q, ETA, RMAT, DY, DQ, DETA, CHUNK_START, CHUNK_END and 3 × 4 strides
         d_readout, token_args, read_out_options = d_readout.contiguous(), [stats] * 8 + [0] * 12, NO_READ_OUT
     else:
@@ -448,10 +519,11 @@ def _launch_readout_matrices_bwd(saved: tuple[Tensor, ...], d_readout: Tensor | 
         d_readout = stats  # unused: dR stays in the workspace
         token_args = [*chunk_tokens, table.start, table.end, *_strides(q), *_strides(d_y), *_strides(d_q)]
         read_out_options = _read_out_options(q, value_dim, table, backward=True)
+    key_args, key_options = _block_keys_args(stats, table, keys, rank, value_dim)
     launch(kernels_for(device).readout_matrix_bwd_kernel, grid,
            stats, max_norm, gamma, params, chol_inv, aux, d_readout, d_stats, d_max_norm, d_gamma,
-           workspace, heads, slots, batch * heads * slots, rank, value_dim, *token_args, POWER=power,
-           **read_out_options, **options)
+           workspace, heads, slots, batch * heads * slots, rank, value_dim, *token_args, *key_args, POWER=power,
+           **read_out_options, **key_options, **options)
     return d_stats, d_max_norm, d_gamma
 
 
@@ -477,6 +549,34 @@ class ReadoutMatrices(torch.autograd.Function):
         return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), None, None, None, None, None, None
 
 
+def _chunk_readout_forward(stats: Tensor, max_norm: Tensor, gamma: Tensor, q: Tensor, eta: Tensor, table: ChunkTable,
+                           dense: dict, keys: BlockKeys | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """y [B, T, H, P] from one readout_matrix_fwd_kernel launch that reads each chunk out; and what its backward
+    (`_chunk_readout_backward`) needs. dense: rank, value_dim, power, eps, norm, power_iters."""
+    stats, max_norm = stats.contiguous(), max_norm.contiguous()
+    batch, heads, slots = max_norm.shape
+    rank, value_dim = dense["rank"], dense["value_dim"]
+    readout = empty((batch, heads, slots, value_dim, rank), stats.dtype, stats.device)
+    y = empty((batch, q.shape[1], heads, value_dim), q.dtype, q.device)
+    params, chol_inv, aux = launch_readout_matrices(stats, max_norm, gamma, readout, **dense,
+                                                    chunk_tokens=(q, eta, y, table), keys=keys)
+    return y, (stats, max_norm, gamma, params, chol_inv, aux, readout, q, eta)
+
+
+def _chunk_readout_backward(saved: tuple[Tensor, ...], d_y: Tensor, table: ChunkTable, dense: dict,
+                            keys: BlockKeys | None) -> tuple[Tensor, ...]:
+    """`_chunk_readout_forward`'s backward, one readout_matrix_bwd_kernel launch: (d_stats [B, H, NC, D] of every
+    chunk, d_max_norm [B, H, NC], dγ̂ [H], dq, dη [H])."""
+    *saved, readout, q, eta = saved
+    batch, heads, slots = readout.shape[:3]
+    d_q = empty(q.shape, q.dtype, q.device)
+    d_eta = empty((batch, heads, slots), readout.dtype, q.device)
+    d_stats, d_max_norm, d_gamma = _launch_readout_matrices_bwd(
+        tuple(saved), None, chunk_tokens=(q, eta, readout, d_y, d_q, d_eta), table=table, keys=keys,
+        rank=dense["rank"], value_dim=dense["value_dim"], power=dense["power"])
+    return d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), d_q, d_eta.sum(dim=(0, 2)).to(eta.dtype)
+
+
 class ChunkReadout(torch.autograd.Function):
     """Visible statistics [B, H, NC, D], raw max norms [B, H, NC], γ̂ [H], q [B, T, H, r], η [H] -> y [B, T, H, P]
     (chunk_causal: one slot per chunk): R of every chunk (`ReadoutMatrices`) and its tokens' y = η R q
@@ -486,27 +586,44 @@ class ChunkReadout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stats: Tensor, max_norm: Tensor, gamma: Tensor, q: Tensor, eta: Tensor, table: ChunkTable,
                 rank: int, value_dim: int, power: int, eps: float, norm: str, power_iters: int):
-        stats, max_norm = stats.contiguous(), max_norm.contiguous()
-        batch, heads, slots, _ = stats.shape
-        readout = empty((batch, heads, slots, value_dim, rank), stats.dtype, stats.device)
-        y = empty((batch, q.shape[1], heads, value_dim), q.dtype, q.device)
-        params, chol_inv, aux = launch_readout_matrices(
-            stats, max_norm, gamma, readout, rank=rank, value_dim=value_dim, power=power, eps=eps, norm=norm,
-            power_iters=power_iters, chunk_tokens=(q, eta, y, table))
-        ctx.save_for_backward(stats, max_norm, gamma, params, chol_inv, aux, readout, q, eta)
-        ctx.table, ctx.options = table, dict(rank=rank, value_dim=value_dim, power=power)
+        ctx.dense = dict(rank=rank, value_dim=value_dim, power=power, eps=eps, norm=norm, power_iters=power_iters)
+        y, saved = _chunk_readout_forward(stats, max_norm, gamma, q, eta, table, ctx.dense, None)
+        ctx.save_for_backward(*saved)
+        ctx.table = table
         return y
 
     @staticmethod
     def backward(ctx, d_y: Tensor):
-        *saved, readout, q, eta = ctx.saved_tensors
-        batch, heads, slots = readout.shape[:3]
-        d_q = empty(q.shape, q.dtype, q.device)
-        d_eta = empty((batch, heads, slots), readout.dtype, q.device)
-        d_stats, d_max_norm, d_gamma = _launch_readout_matrices_bwd(
-            tuple(saved), None, chunk_tokens=(q, eta, readout, d_y, d_q, d_eta), table=ctx.table, **ctx.options)
-        return (d_stats, d_max_norm, d_gamma.sum(dim=(0, 2)), d_q, d_eta.sum(dim=(0, 2)).to(eta.dtype),
+        return (*_chunk_readout_backward(ctx.saved_tensors, d_y, ctx.table, ctx.dense, None),
                 None, None, None, None, None, None, None)
+
+
+class ChunkCausal(torch.autograd.Function):
+    """chunk_causal SKA with the dense kernels (r, P <= 128): q, k [B, T, H, r], v [B, T, H, P], η, γ̂ [H] ->
+    y [B, T, H, P], in two launches each way. The walk (`VisibleStatistics`' kernels) writes the visible statistics
+    of every `every`-th chunk only (`chunks_per_block`), and the dense kernels with their read-out
+    (`ChunkReadout`'s) recompute the others from k and v, forward and backward, so that those rows never reach
+    memory; the dense backward writes every chunk's statistics gradient, which the walk's backward reads."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, gamma: Tensor, weights: Tensor | None,
+                table: ChunkTable, norm_keys: int, sequence_max: bool, every: int, rank: int, value_dim: int,
+                power: int, eps: float, norm: str, power_iters: int):
+        block_starts, max_norm, chunk_max = _walk_forward(k, v, weights, table, norm_keys, False, sequence_max, every)
+        ctx.dense = dict(rank=rank, value_dim=value_dim, power=power, eps=eps, norm=norm, power_iters=power_iters)
+        y, saved = _chunk_readout_forward(block_starts, max_norm, gamma, q, eta, table, ctx.dense,
+                                          BlockKeys(k, v, weights, every))
+        ctx.save_for_backward(k, v, weights, chunk_max, *saved)
+        ctx.table, ctx.walk, ctx.every = table, (norm_keys, False, sequence_max), every
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y: Tensor):
+        k, v, weights, chunk_max, *saved = ctx.saved_tensors
+        d_stats, d_max_norm, d_gamma, d_q, d_eta = _chunk_readout_backward(
+            tuple(saved), d_y, ctx.table, ctx.dense, BlockKeys(k, v, weights, ctx.every))
+        dk, dv = _walk_backward(k, v, weights, chunk_max, ctx.table, *ctx.walk, d_stats, d_max_norm)
+        return d_q, dk, dv, d_eta, d_gamma, *([None] * 11)
 
 
 class Readout(torch.autograd.Function):
@@ -621,6 +738,11 @@ def ska_triton(
     total = mode == "prefix"
     weights = None if mask is None else mask.to(q.device)  # read through its strides, cast in the kernel
     # the visible keys' max norm (the ridge's scale with causal_max, the jitter's in every norm), or the sequence's
-    visible, max_norm = VisibleStatistics.apply(k, v, weights, table, NORM_KEYS[norm], total, norm == "sequence_max")
+    sequence_max = norm == "sequence_max"
+    if not total and rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
+        every = chunks_per_block(q.shape[0] * q.shape[2], table.num_chunks, q.device)
+        return ChunkCausal.apply(q, k, v, eta, gamma.to(work), weights, table, NORM_KEYS[norm], sequence_max, every,
+                                 rank, value_dim, power, eps, norm, power_iters)
+    visible, max_norm = VisibleStatistics.apply(k, v, weights, table, NORM_KEYS[norm], total, sequence_max)
     return read_out(visible, max_norm, gamma.to(work), q, eta, table, total=total, rank=rank, value_dim=value_dim,
                     power=power, eps=eps, norm=norm, power_iters=power_iters)

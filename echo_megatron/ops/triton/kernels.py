@@ -538,6 +538,31 @@ def segment_scan_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit(noinline=True)
+def _advance_visible(src, dst, fresh, k_base, v_base, w_base, start, end, seg_begin, R, P, stride_kt, stride_kd,
+                     stride_vt, stride_vd, stride_wt, HAS_MASK: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr,
+                     BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The visible statistics of the chunk after tokens start <= t < end into the flat row dst: those of that chunk
+    (the row src; may be dst) plus its own statistics (`_chunk_stats_columns`, BN columns at a time; the sum in
+    the walk's order), or zeros where `fresh` (the next chunk begins a sequence). Ends with a barrier: the
+    row is read back by other threads."""
+    for n0 in tl.range(0, BR, BN):
+        cols = n0 + tl.arange(0, BN)
+        if fresh:
+            gram = tl.zeros([BR, BN], dtype=ACC)
+            lag = tl.zeros([BR, BN], dtype=ACC)
+            cross = tl.zeros([BP, BN], dtype=ACC)
+        else:
+            chunk_gram, chunk_lag, chunk_cross, _ = _chunk_stats_columns(
+                k_base, v_base, w_base, start, end, seg_begin, cols, R, P, stride_kt, stride_kd, stride_vt,
+                stride_vd, stride_wt, HAS_MASK, 0, BS, BR, BP, BN, ACC, DOT_PRECISION)
+            gram = _load_columns(src, R, R, cols, BR, False).to(ACC) + chunk_gram
+            lag = _load_columns(src + R * R, R, R, cols, BR, False).to(ACC) + chunk_lag
+            cross = _load_columns(src + 2 * R * R, P, R, cols, BP, False).to(ACC) + chunk_cross
+        _store_row_columns(dst, gram, lag, cross, cols, R, P, BR, BP)
+    tl.debug_barrier()
+
+
 @triton.jit
 def _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh, stride_wb):
     """(batch·head bh in int64, b, h, and the bases of its keys, values and mask) of a walk program (grid
@@ -551,7 +576,7 @@ def _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh, st
 @triton.jit
 def visible_stats_fwd_kernel(
     K, V, WMASK, OUT, CMAX, SMAX, CHUNK_START, CHUNK_END, SEG_BEGIN, SEG_CHUNKS,
-    H, NSEG, NC, NOUT, R, P,
+    H, NSEG, NC, NOUT, EVERY, R, P,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_wb, stride_wt,
@@ -563,14 +588,17 @@ def visible_stats_fwd_kernel(
     every sequence in order, computes their statistics' columns n (`_chunk_stats_columns`) and keeps the running
     sums on chip, so that chunk rows never reach memory. Writes OUT [B·H, NOUT, D] and SMAX [B·H, NOUT] exactly
     as segment_scan_kernel (the same sums in the same order), and the chunk max key norms CMAX [B·H, NC] (for
-    the backward). Grid (B·H, ⌈r / BN⌉): the sequential part is parallel over batch, head and column tile.
+    the backward); slots = chunks (not TOTAL), OUT holds only every EVERY-th chunk's row [B·H, ⌈NOUT / EVERY⌉, D]
+    (chunk c at row c / EVERY: the block starts from which the dense kernels recompute the others,
+    `_advance_visible`).
+    Grid (B·H, ⌈r / BN⌉): the sequential part is parallel over batch, head and column tile.
     """
     bh, _, _, k_base, v_base, w_base = _walk_program(K, V, WMASK, H, stride_kb, stride_kh, stride_vb, stride_vh,
                                                      stride_wb)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     keeps_maxima = tl.program_id(1) == 0
     width = 2 * R * R + P * R
-    out_base = OUT + bh * NOUT * width
+    out_base = OUT + bh * tl.cdiv(NOUT, EVERY) * width
     for s in range(NSEG):
         c0 = tl.load(SEG_CHUNKS + s).to(tl.int64)
         c1 = tl.load(SEG_CHUNKS + s + 1).to(tl.int64)
@@ -580,7 +608,8 @@ def visible_stats_fwd_kernel(
         top = tl.zeros([], dtype=ACC)
         for c in range(c0, c1):
             if not TOTAL:
-                _store_row_columns(out_base + c * width, gram, lag, cross, cols, R, P, BR, BP)
+                if c % EVERY == 0:
+                    _store_row_columns(out_base + (c // EVERY) * width, gram, lag, cross, cols, R, P, BR, BP)
             chunk_gram, chunk_lag, chunk_cross, chunk_max = _chunk_stats_columns(
                 k_base, v_base, w_base, tl.load(CHUNK_START + c).to(tl.int64), tl.load(CHUNK_END + c).to(tl.int64),
                 tl.load(SEG_BEGIN + c), cols, R, P, stride_kt, stride_kd, stride_vt, stride_vd, stride_wt, HAS_MASK,
