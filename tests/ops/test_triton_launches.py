@@ -19,8 +19,8 @@ from echo_megatron.ops.triton import function as tfn
 
 from .common import GRAD_NAMES, make_inputs
 
-# statistics and scan in one walk (`VisibleStatistics`), dense with the readout (`ChunkReadout`), and each one's
-# backward (issue 18's goal was 8)
+# statistics and scan in one walk, dense with the readout and the recomputation of visible statistics
+# (`ChunkCausal`), and each one's backward (issue 18's goal was 8)
 MAX_LAUNCHES = 4
 MAX_ATEN_CALLS = 19  # 17 output allocations and the dη, dγ̂ sums (issue 18's goal was 24)
 

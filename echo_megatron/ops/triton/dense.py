@@ -392,6 +392,22 @@ def _read_out_grad(Q, DY, DQ, RMAT, ETA, CHUNK_START, CHUNK_END, d_rmat, idx, H,
     return d_eta
 
 
+@triton.jit
+def _slot_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V, WMASK, R, P,
+              stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_wb,
+              stride_wt, HAS_MASK: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+              BN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, READ_OUT: tl.constexpr):
+    """The visible statistics (flat row) a dense program works on at slot idx: STATS' row idx, or with READ_OUT
+    (blocks of chunks) `_visible_row`'s."""
+    if READ_OUT:
+        row = _visible_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V, WMASK,
+                           R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh,
+                           stride_vd, stride_wb, stride_wt, HAS_MASK, BS, BR, BP, BN, ACC, DOT_PRECISION)
+    else:
+        row = STATS + idx * (2 * R * R + P * R)
+    return row
+
+
 @triton.jit(do_not_specialize=["NSLOT", "NTOTAL", "EVERY"])
 def readout_matrix_fwd_kernel(
     STATS, MSLOT, GAMMA, PARAMS, RMAT, LINV, AUX, WS, H, NSLOT, NTOTAL, R, P, SLOT_LIST, SLOT_COUNT,
@@ -450,13 +466,9 @@ def readout_matrix_fwd_kernel(
             else:
                 chol_inv = LINV + idx * R * R
             h = (idx // NSLOT) % H
-            if READ_OUT:
-                row = _visible_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V,
-                                   WMASK, R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt,
-                                   stride_vh, stride_vd, stride_wb, stride_wt, HAS_MASK, STATS_BS, BR, BP, STATS_BN,
-                                   ACC, DOT_PRECISION)
-            else:
-                row = STATS + idx * (2 * R * R + P * R)
+            row = _slot_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V, WMASK,
+                            R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+                            stride_wb, stride_wt, HAS_MASK, STATS_BS, BR, BP, STATS_BN, ACC, DOT_PRECISION, READ_OUT)
             s = _norm_scale(MSLOT, idx, PARAMS, ACC)
             eps = tl.load(PARAMS).to(ACC)
             if NORM_SCALED:  # coef: the coefficient of s in the diagonal shift (saved for the max-norm gradient)
@@ -562,13 +574,9 @@ def readout_matrix_bwd_kernel(
         unit, step, idx, valid = _unit_step(walk_step, blocks, NSLOT, EVERY, READ_OUT)
         if valid:
             h = (idx // NSLOT) % H
-            if READ_OUT:
-                row = _visible_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V,
-                                   WMASK, R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt,
-                                   stride_vh, stride_vd, stride_wb, stride_wt, HAS_MASK, STATS_BS, BR, BP, STATS_BN,
-                                   ACC, DOT_PRECISION)
-            else:
-                row = STATS + idx * (2 * R * R + P * R)
+            row = _slot_row(STATS, running, unit, step, idx, H, NSLOT, CHUNK_START, CHUNK_END, SEG_BEGIN, K, V, WMASK,
+                            R, P, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+                            stride_wb, stride_wt, HAS_MASK, STATS_BS, BR, BP, STATS_BN, ACC, DOT_PRECISION, READ_OUT)
             out = DSTATS + idx * (2 * R * R + P * R)
             x = LINV + idx * R * R
             if READ_OUT:
