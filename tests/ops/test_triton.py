@@ -10,6 +10,8 @@ The interpreter computes bf16 `tl.dot` wrongly: only fp16/fp32/fp64 are run here
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import triton.language as tl
@@ -296,6 +298,20 @@ def test_chunk_readout_equals_readout_matrices_then_readout(dtype):
     for name, a, b in zip(["d_stats", "d_max_norm", "d_gamma", "dq"], got, expected):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     _assert_close(got[4:], expected[4:], ["d_eta"], 1e-6)
+
+
+def test_chunks_per_block_keeps_every_dense_program_busy(monkeypatch):
+    """G on an H100 (132 SMs, 2 dense programs each) at H = 16, S = 64, the figures docs/performance.md quotes:
+    at B = 1 1 at 2K (every row written), 3 at 4K, 7 at 8K, the cap 8 from 8.5K (132 chunks); 8 at B = 8, T = 4K;
+    and wherever G > 1, B·H·⌈NC / G⌉ blocks still give each of the 264 programs one."""
+    monkeypatch.setattr(tfn, "interpreted", lambda device: False)
+    monkeypatch.setattr(tfn, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    got = {(batch, seq_len): tfn.chunks_per_block(batch * 16, seq_len // 64, cuda)
+           for batch, seq_len in [(1, 2048), (1, 4096), (1, 8192), (1, 8448), (1, 131072), (8, 4096)]}
+    assert got == {(1, 2048): 1, (1, 4096): 3, (1, 8192): 7, (1, 8448): 8, (1, 131072): 8, (8, 4096): 8}
+    for (batch, seq_len), every in got.items():
+        assert every == 1 or batch * 16 * math.ceil(seq_len // 64 / every) >= 264
 
 
 RECOMPUTE_CASES = [  # (case, every, norm, dtype)
