@@ -6,7 +6,9 @@ has the signature and semantics of `echo_megatron.ops.chunked.ska_chunked`; reac
 
 * `kernels.py` — the @triton.jit kernels: chunk statistics, segmented scan, per-slot dense algebra,
   readout, each with its backward.
-* `function.py` — one autograd Function per stage, the launches and `ska_triton`.
+* `dense.py` — the per-slot dense algebra (loaded into `kernels.py`'s namespace).
+* `function.py` — the autograd Functions (one per stage; `ChunkCausal`, chunk_causal mode in one node), the
+  launches and `ska_triton`.
 * `runtime.py` — CUDA tensors run the compiled kernels; CPU tensors run the very same kernels under the
   Triton interpreter, in any process: no TRITON_INTERPRET has to be exported before triton is imported
   (an interpreted copy of `kernels.py` is loaded on demand). bf16 is widened to fp32 there (the
