@@ -49,6 +49,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import torch
@@ -816,12 +817,7 @@ def _ska_two_stage_bench(seq_len: int, profile: Profile, device: torch.device):
         visible, max_norm = tfn.SegmentScan.apply(rows, chunk_max, table, False, sequence_max)
         return tfn.ChunkReadout.apply(visible, max_norm, gamma, q, eta, table, *dense)
 
-    return _ska_patched_bench(seq_len, profile, device, ChunkCausal=_autograd_stand_in(staged))
-
-
-def _autograd_stand_in(function):
-    """A stand-in for an autograd Function whose `apply` is `function`."""
-    return type("Patched", (), {"apply": staticmethod(function)})
+    return _ska_patched_bench(seq_len, profile, device, ChunkCausal=SimpleNamespace(apply=staged))
 
 
 def _ska_bench(seq_len: int, profile: Profile, device: torch.device, width: int | None = None):

@@ -672,6 +672,11 @@ class Readout(torch.autograd.Function):
         return dq, d_readout, d_eta.sum(dim=(0, 2, 3)).to(eta.dtype), None, None
 
 
+def dense_kernels_fit(rank: int, value_dim: int) -> bool:
+    """Whether the dense kernels (dense.py) take r and P; wider, the dense algebra runs in PyTorch."""
+    return rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE
+
+
 def _warn_dense_fallback(rank: int, value_dim: int) -> None:
     global _warned_dense_fallback
     if not _warned_dense_fallback:
@@ -690,7 +695,7 @@ def visible_readout_matrices(
     norm: str, power_iters: int,
 ) -> Tensor:
     """R [B, H, N, P, r] from visible statistics rows [B, H, N, D]: Triton for r, P <= 128, else torch."""
-    if rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
+    if dense_kernels_fit(rank, value_dim):
         return ReadoutMatrices.apply(visible, max_norm, gamma, rank, value_dim, power, eps, norm, power_iters)
     _warn_dense_fallback(rank, value_dim)
     lead = visible.shape[:3]
@@ -707,7 +712,7 @@ def read_out(visible: Tensor, max_norm: Tensor, gamma: Tensor, q: Tensor, eta: T
     max norms [B, H, NSLOT] (γ̂ [H] in the work dtype): one launch each way (`ChunkReadout`) when slots are
     chunks and r, P <= 128; else the readout matrices (`visible_readout_matrices`), then `Readout` (prefix mode's
     slots are sequences, read out chunk-parallel)."""
-    if not total and rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
+    if not total and dense_kernels_fit(rank, value_dim):
         return ChunkReadout.apply(visible, max_norm, gamma, q, eta, table, rank, value_dim, power, eps, norm,
                                   power_iters)
     readout = visible_readout_matrices(visible, max_norm, gamma, rank=rank, value_dim=value_dim, power=power,
@@ -739,7 +744,7 @@ def ska_triton(
     weights = None if mask is None else mask.to(q.device)  # read through its strides, cast in the kernel
     # the visible keys' max norm (the ridge's scale with causal_max, the jitter's in every norm), or the sequence's
     sequence_max = norm == "sequence_max"
-    if not total and rank <= MAX_DENSE_RANK and value_dim <= MAX_DENSE_VALUE:
+    if not total and dense_kernels_fit(rank, value_dim):
         every = chunks_per_block(q.shape[0] * q.shape[2], table.num_chunks, q.device)
         return ChunkCausal.apply(q, k, v, eta, gamma.to(work), weights, table, NORM_KEYS[norm], sequence_max, every,
                                  rank, value_dim, power, eps, norm, power_iters)
