@@ -10,6 +10,7 @@ built layer after it (`check_built_layers`, which also prints the layer table).
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import torch
@@ -98,6 +99,16 @@ def _built_block(symbol: str, layer: torch.nn.Module) -> torch.nn.Module:
     return getattr(layer, _BLOCK_FIELDS[symbol]) if symbol in _BLOCK_FIELDS else layer
 
 
+def _print_whole(text: str) -> None:
+    """Write text to stdout in one system call, so that another stage's rank printing into the same log (torchrun
+    joins them) cannot land inside it. print() may not: unbuffered (PYTHONUNBUFFERED) it writes the line ending
+    separately, buffered it appends to what is left unflushed. A pipe keeps one write whole up to PIPE_BUF (4 KiB:
+    tables of up to about 60 layers)."""
+    sys.stdout.flush()
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def check_built_layers(model_list: list, attention: str, ffn: str) -> list:
     """Post-build hook: assert every '*' / '-' layer holds the class --echo-attention / --echo-ffn ask
     for, and print the layer table (first tensor- and data-parallel rank of each pipeline stage)."""
@@ -112,5 +123,5 @@ def check_built_layers(model_list: list, attention: str, ffn: str) -> list:
                                    f"expected {wanted.__name__}: check --spec")
         if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
             stage = parallel_state.get_pipeline_model_parallel_rank()
-            print(f"echo-megatron layer table (pipeline stage {stage}):\n{layer_table(model)}", flush=True)
+            _print_whole(f"echo-megatron layer table (pipeline stage {stage}):\n{layer_table(model)}\n")
     return model_list
