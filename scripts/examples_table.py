@@ -30,11 +30,12 @@ SCRIPTS = ("pretrain_echo_50m.sh", "pretrain_echo_180m.sh", "pretrain_echo_1b.sh
            "pretrain_echo_tiny_cpu.sh")
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+MULTIPROCESSORS = 132  # H100 and H200 SXM: what the SKA kernels' chunks per block are chosen for
 MFU = 0.40
 GPU_MEMORY_GIB = 80
 ASSUMPTIONS = """\
 Estimates, not measurements of training runs (no launcher ran on a GPU for these tables; only the SKA
-operator's activation memory was measured, on one H200):
+operator's activation memory and speed were measured, on one H200, with the Triton kernels as of that run):
 - tokens/s per GPU = {mfu:.0%} MFU × {peak:.0f} TFLOP/s (H100 or H200 SXM, dense bf16) / training FLOPs per
   token from `echo_megatron.megatron.flops` (forward + backward, SKA linear in T). Megatron's own MFU
   formula counts the '*' layers as causal softmax attention; its figure is shown for comparison.
@@ -51,14 +52,17 @@ operator's activation memory was measured, on one H200):
   norm vectors are counted in full).
 - activations: bf16 tensors saved for the backward per token and layer, micro-batch × sequence × Σ layers,
   divided by TP (sequence parallelism splits the rest): Mamba-2 2d + in_proj output + conv output + 2·d_in;
-  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps per token: MEASURED on one H200 with
-  the Triton kernels, bf16, T = 4096 (benchmarks/ska_activation_memory.py, benchmarks/results/
-  ska_activation_memory_h200.json) where that run covered the preset's SKA shape: {ska_memory}; else
-  COMPUTED by `echo_megatron.megatron.flops.ska_triton_saved_bytes` (within 0.1 % of every measured
-  row): {ska_computed};
+  SKA 2d + q/k/v + H·P, plus what the SKA operator itself keeps per token, COMPUTED by
+  `echo_megatron.megatron.flops.ska_triton_saved_bytes` at the chunks per block G that the script's
+  micro-batch, heads per TP rank and chunks per sequence give the kernels on a {multiprocessors}-SM GPU
+  (`ops.triton.function.gpu_chunks_per_block`; the dense kernels recompute the statistics of G - 1 chunks in
+  G): {ska_memory}. At G = 1 (every chunk's statistics kept, as the kernels of the H200 run did) the model
+  is within 0.1 % of every row MEASURED there (benchmarks/ska_activation_memory.py, bf16, T = 4096,
+  benchmarks/results/ska_activation_memory_h200.json): {ska_measured};
   MLP 2d + fc1 output + fc2 input;
   Koopman MLP 2d + 3·d_k; fp32 logits and softmax (2·V fp32); ×PP micro-batches in flight on the first
-  pipeline stage. No recomputation, no allocator overhead or communication buffers.
+  pipeline stage. No activation recomputation (Megatron's `--recompute-*`), no allocator overhead or
+  communication buffers.
 """
 
 
@@ -151,44 +155,53 @@ def ska_measurement(config) -> dict | None:
     return next((row for row in ska_measurements() if row["shape"] == ska_shape(config)), None)
 
 
-def ska_computed_bytes_per_token(shape: tuple[int, int, int, int, int]) -> float:
-    """What the SKA operator of `shape` keeps for the backward per token, from the byte model."""
+def ska_chunks_per_block(config, layout: Layout) -> int:
+    """G, the chunks per block the chunk_causal dense kernels take at `layout`'s micro-batch, heads per
+    tensor-parallel rank and sequence length on a MULTIPROCESSORS-SM GPU."""
+    from echo_megatron.ops.triton.function import gpu_chunks_per_block
+
+    num_chunks = -(-layout.seq_length // config.ska_chunk_size)
+    batch_heads = layout.micro_batch * config.ska_num_heads // layout.tp
+    return gpu_chunks_per_block(batch_heads, num_chunks, MULTIPROCESSORS)
+
+
+def ska_computed_bytes_per_token(shape: tuple[int, int, int, int, int], chunks_per_block: int = 1) -> float:
+    """What the SKA operator of `shape` keeps for the backward per token, from the byte model, at G =
+    chunks_per_block."""
     from echo_megatron.megatron.flops import ska_triton_saved_bytes
 
     heads, rank, value_dim, chunk, _ = shape
-    return heads * ska_triton_saved_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk)
+    return heads * ska_triton_saved_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk,
+                                          chunks_per_block=chunks_per_block)
 
 
-def ska_saved_bytes_per_token(config) -> float:
-    """The SKA operator's saved bytes per token: measured at `config`'s shape if it was, else computed."""
-    measured = ska_measurement(config)
-    return measured["saved_bytes_per_token"] if measured else ska_computed_bytes_per_token(ska_shape(config))
+def ska_saved_bytes_per_token(config, layout: Layout) -> float:
+    """The SKA operator's saved bytes per token at `layout` (computed at its chunks per block)."""
+    return ska_computed_bytes_per_token(ska_shape(config), ska_chunks_per_block(config, layout))
 
 
-def assumptions(presets: list[str]) -> str:
-    """ASSUMPTIONS with the SKA operator term of the GPU rows' `presets`: measured, or computed where the H200
-    run did not cover the preset's shape (then also the model at the shape it did measure under that name)."""
+def assumptions(layouts: list[Layout]) -> str:
+    """ASSUMPTIONS with the SKA operator term of the GPU rows' `layouts` (computed at each one's chunks per
+    block) and the H200 measurements of their presets next to the model at G = 1."""
     from echo_megatron.megatron import get_preset
 
-    measured_terms, computed_terms = [], []
-    for name in presets:
-        config = get_preset(name).make_config()
-        shape, measured = ska_shape(config), ska_measurement(config)
-        if measured:
-            measured_terms.append(f"{name} {measured['saved_bytes_per_token'] / 1e3:.1f} kB")
-            continue
-        earlier = [f"at r = {row['shape'][1]}, the shape measured under its name, "
-                   f"{ska_computed_bytes_per_token(row['shape']) / 1e3:.1f} kB; measured "
-                   f"{row['saved_bytes_per_token'] / 1e3:.1f} kB"
-                   for row in ska_measurements() if row["preset"] == name]
-        computed_terms.append(f"{name} at r = {shape[1]} {ska_computed_bytes_per_token(shape) / 1e3:.1f} kB"
-                              + "".join(f" ({text})" for text in earlier))
-    return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, ska_memory=", ".join(measured_terms),
-                              ska_computed=", ".join(computed_terms) or "not used")
+    computed_terms, measured_terms = [], []
+    for layout in layouts:
+        config = get_preset(layout.preset).make_config()
+        every = ska_chunks_per_block(config, layout)
+        computed_terms.append(f"{layout.preset} {ska_saved_bytes_per_token(config, layout) / 1e3:.1f} kB (G = {every})")
+        for row in ska_measurements():
+            if row["preset"] == layout.preset:
+                at_rank = "" if row["shape"] == ska_shape(config) else f" at r = {row['shape'][1]}"
+                measured_terms.append(f"{layout.preset}{at_rank} {row['saved_bytes_per_token'] / 1e3:.1f} kB "
+                                      f"(model {ska_computed_bytes_per_token(row['shape']) / 1e3:.1f} kB)")
+    return ASSUMPTIONS.format(mfu=MFU, peak=PEAK_FLOPS / 1e12, multiprocessors=MULTIPROCESSORS,
+                              ska_memory=", ".join(computed_terms), ska_measured=", ".join(measured_terms))
 
 
-def activation_elements_per_token(symbol: str, config, ffn: str) -> float:
-    """bf16-sized elements one layer of `preset` saves for the backward per token (see ASSUMPTIONS)."""
+def activation_elements_per_token(symbol: str, config, ffn: str, layout: Layout) -> float:
+    """bf16-sized elements one layer of `preset` saves for the backward per token at `layout` (see
+    ASSUMPTIONS)."""
     from echo_megatron.megatron.flops import mamba_inner_and_heads
     from echo_megatron.megatron.koopman_mlp import koopman_width
 
@@ -199,7 +212,7 @@ def activation_elements_per_token(symbol: str, config, ffn: str) -> float:
         return 2 * d + (inner + xbc + heads) + xbc + 2 * inner
     if symbol == "*":
         h, r, p = config.ska_num_heads, config.ska_rank, config.ska_value_dim
-        return 2 * d + h * (2 * r + p) + h * p + ska_saved_bytes_per_token(config) / 2
+        return 2 * d + h * (2 * r + p) + h * p + ska_saved_bytes_per_token(config, layout) / 2
     if ffn == "koopman":
         return 2 * d + 3 * koopman_width(d)
     return 2 * d + config.ffn_hidden_size * (3 if config.gated_linear_unit else 2)
@@ -250,7 +263,7 @@ def estimate(script: str, **config_overrides) -> Row:
         measured = ska_measurement(config)
         if measured:
             ska_bound = measured["tokens"] / (measured["fwd_bwd_ms"] / 1e3 * counts["*"] / layout.tp)
-        per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn)
+        per_token = sum(count * activation_elements_per_token(symbol, config, preset.ffn, layout)
                         for symbol, count in counts.items() if count)
         per_token += 2 * preset.vocab_size * 2 + config.hidden_size  # fp32 logits and softmax, embedding output
         activations = layout.micro_batch * seq * per_token * 2 / layout.tp * layout.pp
@@ -291,7 +304,7 @@ def render(rows: list[Row]) -> str:
         flops = f"{row.flops_per_token / 1e9:.2f} GFLOP ({row.megatron_flops_per_token / 1e9:.2f})"
         out.append(f"| `{row.script}` | `{lay.preset}` | {_millions(row.params)} ({kinds}) | {layout} | {flops} | "
                    f"{memory} | {throughput} | {bound} |")
-    return "\n".join(out) + "\n\n" + assumptions([row.layout.preset for row in rows if not row.layout.cpu])
+    return "\n".join(out) + "\n\n" + assumptions([row.layout for row in rows if not row.layout.cpu])
 
 
 def tables() -> str:

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.examples_table and benchmarks.serve_memory, also when run as a script
 
 from scripts.examples_table import (  # noqa: E402
-    README, SCRIPTS, estimate, print_or_write, script_layout, ska_measurement,
+    README, SCRIPTS, estimate, print_or_write, script_layout, ska_chunks_per_block, ska_computed_bytes_per_token,
+    ska_measurement, ska_saved_bytes_per_token, ska_shape,
 )
 
 BEGIN, END = "<!-- rank-cost:begin (scripts/rank_cost.py --write) -->", "<!-- rank-cost:end -->"
@@ -32,7 +33,7 @@ def rank_columns(preset_name: str, rank: int) -> dict[str, str]:
     from benchmarks.serve_memory import meta_model
     from echo_megatron.hf.megatron_io import megatron_session
     from echo_megatron.megatron import get_preset
-    from echo_megatron.megatron.flops import ska_operator_flops, ska_triton_hbm_bytes, ska_triton_saved_bytes
+    from echo_megatron.megatron.flops import ska_operator_flops, ska_triton_hbm_bytes
     from echo_megatron.megatron.generation import memory_per_request
     from echo_megatron.megatron.params import hybrid_model_params
 
@@ -45,8 +46,9 @@ def rank_columns(preset_name: str, rank: int) -> dict[str, str]:
     layers = get_hybrid_layer_counts(preset.pattern)["*"]
     operator = ska_operator_flops(seq_length=seq, batch_size=1, num_heads=heads, rank=rank, value_dim=value_dim,
                                   chunk_size=chunk, power=config.ska_power, power_iters=config.ska_power_iters)
-    hbm = ska_triton_hbm_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk)
-    saved = heads * ska_triton_saved_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk)
+    every = ska_chunks_per_block(config, row.layout)
+    hbm = ska_triton_hbm_bytes(rank=rank, value_dim=value_dim, chunk_size=chunk, chunks_per_block=every)
+    saved = ska_saved_bytes_per_token(config, row.layout)
     measured = ska_measurement(config)
     with megatron_session():
         model = meta_model(preset_name, torch.bfloat16, ska_rank=rank)
@@ -62,10 +64,11 @@ def rank_columns(preset_name: str, rank: int) -> dict[str, str]:
             f"{layers * operator.total / seq / 1e9:.2f} GFLOP",
         "SKA operator FLOPs per token and head, forward + backward": f"{operator.total / seq / heads / 1e3:,.0f}k",
         "SKA operator HBM bytes per token and head (Triton kernels), forward + backward":
-            f"{hbm.forward:,.0f} + {hbm.backward:,.0f} B",
+            f"{hbm.forward:,.0f} + {hbm.backward:,.0f} B (G = {every})",
         "SKA operator saved for the backward, per token and layer":
-            f"{saved / 1e3:.1f} kB"
-            + (f" (measured {measured['saved_bytes_per_token'] / 1e3:.1f} kB)" if measured else ""),
+            f"{saved / 1e3:.1f} kB (G = {every})"
+            + (f"; G = 1: {ska_computed_bytes_per_token(ska_shape(config)) / 1e3:.1f} kB, measured "
+               f"{measured['saved_bytes_per_token'] / 1e3:.1f} kB" if measured else ""),
         f"memory per GPU, `{script}` layout (state + activations)":
             f"{row.state_gib + row.activation_gib:.1f} GiB ({row.state_gib:.1f} + {row.activation_gib:.1f})",
         "decode state per request: SKA (fp32) / Echo total": f"{request.ska / mib:.2f} / {request.total / mib:.2f} MiB",

@@ -116,7 +116,8 @@ def test_rank_cost_table_is_current():
 def test_ska_memory_benchmark_shapes_are_the_presets():
     """benchmarks/ska_activation_memory.py runs without Megatron, so it spells the shapes out: they must be
     the presets' (H, r, P, S, K). Its committed H200 results measured every GPU script's preset, at the
-    preset's shape except echo-8b (measured at r = 64, before its r = 128): the table computes that one."""
+    preset's shape except echo-8b (measured at r = 64, before its r = 128): the table's measured bound says "not
+    measured" for that one (its saved bytes are computed for every preset, at the kernels' chunks per block)."""
     from benchmarks.ska_activation_memory import SHAPES
     from scripts.examples_table import script_layout, ska_measurement, ska_measurements, ska_shape
 
@@ -128,6 +129,19 @@ def test_ska_memory_benchmark_shapes_are_the_presets():
     assert presets <= {row["preset"] for row in ska_measurements()}
     unmeasured = {name for name in presets if ska_measurement(get_preset(name).make_config()) is None}
     assert unmeasured == {"echo-8b"} and get_preset("echo-8b").make_config().ska_rank == 128
+
+
+def test_ska_chunks_per_block_of_the_scripts():
+    """The G the memory tables compute saved bytes at (examples/README.md names echo-8b's): micro-batch × heads per
+    TP rank × chunks per sequence over 264 dense programs (132 SMs × 2), capped at 8. echo-8b: 4 × 32 / 4 × 64 /
+    264 -> 7; echo-1b: 4 × 16 × 64 / 264 -> 8 (the cap)."""
+    from scripts.examples_table import script_layout, ska_chunks_per_block
+
+    got = {}
+    for script in GPU_SCRIPTS:
+        layout = script_layout(script)
+        got[layout.preset] = ska_chunks_per_block(get_preset(layout.preset).make_config(), layout)
+    assert got == {"echo-50m": 8, "echo-180m": 8, "echo-1b": 8, "echo-8b": 7}
 
 
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"  # no virtualenv on it

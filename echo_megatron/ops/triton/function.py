@@ -424,12 +424,18 @@ class BlockKeys:
 
 
 def chunks_per_block(batch_heads: int, num_chunks: int, device: torch.device) -> int:
-    """Chunks per block of the chunk_causal dense kernels: as many as leave every resident dense program a block
-    (B·H·⌈NC / G⌉ >= programs), at most MAX_BLOCK_CHUNKS; 1 (no recomputation) where chunks are too few.
+    """Chunks per block of the chunk_causal dense kernels on `device` (`gpu_chunks_per_block`);
     INTERPRETED_BLOCK_CHUNKS under the interpreter."""
     if interpreted(device):
         return INTERPRETED_BLOCK_CHUNKS
-    programs = _multiprocessors(device) * DENSE_PROGRAMS_PER_SM
+    return gpu_chunks_per_block(batch_heads, num_chunks, _multiprocessors(device))
+
+
+def gpu_chunks_per_block(batch_heads: int, num_chunks: int, multiprocessors: int) -> int:
+    """Chunks per block of the chunk_causal dense kernels on a GPU with `multiprocessors` SMs: as many as leave
+    every resident dense program a block (B·H·⌈NC / G⌉ >= programs), at most MAX_BLOCK_CHUNKS; 1 (no
+    recomputation) where chunks are too few."""
+    programs = multiprocessors * DENSE_PROGRAMS_PER_SM
     return max(1, min(MAX_BLOCK_CHUNKS, batch_heads * num_chunks // programs))
 
 
