@@ -1,4 +1,5 @@
-"""The dense building blocks of `ops/triton/dense.py`, each alone against torch (Triton interpreter).
+"""The dense building blocks of `ops/triton/dense.py`, each alone against torch (Triton interpreter), and the
+statistics step its chunk_causal kernels recompute with (`_advance_visible`, from `kernels.py`).
 
 Each test launches a small probe kernel that calls one building block on awkward sizes (logical sizes
 that are not multiples of the tiles, padding, transposed operands) and compares with torch in fp64 (to
@@ -164,3 +165,44 @@ def test_power_step_transpose_add_inner_trace_fill_match_torch(dtype):
     assert (filled[:n - 1] == 7.0).all() and not filled[n - 1].any()
     assert _rel(scalars[0], (a * expected_out).sum()) <= _tol(dtype)
     assert _rel(scalars[1], a.trace()) <= _tol(dtype)
+
+
+def _probe_advance_visible(SRC, DST, K, V, W, fresh, start, end, seg_begin, R, P, HAS_MASK: tl.constexpr,
+                           BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    dense._advance_visible(SRC, DST, fresh != 0, K, V, W, start, end, seg_begin, R, P, R, 1, P, 1, 1, HAS_MASK, BS, BR, BP,
+                           BN, ACC, DOT_PRECISION)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seg_begin,masked,in_place,fresh", [
+    (0, False, False, False),  # the lag pair into the chunk counts
+    (6, True, True, False),  # the chunk starts its sequence: no lag pair into it; masked tokens and pairs add nothing
+    (3, True, False, False),
+    (0, False, True, True),  # the next chunk starts a sequence: zeros
+])
+def test_advance_visible_adds_one_chunks_statistics(dtype, seg_begin, masked, in_place, fresh):
+    """`_advance_visible` (kernels.py; the chunk_causal dense kernels' recomputation, `_visible_row`): the visible
+    statistics row after tokens [start, end) = the row before + G = Σ z̃ z̃ᵀ, M = Σ z̃_t z̃_{t-1}ᵀ (t - 1 >=
+    seg_begin), C = Σ ṽ z̃ᵀ over them (z̃ = w·z, ṽ = w·v), as the flat row G | M | C. r = 5, P = 7 in 16-wide
+    blocks, 13 tokens in steps of 8, 8 columns at a time."""
+    rank, value_dim, start, end = 5, 7, 6, 19
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(23, rank, generator=gen, dtype=dtype)
+    values = torch.randn(23, value_dim, generator=gen, dtype=dtype)
+    weights = (torch.rand(23, generator=gen) > 0.3).to(dtype) if masked else torch.ones(23, dtype=dtype)
+    width = 2 * rank * rank + value_dim * rank
+    before = torch.randn(width, generator=gen, dtype=dtype)
+    src = before.clone()
+    dst = src if in_place else torch.full((width,), float("nan"), dtype=dtype)
+    _run(_probe_advance_visible, src, dst, keys, values, weights, int(fresh), start, end, seg_begin, rank, value_dim,
+         HAS_MASK=masked, BS=8, BR=16, BP=16, BN=8, ACC=_acc(dtype), DOT_PRECISION=_precision(dtype))
+    z, v = keys * weights[:, None], values * weights[:, None]
+    tokens = torch.arange(start, end)
+    paired = tokens[tokens - 1 >= seg_begin]
+    gram = z[tokens].mT @ z[tokens]
+    lag = z[paired].mT @ z[paired - 1]
+    cross = v[tokens].mT @ z[tokens]
+    expected = torch.zeros(width, dtype=dtype) if fresh else before + torch.cat([gram.flatten(), lag.flatten(),
+                                                                                 cross.flatten()])
+    assert _rel(dst, expected) <= _tol(dtype) if not fresh else torch.equal(dst, expected)
