@@ -1,6 +1,7 @@
 """What a preset's SKA rank costs, COMPUTED from the project's models (nothing here is measured): parameters,
 training FLOPs per token and memory per GPU of its launch script's layout (`scripts/examples_table.py`), the
-SKA operator's FLOPs, HBM bytes and saved bytes per token (`echo_megatron.megatron.flops`), and the decode
+SKA operator's FLOPs, HBM bytes and saved bytes per token (`echo_megatron.megatron.flops`; the bytes at the
+chunks per block G that the script's shape gives the kernels, `examples_table.ska_chunks_per_block`), and the decode
 state per request (`benchmarks/serve_memory.py`), side by side at each rank.
 
     python scripts/rank_cost.py                                   # echo-8b at r = 64 and r = 128
