@@ -170,8 +170,8 @@ def test_power_step_transpose_add_inner_trace_fill_match_torch(dtype):
 def _probe_advance_visible(SRC, DST, K, V, W, fresh, start, end, seg_begin, R, P, HAS_MASK: tl.constexpr,
                            BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
-    dense._advance_visible(SRC, DST, fresh != 0, K, V, W, start, end, seg_begin, R, P, R, 1, P, 1, 1, HAS_MASK, BS, BR, BP,
-                           BN, ACC, DOT_PRECISION)
+    dense._advance_visible(SRC, DST, fresh != 0, K, V, W, start, end, seg_begin, R, P, R, 1, P, 1, 1, HAS_MASK, BS,
+                           BR, BP, BN, ACC, DOT_PRECISION)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
