@@ -14,13 +14,10 @@ biases and tied embeddings this gives 50.1M (echo-50m) and 184.9M (echo-180m) pa
 with SKA at the paper's r = 128 (32 heads, P = 128) in its four '*' slots: 7.71B tied, 8.76B with untied
 embeddings (as Megatron's example trains it). It ran r = 64 until issue 18, because the old Triton kernels
 ran out of shared memory at r = 128 on an H200 (measured, benchmarks/ska_activation_memory.py). Now every
-kernel compiles for sm_90 at r = P = 128 with no spills, and the dense kernels fit 2 programs per SM in the
-forward and 4 in the backward (the compile report in docs/performance.md). What r = 128 costs against r = 64,
-COMPUTED from the models (`python scripts/rank_cost.py`, table in examples/README.md): +67M parameters,
-46.41 → 46.97 GFLOP per training token at T = 4096. Per token and head, the SKA operator's FLOPs grow
-409k → 1,690k and its Triton HBM bytes 14.6 → 38.7 kB (forward + backward). Its saved activations grow
-57.4 → 163.8 kB per token and layer, and the decode state per request 20.0 → 56.1 MiB. SKA's GPU speed at
-r = 128 is unmeasured (`scripts/gpu_check.sh` times an r = P = 128 column when a GPU is lent).
+kernel compiles for sm_90 at r = P = 128 with no spills, and the dense kernels fit 2 programs per SM (the
+compile report in docs/performance.md). What r = 128 costs against r = 64 is COMPUTED from the models in
+examples/README.md's rank-cost table (`python scripts/rank_cost.py`). SKA's GPU speed at r = 128 is
+unmeasured (`scripts/gpu_check.sh` times an r = P = 128 column when a GPU is lent).
 """
 
 from __future__ import annotations
