@@ -167,6 +167,32 @@ def test_power_step_transpose_add_inner_trace_fill_match_torch(dtype):
     assert _rel(scalars[1], a.trace()) <= _tol(dtype)
 
 
+def _probe_spectral_norm(A, VEC, SIGMA, START, n, ITERS: tl.constexpr, BR: tl.constexpr, TILE: tl.constexpr,
+                         ACC: tl.constexpr):
+    tl.store(SIGMA, dense._spectral_norm(A, n, tl.load(START), VEC, ITERS, BR, TILE, ACC))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,block_r,iters", [(5, 16, 6), (37, 64, 6), (37, 64, 0), (70, 128, 6)])
+@pytest.mark.parametrize("zero", [False, True], ids=["random", "zero"])
+def test_spectral_norm_matches_torch(dtype, n, block_r, iters, zero):
+    """`_spectral_norm` (W in registers up to width 64, in tiles through `_power_step` at 128) equals the torch
+    path's power iteration (`chunked.spectral_norm_estimate`, SPEC §2 step 4); a zero matrix gives σ = 0. The
+    padding past n is NaN, so reading it would show."""
+    from echo_megatron.ops.chunked import spectral_norm_estimate
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.zeros(n, n, dtype=dtype) if zero else torch.randn(n, n, generator=gen, dtype=dtype) / n ** 0.5
+    padded = torch.full((block_r, block_r), float("nan"), dtype=dtype)
+    padded[:n, :n] = a
+    vec = torch.full((2 * block_r,), float("nan"), dtype=dtype)
+    sigma = torch.full((1,), float("nan"), dtype=dtype)
+    start = torch.full((1,), n ** -0.5, dtype=dtype)  # 1/√n in the work dtype, as the kernel's PARAMS[3]
+    _run(_probe_spectral_norm, padded, vec, sigma, start, n, ITERS=iters, BR=block_r, TILE=16, ACC=_acc(dtype))
+    expected = spectral_norm_estimate(a[None], iters)
+    assert (sigma == 0).all() if zero else _rel(sigma, expected) <= _tol(dtype)
+
+
 def _probe_advance_visible(SRC, DST, K, V, W, fresh, start, end, seg_begin, R, P, HAS_MASK: tl.constexpr,
                            BS: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):

@@ -16,7 +16,9 @@ do not import it directly. Design:
   `_product` (out = α·A·B [+ D], strided operands so transposes are free, tf32x3 for fp32),
   `_cholesky_block` (unblocked Cholesky and inverse of one [BLOCK, BLOCK] diagonal block),
   `_cholesky_inverse_blocked` (`_cholesky_blocked`: right-looking blocked Cholesky, 16×16 diagonal blocks,
-  panels by `tl.dot`; then `_triangular_inverse_blocked`: X = L⁻¹ by block rows), `_power_step` (power iteration), `_transpose_add`, `_inner`, `_trace` and `_fill`.
+  panels by `tl.dot`; then `_triangular_inverse_blocked`: X = L⁻¹ by block rows), `_spectral_norm` (the power
+  iteration: W in registers up to width 64, else `_power_step`s through the workspace), `_transpose_add`,
+  `_inner`, `_trace` and `_fill`.
 * Matrices are addressed as (pointer, row stride, column stride, rows, columns): rows/columns beyond
   the logical size read as 0 and are never written, so padding costs nothing and needs no identity.
 * The kernels do not specialise on their slot counts (`do_not_specialize`): a count of 1 (prefix mode, one
@@ -138,6 +140,13 @@ def _trace(a, s_r, n, BR: tl.constexpr, ACC: tl.constexpr):
     return tl.sum(tl.load(a + i * (s_r + 1), mask=i < n, other=0.0).to(ACC), axis=0)
 
 
+@triton.jit
+def _unit(y):
+    """(y / ‖y‖ (0 if ‖y‖ = 0), ‖y‖) of a vector y."""
+    norm = tl.sqrt(tl.sum(y * y, axis=0))
+    return tl.where(norm > 0, y / tl.where(norm > 0, norm, 1.0), 0.0), norm
+
+
 @triton.jit(noinline=True)
 def _power_step(a, s_r, s_c, vec, out, n, BR: tl.constexpr, TILE: tl.constexpr, ACC: tl.constexpr):
     """y = A x for A [n, n] (strided) and x read from `vec` [BR]; writes y / ‖y‖ (0 if ‖y‖ = 0) to `out` [BR]
@@ -147,12 +156,45 @@ def _power_step(a, s_r, s_c, vec, out, n, BR: tl.constexpr, TILE: tl.constexpr, 
         part = tl.sum(_tile(a, m0, 0, s_r, s_c, n, n, TILE, BR).to(ACC) * x[None, :], axis=1)
         tl.store(out + m0 + tl.arange(0, TILE), part)
     tl.debug_barrier()
-    y = tl.load(out + tl.arange(0, BR))
-    norm = tl.sqrt(tl.sum(y * y, axis=0))
+    y, norm = _unit(tl.load(out + tl.arange(0, BR)))
     tl.debug_barrier()  # every thread has read y before it is overwritten
-    tl.store(out + tl.arange(0, BR), tl.where(norm > 0, y / tl.where(norm > 0, norm, 1.0), 0.0))
+    tl.store(out + tl.arange(0, BR), y)
     tl.debug_barrier()
     return norm
+
+
+REGISTER_POWER_WIDTH = tl.constexpr(64)
+"""Widths up to which `_spectral_norm` holds W in registers ([64, 64] fp32: 32 per thread at 4 warps; at 128 the
+dense forward spilled 288 bytes)."""
+
+
+@triton.jit(noinline=True)
+def _spectral_norm(a, n, start, vec, ITERS: tl.constexpr, BR: tl.constexpr, TILE: tl.constexpr,
+                   ACC: tl.constexpr):
+    """σ estimate of A [n, n] (row stride BR) by power iteration (SPEC §2 step 4): v = start·(1, …, 1); ITERS ×
+    (u = A v / ‖A v‖, v = Aᵀ u / ‖Aᵀ u‖), a vanishing norm giving a zero vector; σ = ‖A v‖. Up to
+    REGISTER_POWER_WIDTH, A is read once and held in registers: each step is two reductions over it, A v along
+    rows and Aᵀ u along columns, with no memory round trip. Wider, each step reads A in tiles and passes the
+    vector through `vec` [2·BR] (`_power_step`)."""
+    rows = tl.arange(0, BR)
+    inside = rows < n
+    if BR <= REGISTER_POWER_WIDTH:
+        a_reg = tl.load(a + rows[:, None] * BR + rows[None, :], mask=inside[:, None] & inside[None, :],
+                        other=0.0).to(ACC)
+        v = tl.where(inside, start, 0.0).to(ACC)
+        for _ in tl.range(ITERS):
+            u, _ = _unit(tl.sum(a_reg * v[None, :], axis=1))
+            v, _ = _unit(tl.sum(a_reg * u[:, None], axis=0))
+        _, sigma = _unit(tl.sum(a_reg * v[None, :], axis=1))
+    else:
+        vec_u = vec + BR
+        tl.store(vec + rows, tl.where(inside, start, 0.0))
+        tl.debug_barrier()
+        for _ in tl.range(ITERS):
+            _power_step(a, BR, 1, vec, vec_u, n, BR, TILE, ACC)  # u = A v / ‖A v‖
+            _power_step(a, 1, BR, vec_u, vec, n, BR, TILE, ACC)  # v = Aᵀ u / ‖Aᵀ u‖
+        sigma = _power_step(a, BR, 1, vec, vec_u, n, BR, TILE, ACC)
+    return sigma
 
 
 @triton.jit
@@ -448,8 +490,7 @@ def readout_matrix_fwd_kernel(
     diag_inv = _square(ws, 1, SQUARE_SLOTS, BR)
     lag_x = _square(ws, 2, SQUARE_SLOTS, BR)
     whitened = _square(ws, 3, SQUARE_SLOTS, BR)
-    vec_v = _square(ws, 4, SQUARE_SLOTS, BR)
-    vec_u = vec_v + BR
+    vec = _square(ws, 4, SQUARE_SLOTS, BR)  # the power iteration's vectors, where W is wider than a register tile
     filtered = (ws + SQUARE_SLOTS * BR * BR, ws + SQUARE_SLOTS * BR * BR + BP * BR)  # C Xᵀ (aW)^k, ping-pong
     running = _running_row(ws, SQUARE_SLOTS, BR, BP)
     inside = tl.arange(0, BR) < R
@@ -503,12 +544,8 @@ def readout_matrix_fwd_kernel(
             _product(lag_x, BR, 1, chol_inv, 1, R, whitened, BR, 1, lag_x, 0, 0, R, R, R, 1.0,
                      False, False, BR, BR, BR, TILE, ACC, DOT_PRECISION)
             # σ_max(W) by power iteration from 1/√r·(1, …, 1), no gradient (SPEC §2 step 4)
-            tl.store(vec_v + tl.arange(0, BR), tl.where(inside, tl.load(PARAMS + 3), 0.0))
-            tl.debug_barrier()
-            for _ in tl.range(POWER_ITERS):
-                _power_step(whitened, BR, 1, vec_v, vec_u, R, BR, TILE, ACC)  # u = W v / ‖W v‖
-                _power_step(whitened, 1, BR, vec_u, vec_v, R, BR, TILE, ACC)  # v = Wᵀ u / ‖Wᵀ u‖
-            sigma = tl.maximum(_power_step(whitened, BR, 1, vec_v, vec_u, R, BR, TILE, ACC), 1.0)
+            sigma = tl.maximum(_spectral_norm(whitened, R, tl.load(PARAMS + 3), vec, POWER_ITERS, BR, TILE, ACC),
+                               1.0)
             a = tl.load(GAMMA + h).to(ACC) / sigma
             _product(row + 2 * R * R, R, 1, chol_inv, 1, R, filtered[0], BR, 1, lag_x, 0, 0, P, R, R, 1.0,
                      False, False, BP, BR, BR, TILE, ACC, DOT_PRECISION)  # C Xᵀ
